@@ -1,0 +1,3 @@
+//! The Coinbase Advanced Trade v3 REST client.
+
+pub mod wire;

@@ -1,0 +1,256 @@
+//! The one error type of the crate.
+
+use std::time::Duration;
+
+/// A specialized `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong between a bot and the exchange.
+///
+/// The error is `Clone` so that one upstream failure can be handed to every caller that was
+/// waiting on the same request (single-flight). Messages never contain credentials, JWTs or
+/// query strings.
+///
+/// Variants are grouped by cause. Use the predicates ([`is_retryable`](Error::is_retryable),
+/// [`is_rate_limited`](Error::is_rate_limited), [`retry_after`](Error::retry_after)) rather than
+/// matching when you only need to decide what to do next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The caller passed a value that can never be valid (a malformed product id, an empty
+    /// range, ...). Retrying the same call will fail the same way.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// The exchange does not know the requested product or resource.
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    /// Too many requests: either the exchange answered HTTP 429 (`local == false`), or the
+    /// local rate limiter refused to send a request that would have exceeded the limit
+    /// (`local == true`, nothing was sent).
+    #[error("rate limited{}{}", if *local { " locally, nothing was sent" } else { " by the exchange" }, fmt_retry_after(retry_after))]
+    RateLimited {
+        /// How long to wait before trying again, when known.
+        retry_after: Option<Duration>,
+        /// `true` when the local limiter refused the request before sending it.
+        local: bool,
+    },
+
+    /// The exchange rejected the credentials (HTTP 401 or 403).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+
+    /// The exchange answered with an unexpected HTTP status.
+    #[error("upstream answered HTTP {status}: {message}")]
+    Upstream {
+        /// The HTTP status code.
+        status: u16,
+        /// A short message taken from the response body (truncated).
+        message: String,
+    },
+
+    /// The response body could not be decoded into the expected shape.
+    #[error("could not decode upstream response: {0}")]
+    Decode(String),
+
+    /// The request could not be sent or its response not received (connection refused or
+    /// reset, DNS, TLS, ...).
+    #[error("transport error: {0}")]
+    Transport(String),
+
+    /// The request did not complete within the configured timeout.
+    #[error("request timed out")]
+    Timeout,
+
+    /// The configuration is invalid; the message says which setting and how to fix it.
+    #[error("configuration error: {0}")]
+    Config(String),
+
+    /// The endpoint class is failing and its circuit breaker is open; no request was sent.
+    #[error("circuit open for {class} endpoints after repeated failures; retry in {retry_in:?}")]
+    CircuitOpen {
+        /// The endpoint class whose circuit is open ("public" or "private").
+        class: &'static str,
+        /// Time until the breaker lets a probe through.
+        retry_in: Duration,
+    },
+
+    /// Too many requests are already waiting; this one was shed instead of queued.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+
+    /// A background task this call depended on has stopped (the source was shut down).
+    #[error("closed: {0}")]
+    Closed(String),
+}
+
+fn fmt_retry_after(retry_after: &Option<Duration>) -> String {
+    match retry_after {
+        Some(d) => format!("; retry after {} ms", d.as_millis()),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// Whether the same request may succeed if tried again later.
+    ///
+    /// Rate limits, timeouts, transport failures, open circuits, shed requests and 5xx/408
+    /// answers are retryable; invalid input, unknown products, bad credentials and malformed
+    /// bodies are not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::RateLimited { .. }
+            | Error::Transport(_)
+            | Error::Timeout
+            | Error::CircuitOpen { .. }
+            | Error::Overloaded(_) => true,
+            Error::Upstream { status, .. } => *status >= 500 || *status == 408,
+            Error::InvalidInput(_)
+            | Error::NotFound(_)
+            | Error::Unauthorized(_)
+            | Error::Decode(_)
+            | Error::Config(_)
+            | Error::Closed(_) => false,
+        }
+    }
+
+    /// Whether this is a rate-limit error (from the exchange or the local limiter).
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Error::RateLimited { .. })
+    }
+
+    /// The wait the exchange (or the limiter) asked for, when known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::RateLimited { retry_after, .. } => *retry_after,
+            Error::CircuitOpen { retry_in, .. } => Some(*retry_in),
+            _ => None,
+        }
+    }
+
+    /// A short, stable name of the variant, for stats and logs (`"rate_limited"`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidInput(_) => "invalid_input",
+            Error::NotFound(_) => "not_found",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::Upstream { .. } => "upstream",
+            Error::Decode(_) => "decode",
+            Error::Transport(_) => "transport",
+            Error::Timeout => "timeout",
+            Error::Config(_) => "config",
+            Error::CircuitOpen { .. } => "circuit_open",
+            Error::Overloaded(_) => "overloaded",
+            Error::Closed(_) => "closed",
+        }
+    }
+
+    pub(crate) fn decode(what: impl std::fmt::Display) -> Self {
+        Error::Decode(truncate(&what.to_string(), 200))
+    }
+}
+
+/// Cut a message to at most `max` bytes on a char boundary, marking the cut.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_table() {
+        let rows: Vec<(Error, bool, bool)> = vec![
+            (Error::InvalidInput("x".into()), false, false),
+            (Error::NotFound("x".into()), false, false),
+            (
+                Error::RateLimited {
+                    retry_after: None,
+                    local: false,
+                },
+                true,
+                true,
+            ),
+            (
+                Error::RateLimited {
+                    retry_after: Some(Duration::from_secs(1)),
+                    local: true,
+                },
+                true,
+                true,
+            ),
+            (Error::Unauthorized("x".into()), false, false),
+            (
+                Error::Upstream {
+                    status: 500,
+                    message: "x".into(),
+                },
+                true,
+                false,
+            ),
+            (
+                Error::Upstream {
+                    status: 503,
+                    message: "x".into(),
+                },
+                true,
+                false,
+            ),
+            (
+                Error::Upstream {
+                    status: 408,
+                    message: "x".into(),
+                },
+                true,
+                false,
+            ),
+            (
+                Error::Upstream {
+                    status: 400,
+                    message: "x".into(),
+                },
+                false,
+                false,
+            ),
+            (Error::Decode("x".into()), false, false),
+            (Error::Transport("x".into()), true, false),
+            (Error::Timeout, true, false),
+            (Error::Config("x".into()), false, false),
+            (Error::Closed("x".into()), false, false),
+        ];
+        for (err, retryable, limited) in rows {
+            assert_eq!(err.is_retryable(), retryable, "{err:?}");
+            assert_eq!(err.is_rate_limited(), limited, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_exposed_and_displayed() {
+        let e = Error::RateLimited {
+            retry_after: Some(Duration::from_millis(1500)),
+            local: false,
+        };
+        assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            e.to_string(),
+            "rate limited by the exchange; retry after 1500 ms"
+        );
+        assert_eq!(Error::Timeout.retry_after(), None);
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate("ééé", 3), "é...");
+    }
+}

@@ -1,0 +1,20 @@
+//! tickshare: one coordinated market-data layer between many trading bots and Coinbase.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod clock;
+pub mod coinbase;
+mod error;
+mod model;
+mod source;
+
+pub use clock::Clock;
+pub use error::{Error, Result};
+pub use model::{
+    Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, ProductId,
+    Ticker,
+};
+pub use rust_decimal::Decimal;
+pub use source::MarketDataSource;
+#[cfg(any(test, feature = "mock"))]
+pub use source::MockMarketDataSource;

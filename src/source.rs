@@ -1,0 +1,203 @@
+//! The [`MarketDataSource`] trait: what a bot needs from the exchange.
+
+use std::{collections::HashSet, sync::Arc};
+
+use async_trait::async_trait;
+use rust_decimal::Decimal;
+
+use crate::{
+    error::Result,
+    model::{Account, Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
+};
+
+/// Market data and balances, from wherever they come.
+///
+/// Two implementations ship with the crate: [`DirectSource`](crate::DirectSource), the legacy
+/// path where every call goes to the exchange, and
+/// [`CoordinatedSource`](crate::CoordinatedSource), which caches, coalesces, batches and
+/// rate-limits. [`CoinbaseClient`](crate::CoinbaseClient) implements it too (one HTTP request
+/// per call, more when a call must be chunked or paginated).
+///
+/// The trait is object-safe (`Arc<dyn MarketDataSource>`), which is how the
+/// [`SourceSelector`](crate::SourceSelector) hands sources to bots. With the `mock` feature,
+/// `MockMarketDataSource` (mockall) implements it for unit tests.
+///
+/// # Cancel safety
+/// Dropping a returned future abandons that caller's wait. Implementations in this crate
+/// never let one dropped caller cancel work other callers share.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+#[async_trait]
+pub trait MarketDataSource: Send + Sync {
+    /// The latest ticker of one product.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`](crate::Error::NotFound) for an unknown product; any transport,
+    /// rate-limit or decode error of the source.
+    async fn ticker(&self, product: &ProductId) -> Result<Ticker>;
+
+    /// Tickers of many products at once. The result has one entry per distinct known
+    /// product, in no particular order; unknown products are left out.
+    ///
+    /// # Errors
+    /// As [`ticker`](MarketDataSource::ticker), for the batch as a whole.
+    async fn tickers(&self, products: &[ProductId]) -> Result<Vec<Ticker>>;
+
+    /// Candles of `product` whose start falls in `range`, oldest first, without duplicates.
+    ///
+    /// # Errors
+    /// As [`ticker`](MarketDataSource::ticker).
+    async fn candles(
+        &self,
+        product: &ProductId,
+        granularity: Granularity,
+        range: CandleRange,
+    ) -> Result<Vec<Candle>>;
+
+    /// Every account (wallet) of the API key's user.
+    ///
+    /// # Errors
+    /// [`Error::Unauthorized`](crate::Error::Unauthorized) without valid credentials; any
+    /// transport, rate-limit or decode error.
+    async fn accounts(&self) -> Result<Vec<Account>>;
+
+    /// Whether `amount` of `currency` is available to trade. The default reads
+    /// [`accounts`](MarketDataSource::accounts).
+    ///
+    /// # Errors
+    /// As [`accounts`](MarketDataSource::accounts).
+    async fn validate_trade_balance(&self, currency: &str, amount: Decimal) -> Result<bool> {
+        let accounts = self.accounts().await?;
+        Ok(Balances::from_accounts(&accounts).can_afford(currency, amount))
+    }
+}
+
+macro_rules! forward_source {
+    ($ty:ty) => {
+        #[async_trait]
+        impl<T: MarketDataSource + ?Sized> MarketDataSource for $ty {
+            async fn ticker(&self, product: &ProductId) -> Result<Ticker> {
+                (**self).ticker(product).await
+            }
+            async fn tickers(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
+                (**self).tickers(products).await
+            }
+            async fn candles(
+                &self,
+                product: &ProductId,
+                granularity: Granularity,
+                range: CandleRange,
+            ) -> Result<Vec<Candle>> {
+                (**self).candles(product, granularity, range).await
+            }
+            async fn accounts(&self) -> Result<Vec<Account>> {
+                (**self).accounts().await
+            }
+            async fn validate_trade_balance(
+                &self,
+                currency: &str,
+                amount: Decimal,
+            ) -> Result<bool> {
+                (**self).validate_trade_balance(currency, amount).await
+            }
+        }
+    };
+}
+
+forward_source!(Arc<T>);
+forward_source!(Box<T>);
+
+/// The distinct products of `products`, in first-seen order.
+pub(crate) fn distinct(products: &[ProductId]) -> Vec<ProductId> {
+    let mut seen = HashSet::with_capacity(products.len());
+    products
+        .iter()
+        .filter(|p| seen.insert((*p).clone()))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Account;
+
+    fn usd(available: i64) -> Account {
+        Account {
+            uuid: "u".into(),
+            name: "USD Wallet".into(),
+            currency: "USD".into(),
+            available: Decimal::new(available, 0),
+            hold: Decimal::ZERO,
+            active: true,
+            account_type: "ACCOUNT_TYPE_FIAT".into(),
+        }
+    }
+
+    /// A source implementing only the required methods, to exercise the default method.
+    struct Fixed;
+    #[async_trait]
+    impl MarketDataSource for Fixed {
+        async fn ticker(&self, _: &ProductId) -> Result<Ticker> {
+            Err(crate::Error::NotFound("x".into()))
+        }
+        async fn tickers(&self, _: &[ProductId]) -> Result<Vec<Ticker>> {
+            Ok(vec![])
+        }
+        async fn candles(
+            &self,
+            _: &ProductId,
+            _: Granularity,
+            _: CandleRange,
+        ) -> Result<Vec<Candle>> {
+            Ok(vec![])
+        }
+        async fn accounts(&self) -> Result<Vec<Account>> {
+            Ok(vec![usd(100)])
+        }
+    }
+
+    #[tokio::test]
+    async fn default_balance_check_and_forwarding_impls() {
+        let arc: Arc<dyn MarketDataSource> = Arc::new(Fixed);
+        assert!(
+            arc.validate_trade_balance("USD", Decimal::new(100, 0))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !arc.validate_trade_balance("USD", Decimal::new(101, 0))
+                .await
+                .unwrap()
+        );
+        let boxed: Box<dyn MarketDataSource> = Box::new(Fixed);
+        assert!(
+            boxed
+                .validate_trade_balance("usd", Decimal::ONE)
+                .await
+                .unwrap()
+        );
+        let nested: Arc<Box<dyn MarketDataSource>> = Arc::new(boxed);
+        assert_eq!(nested.accounts().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn mock_is_usable_as_dyn() {
+        let mut mock = MockMarketDataSource::new();
+        mock.expect_accounts()
+            .times(1)
+            .returning(|| Ok(vec![usd(5)]));
+        mock.expect_validate_trade_balance().never();
+        let src: Arc<dyn MarketDataSource> = Arc::new(mock);
+        assert_eq!(
+            src.accounts().await.unwrap()[0].available,
+            Decimal::new(5, 0)
+        );
+    }
+
+    #[test]
+    fn distinct_keeps_first_seen_order() {
+        let a: ProductId = "A-USD".parse().unwrap();
+        let b: ProductId = "B-USD".parse().unwrap();
+        assert_eq!(distinct(&[b.clone(), a.clone(), b.clone()]), vec![b, a]);
+    }
+}
