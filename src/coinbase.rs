@@ -1,3 +1,743 @@
 //! The Coinbase Advanced Trade v3 REST client.
+//!
+//! [`CoinbaseClient`] speaks the real API (reqwest over rustls, ES256 JWT auth) and
+//! implements [`MarketDataSource`] with one HTTP request per call, except where the exchange
+//! forces more: candle ranges over 350 buckets are split, `best_bid_ask` is chunked, and
+//! accounts are paginated. Point it at the simulated exchange with
+//! [`CoinbaseClientBuilder::base_url`].
 
+pub mod auth;
+mod classify;
 pub mod wire;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+pub use self::auth::Credentials;
+use crate::{
+    error::{Error, Result},
+    limiter::{EndpointClass, RateLimiter},
+    model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
+    source::{MarketDataSource, distinct},
+};
+
+/// The production API host.
+pub const DEFAULT_BASE_URL: &str = "https://api.coinbase.com";
+/// The path prefix of every Advanced Trade v3 endpoint.
+pub const API_PREFIX: &str = "/api/v3/brokerage";
+/// The most candles one request may return.
+pub const MAX_CANDLES_PER_REQUEST: u32 = 350;
+
+/// The REST endpoints the client calls, for per-endpoint counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Endpoint {
+    /// Market trades with best bid/ask (`.../products/{id}/ticker`).
+    Ticker,
+    /// Candles (`.../products/{id}/candles`).
+    Candles,
+    /// Best bid/ask of many products (`/best_bid_ask`).
+    BestBidAsk,
+    /// Product list (`.../products`).
+    Products,
+    /// One product (`.../products/{id}`).
+    Product,
+    /// Accounts (`/accounts`).
+    Accounts,
+    /// Server time (`/time`).
+    Time,
+}
+
+impl Endpoint {
+    /// Every endpoint.
+    pub const ALL: [Endpoint; 7] = [
+        Endpoint::Ticker,
+        Endpoint::Candles,
+        Endpoint::BestBidAsk,
+        Endpoint::Products,
+        Endpoint::Product,
+        Endpoint::Accounts,
+        Endpoint::Time,
+    ];
+
+    /// A stable snake_case name (`"best_bid_ask"`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Ticker => "ticker",
+            Endpoint::Candles => "candles",
+            Endpoint::BestBidAsk => "best_bid_ask",
+            Endpoint::Products => "products",
+            Endpoint::Product => "product",
+            Endpoint::Accounts => "accounts",
+            Endpoint::Time => "time",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Which paths serve market data (tickers, candles, products).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarketDataPath {
+    /// Private paths when credentials are configured, public ones otherwise (default).
+    #[default]
+    Auto,
+    /// Always the public `/market/...` paths (10 requests/s per IP, cached 1 s upstream).
+    Public,
+    /// Always the private paths (30 requests/s per key; requires credentials).
+    Private,
+}
+
+/// Builder of a [`CoinbaseClient`].
+#[must_use]
+#[derive(Debug, Clone)]
+pub struct CoinbaseClientBuilder {
+    base_url: String,
+    timeout: Duration,
+    connect_timeout: Duration,
+    credentials: Option<Credentials>,
+    limiter: Option<RateLimiter>,
+    market_data: MarketDataPath,
+    best_bid_ask_chunk: usize,
+    candle_max_buckets: u32,
+    accounts_page_limit: u32,
+    max_retries: u32,
+    retry_backoff: Duration,
+    user_agent: String,
+}
+
+impl Default for CoinbaseClientBuilder {
+    fn default() -> Self {
+        CoinbaseClientBuilder {
+            base_url: DEFAULT_BASE_URL.into(),
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            credentials: None,
+            limiter: None,
+            market_data: MarketDataPath::Auto,
+            best_bid_ask_chunk: 100,
+            candle_max_buckets: MAX_CANDLES_PER_REQUEST,
+            accounts_page_limit: 250,
+            max_retries: 0,
+            retry_backoff: Duration::from_millis(250),
+            user_agent: concat!("tickshare/", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+impl CoinbaseClientBuilder {
+    /// The API host, `https://api.coinbase.com` by default; `http://127.0.0.1:PORT` for the
+    /// simulated exchange.
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = url.into();
+        self
+    }
+
+    /// Total time allowed for one request, body included (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Time allowed to connect (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// CDP API key for private endpoints.
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// Gate every HTTP request through `limiter` (and report 429s to it). Share one limiter
+    /// between every client that uses the same API key or IP.
+    pub fn rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Which paths serve market data (default [`MarketDataPath::Auto`]).
+    pub fn market_data(mut self, path: MarketDataPath) -> Self {
+        self.market_data = path;
+        self
+    }
+
+    /// Most products per `best_bid_ask` request (default 100).
+    pub fn best_bid_ask_chunk(mut self, n: usize) -> Self {
+        self.best_bid_ask_chunk = n;
+        self
+    }
+
+    /// Most candles per request (default and maximum 350).
+    pub fn candle_max_buckets(mut self, n: u32) -> Self {
+        self.candle_max_buckets = n;
+        self
+    }
+
+    /// Accounts per page (default 250, the maximum).
+    pub fn accounts_page_limit(mut self, n: u32) -> Self {
+        self.accounts_page_limit = n;
+        self
+    }
+
+    /// Retry a failed idempotent GET up to `n` times when the error is retryable (default 0:
+    /// the caller decides). Each attempt goes through the rate limiter and gets a fresh JWT.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// The `User-Agent` header.
+    pub fn user_agent(mut self, ua: impl Into<String>) -> Self {
+        self.user_agent = ua.into();
+        self
+    }
+
+    /// Build the client.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a base URL that is not http(s), a zero chunk or page size, a
+    /// candle chunk over 350, private market data without credentials, or a TLS setup failure.
+    pub fn build(self) -> Result<CoinbaseClient> {
+        let base = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
+            .map_err(|e| Error::Config(format!("base_url is not a URL: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
+            return Err(Error::Config(
+                "base_url must be http:// or https:// with a host".into(),
+            ));
+        }
+        let mut jwt_host = base.host_str().unwrap_or_default().to_string();
+        if let Some(port) = base.port() {
+            jwt_host = format!("{jwt_host}:{port}");
+        }
+        if self.best_bid_ask_chunk == 0
+            || self.accounts_page_limit == 0
+            || self.accounts_page_limit > 250
+        {
+            return Err(Error::Config(
+                "best_bid_ask_chunk must be >= 1 and accounts_page_limit 1..=250".into(),
+            ));
+        }
+        if self.candle_max_buckets == 0 || self.candle_max_buckets > MAX_CANDLES_PER_REQUEST {
+            return Err(Error::Config(format!(
+                "candle_max_buckets must be 1..={MAX_CANDLES_PER_REQUEST}"
+            )));
+        }
+        if self.market_data == MarketDataPath::Private && self.credentials.is_none() {
+            return Err(Error::Config(
+                "MarketDataPath::Private needs credentials".into(),
+            ));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .connect_timeout(self.connect_timeout)
+            .user_agent(self.user_agent.clone())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| Error::Config(format!("could not build the HTTP client: {e}")))?;
+        let private_md = match self.market_data {
+            MarketDataPath::Auto => self.credentials.is_some(),
+            MarketDataPath::Public => false,
+            MarketDataPath::Private => true,
+        };
+        Ok(CoinbaseClient {
+            inner: Arc::new(ClientInner {
+                http,
+                base: base.to_string().trim_end_matches('/').to_string(),
+                jwt_host,
+                creds: self.credentials,
+                limiter: self.limiter,
+                private_md,
+                best_bid_ask_chunk: self.best_bid_ask_chunk,
+                candle_max_buckets: self.candle_max_buckets,
+                accounts_page_limit: self.accounts_page_limit,
+                max_retries: self.max_retries,
+                retry_backoff: self.retry_backoff,
+                requests: Default::default(),
+                rate_limited: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+/// A Coinbase Advanced Trade REST client. Cheap to clone; clones share the connection pool,
+/// the counters and the rate limiter.
+///
+/// ```no_run
+/// # async fn f() -> tickshare::Result<()> {
+/// use tickshare::{CoinbaseClient, Credentials, MarketDataSource};
+/// let client = CoinbaseClient::builder().credentials(Credentials::from_env()?).build()?;
+/// let btc = client.ticker(&"BTC-USD".parse()?).await?;
+/// println!("{} {}", btc.product, btc.price);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct CoinbaseClient {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    http: reqwest::Client,
+    base: String,
+    jwt_host: String,
+    creds: Option<Credentials>,
+    limiter: Option<RateLimiter>,
+    private_md: bool,
+    best_bid_ask_chunk: usize,
+    candle_max_buckets: u32,
+    accounts_page_limit: u32,
+    max_retries: u32,
+    retry_backoff: Duration,
+    requests: [AtomicU64; Endpoint::ALL.len()],
+    rate_limited: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl fmt::Debug for CoinbaseClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoinbaseClient")
+            .field("base_url", &self.inner.base)
+            .field("credentials", &self.inner.creds)
+            .field("private_market_data", &self.inner.private_md)
+            .field("rate_limited", &self.inner.limiter.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Request counters of a [`CoinbaseClient`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientStats {
+    /// HTTP requests sent, by endpoint name.
+    pub requests_by_endpoint: BTreeMap<String, u64>,
+    /// All HTTP requests sent.
+    pub total_requests: u64,
+    /// 429 answers received.
+    pub rate_limited_429: u64,
+    /// Requests that ended in any other error.
+    pub failures: u64,
+}
+
+impl CoinbaseClient {
+    /// A builder with production defaults.
+    pub fn builder() -> CoinbaseClientBuilder {
+        CoinbaseClientBuilder::default()
+    }
+
+    /// The rate limiter this client draws from, if any.
+    pub fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.inner.limiter.as_ref()
+    }
+
+    /// Whether credentials are configured.
+    pub fn has_credentials(&self) -> bool {
+        self.inner.creds.is_some()
+    }
+
+    /// The class of the endpoints that serve tickers and candles for this client.
+    pub fn market_data_class(&self) -> EndpointClass {
+        if self.inner.private_md {
+            EndpointClass::Private
+        } else {
+            EndpointClass::Public
+        }
+    }
+
+    /// How many products one `best_bid_ask` request carries.
+    pub fn best_bid_ask_chunk(&self) -> usize {
+        self.inner.best_bid_ask_chunk
+    }
+
+    /// The most candles one request may carry.
+    pub fn candle_max_buckets(&self) -> u32 {
+        self.inner.candle_max_buckets
+    }
+
+    /// A snapshot of the request counters.
+    pub fn stats(&self) -> ClientStats {
+        let mut by = BTreeMap::new();
+        let mut total = 0;
+        for e in Endpoint::ALL {
+            let n = self.inner.requests[e.index()].load(Ordering::Relaxed);
+            total += n;
+            by.insert(e.as_str().to_string(), n);
+        }
+        ClientStats {
+            requests_by_endpoint: by,
+            total_requests: total,
+            rate_limited_429: self.inner.rate_limited.load(Ordering::Relaxed),
+            failures: self.inner.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    fn md_path(&self, rest: &str) -> String {
+        if self.inner.private_md {
+            rest.to_string()
+        } else {
+            format!("/market{rest}")
+        }
+    }
+
+    /// One GET, with limiter, auth, retries and classification. `path` is below
+    /// [`API_PREFIX`].
+    async fn get(
+        &self,
+        endpoint: Endpoint,
+        class: EndpointClass,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Vec<u8>> {
+        let inner = &self.inner;
+        let full_path = format!("{API_PREFIX}{path}");
+        let mut url = reqwest::Url::parse(&format!("{}{}", inner.base, full_path))
+            .map_err(|_| Error::InvalidInput("request path is not valid in a URL".into()))?;
+        if !query.is_empty() {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in query {
+                q.append_pair(k, v);
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            let result = self.attempt(endpoint, class, &url, &full_path).await;
+            match result {
+                Ok(body) => return Ok(body),
+                Err(e)
+                    if attempt < inner.max_retries
+                        && e.is_retryable()
+                        && !matches!(e, Error::RateLimited { local: true, .. }) =>
+                {
+                    attempt += 1;
+                    let wait = e
+                        .retry_after()
+                        .unwrap_or(inner.retry_backoff * 2u32.pow(attempt - 1));
+                    tracing::debug!(endpoint = endpoint.as_str(), attempt, error = %e, "retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        endpoint: Endpoint,
+        class: EndpointClass,
+        url: &reqwest::Url,
+        path: &str,
+    ) -> Result<Vec<u8>> {
+        let inner = &self.inner;
+        if let Some(l) = &inner.limiter {
+            l.acquire(class).await?;
+        }
+        let mut req = inner.http.get(url.clone());
+        if class == EndpointClass::Private {
+            let creds = inner.creds.as_ref().ok_or_else(|| {
+                Error::Unauthorized(format!(
+                    "{} needs credentials; configure a CDP API key",
+                    endpoint.as_str()
+                ))
+            })?;
+            req = req.bearer_auth(creds.rest_jwt("GET", &inner.jwt_host, path));
+        }
+        inner.requests[endpoint.index()].fetch_add(1, Ordering::Relaxed);
+        let outcome = async {
+            let resp = req.send().await.map_err(classify::classify_transport)?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp.bytes().await.map_err(classify::classify_transport)?;
+            if (200..300).contains(&status) {
+                Ok(body.to_vec())
+            } else {
+                Err(classify::classify_status(
+                    status,
+                    &headers,
+                    &body,
+                    auth::unix_now(),
+                ))
+            }
+        }
+        .await;
+        match &outcome {
+            Ok(_) => {
+                if let Some(l) = &inner.limiter {
+                    l.record_success(class);
+                }
+            }
+            Err(Error::RateLimited { retry_after, .. }) => {
+                inner.rate_limited.fetch_add(1, Ordering::Relaxed);
+                if let Some(l) = &inner.limiter {
+                    l.penalize(class, *retry_after);
+                }
+            }
+            Err(e) => {
+                inner.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(endpoint = endpoint.as_str(), error = %e, "request failed");
+            }
+        }
+        outcome
+    }
+
+    /// `GET .../products/{id}/ticker?limit=1`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown product; transport, rate-limit, decode errors.
+    pub async fn market_trades(&self, product: &ProductId) -> Result<Ticker> {
+        let path = self.md_path(&format!("/products/{product}/ticker"));
+        let body = self
+            .get(
+                Endpoint::Ticker,
+                self.market_data_class(),
+                &path,
+                &[("limit", "1".into())],
+            )
+            .await?;
+        wire::decode_ticker(product, &body)
+    }
+
+    /// `GET /best_bid_ask` for `products`, chunked; tickers priced at the bid/ask mid.
+    /// Unknown products are left out.
+    ///
+    /// # Errors
+    /// [`Error::Unauthorized`] without credentials; transport, rate-limit, decode errors.
+    pub async fn best_bid_ask(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
+        let products = distinct(products);
+        let mut out = Vec::with_capacity(products.len());
+        for chunk in products.chunks(self.inner.best_bid_ask_chunk) {
+            let query: Vec<(&str, String)> = chunk
+                .iter()
+                .map(|p| ("product_ids", p.to_string()))
+                .collect();
+            let body = self
+                .get(
+                    Endpoint::BestBidAsk,
+                    EndpointClass::Private,
+                    "/best_bid_ask",
+                    &query,
+                )
+                .await?;
+            out.extend(
+                wire::decode_best_bid_ask(&body)?
+                    .into_iter()
+                    .filter(|t| chunk.contains(&t.product)),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Candles in `range`, split into requests of at most `candle_max_buckets` buckets and
+    /// merged oldest first without duplicates.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown product; transport, rate-limit, decode errors.
+    pub async fn candles_in(
+        &self,
+        product: &ProductId,
+        granularity: Granularity,
+        range: CandleRange,
+    ) -> Result<Vec<Candle>> {
+        let range = range.aligned(granularity);
+        let path = self.md_path(&format!("/products/{product}/candles"));
+        let step = time::Duration::seconds(
+            granularity.seconds() * i64::from(self.inner.candle_max_buckets),
+        );
+        let mut out: Vec<Candle> = Vec::new();
+        let mut start = range.start;
+        while start < range.end {
+            let end = (start + step).min(range.end);
+            // `end` one second before the next chunk: n buckets whether the server treats the
+            // bound as inclusive or exclusive.
+            let query = [
+                ("start", start.unix_timestamp().to_string()),
+                ("end", (end.unix_timestamp() - 1).to_string()),
+                ("granularity", granularity.as_str().to_string()),
+            ];
+            let body = self
+                .get(Endpoint::Candles, self.market_data_class(), &path, &query)
+                .await?;
+            out.extend(wire::decode_candles(&body)?);
+            start = end;
+        }
+        out.retain(|c| range.contains(c.start));
+        out.sort_by_key(|c| c.start);
+        out.dedup_by_key(|c| c.start);
+        Ok(out)
+    }
+
+    /// All accounts, following `cursor` while `has_next`.
+    ///
+    /// # Errors
+    /// [`Error::Unauthorized`] without credentials; [`Error::Decode`] if the exchange repeats a
+    /// cursor; transport, rate-limit, decode errors.
+    pub async fn list_accounts(&self) -> Result<Vec<Account>> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let mut query = vec![("limit", self.inner.accounts_page_limit.to_string())];
+            if let Some(c) = &cursor {
+                query.push(("cursor", c.clone()));
+            }
+            let body = self
+                .get(
+                    Endpoint::Accounts,
+                    EndpointClass::Private,
+                    "/accounts",
+                    &query,
+                )
+                .await?;
+            let (page, next) = wire::decode_accounts(&body)?;
+            out.extend(page);
+            match next {
+                Some(c) if !seen.insert(c.clone()) => {
+                    return Err(Error::decode("accounts pagination repeated a cursor"));
+                }
+                Some(c) => cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// The product list (ids and status), public or private per [`MarketDataPath`].
+    ///
+    /// # Errors
+    /// Transport, rate-limit, decode errors.
+    pub async fn products(&self) -> Result<Vec<wire::Product>> {
+        let path = self.md_path("/products");
+        let body = self
+            .get(Endpoint::Products, self.market_data_class(), &path, &[])
+            .await?;
+        wire::decode_products(&body)
+    }
+
+    /// One product.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown product; transport, rate-limit, decode errors.
+    pub async fn product(&self, product: &ProductId) -> Result<wire::Product> {
+        let path = self.md_path(&format!("/products/{product}"));
+        let body = self
+            .get(Endpoint::Product, self.market_data_class(), &path, &[])
+            .await?;
+        wire::decode_product(&body)
+    }
+
+    /// The exchange's clock (`GET /time`, public).
+    ///
+    /// # Errors
+    /// Transport, rate-limit, decode errors.
+    pub async fn server_time(&self) -> Result<OffsetDateTime> {
+        let body = self
+            .get(Endpoint::Time, EndpointClass::Public, "/time", &[])
+            .await?;
+        wire::decode_server_time(&body)
+    }
+}
+
+#[async_trait]
+impl MarketDataSource for CoinbaseClient {
+    async fn ticker(&self, product: &ProductId) -> Result<Ticker> {
+        self.market_trades(product).await
+    }
+
+    /// With credentials, batched `best_bid_ask` requests; without, one public ticker request
+    /// per product (unknown products left out).
+    async fn tickers(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
+        if self.inner.creds.is_some() {
+            return self.best_bid_ask(products).await;
+        }
+        let mut out = Vec::new();
+        for p in distinct(products) {
+            match self.market_trades(&p).await {
+                Ok(t) => out.push(t),
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn candles(
+        &self,
+        product: &ProductId,
+        granularity: Granularity,
+        range: CandleRange,
+    ) -> Result<Vec<Candle>> {
+        self.candles_in(product, granularity, range).await
+    }
+
+    async fn accounts(&self) -> Result<Vec<Account>> {
+        self.list_accounts().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_validates() {
+        assert!(CoinbaseClient::builder().build().is_ok());
+        assert!(matches!(
+            CoinbaseClient::builder().base_url("ftp://x").build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            CoinbaseClient::builder().base_url("not a url").build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            CoinbaseClient::builder().best_bid_ask_chunk(0).build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            CoinbaseClient::builder().candle_max_buckets(351).build(),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            CoinbaseClient::builder()
+                .market_data(MarketDataPath::Private)
+                .build(),
+            Err(Error::Config(_))
+        ));
+        let c = CoinbaseClient::builder()
+            .base_url("http://127.0.0.1:18080/")
+            .build()
+            .unwrap();
+        assert_eq!(c.inner.jwt_host, "127.0.0.1:18080");
+        assert_eq!(c.market_data_class(), EndpointClass::Public);
+        let c = CoinbaseClient::builder()
+            .credentials(Credentials::generate("k"))
+            .build()
+            .unwrap();
+        assert_eq!(c.inner.jwt_host, "api.coinbase.com");
+        assert_eq!(c.market_data_class(), EndpointClass::Private);
+    }
+
+    #[test]
+    fn debug_hides_the_key() {
+        let c = CoinbaseClient::builder()
+            .credentials(Credentials::generate("organizations/o/apiKeys/k"))
+            .build()
+            .unwrap();
+        let d = format!("{c:?}");
+        assert!(d.contains("<redacted>"), "{d}");
+    }
+}

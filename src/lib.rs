@@ -4,12 +4,18 @@
 
 mod clock;
 pub mod coinbase;
+mod config;
 mod error;
+mod limiter;
 mod model;
 mod source;
 
 pub use clock::Clock;
+pub use coinbase::{CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath};
 pub use error::{Error, Result};
+pub use limiter::{
+    ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, RateLimiter, RateLimiterConfig,
+};
 pub use model::{
     Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, ProductId,
     Ticker,
