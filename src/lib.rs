@@ -5,6 +5,7 @@
 mod clock;
 pub mod coinbase;
 mod config;
+mod direct;
 mod error;
 mod limiter;
 mod model;
@@ -12,6 +13,7 @@ mod source;
 
 pub use clock::Clock;
 pub use coinbase::{CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath};
+pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};
 pub use limiter::{
     ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, RateLimiter, RateLimiterConfig,
