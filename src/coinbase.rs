@@ -111,7 +111,7 @@ pub struct CoinbaseClientBuilder {
     timeout: Duration,
     connect_timeout: Duration,
     credentials: Option<Credentials>,
-    limiter: Option<RateLimiter>,
+    limiter: Option<Option<RateLimiter>>,
     market_data: MarketDataPath,
     best_bid_ask_chunk: usize,
     candle_max_buckets: u32,
@@ -167,9 +167,18 @@ impl CoinbaseClientBuilder {
     }
 
     /// Gate every HTTP request through `limiter` (and report 429s to it). Share one limiter
-    /// between every client that uses the same API key or IP.
+    /// between every client that uses the same API key or IP. Without this call the client
+    /// gets its own [`RateLimiter::coinbase`].
     pub fn rate_limiter(mut self, limiter: RateLimiter) -> Self {
-        self.limiter = Some(limiter);
+        self.limiter = Some(Some(limiter));
+        self
+    }
+
+    /// Send requests without any client-side rate limit, as the legacy code did. The exchange
+    /// will answer 429 when the limit is exceeded; use only to reproduce that, or when another
+    /// layer limits.
+    pub fn unlimited(mut self) -> Self {
+        self.limiter = Some(None);
         self
     }
 
@@ -263,7 +272,9 @@ impl CoinbaseClientBuilder {
                 base: base.to_string().trim_end_matches('/').to_string(),
                 jwt_host,
                 creds: self.credentials,
-                limiter: self.limiter,
+                limiter: self
+                    .limiter
+                    .unwrap_or_else(|| Some(RateLimiter::coinbase())),
                 private_md,
                 best_bid_ask_chunk: self.best_bid_ask_chunk,
                 candle_max_buckets: self.candle_max_buckets,

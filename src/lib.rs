@@ -5,14 +5,19 @@
 mod clock;
 pub mod coinbase;
 mod config;
+mod coordinated;
 mod direct;
 mod error;
 mod limiter;
 mod model;
 mod source;
+mod stats;
 
 pub use clock::Clock;
 pub use coinbase::{CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath};
+pub use coordinated::{
+    CoordinatedBuilder, CoordinatedConfig, CoordinatedSource, Fresh, Origin, ReadOptions,
+};
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};
 pub use limiter::{
@@ -26,3 +31,4 @@ pub use rust_decimal::Decimal;
 pub use source::MarketDataSource;
 #[cfg(any(test, feature = "mock"))]
 pub use source::MockMarketDataSource;
+pub use stats::{CoordinatedStats, LatencyStats};

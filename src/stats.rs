@@ -1,0 +1,219 @@
+//! Exact counters (our own atomics, not the cache's eventually consistent ones) and the
+//! serializable snapshots a host can serve as JSON.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{error::Error, limiter::LimiterStats, limiter::lock};
+
+/// The upstream operations of a source, for per-operation counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Ticker = 0,
+    Tickers = 1,
+    Candles = 2,
+    Accounts = 3,
+}
+
+impl Op {
+    pub(crate) const ALL: [Op; 4] = [Op::Ticker, Op::Tickers, Op::Candles, Op::Accounts];
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Op::Ticker => "ticker",
+            Op::Tickers => "best_bid_ask",
+            Op::Candles => "candles",
+            Op::Accounts => "accounts",
+        }
+    }
+}
+
+const ERROR_KINDS: [&str; 12] = [
+    "invalid_input",
+    "not_found",
+    "rate_limited",
+    "unauthorized",
+    "upstream",
+    "decode",
+    "transport",
+    "timeout",
+    "config",
+    "circuit_open",
+    "overloaded",
+    "closed",
+];
+
+const LATENCY_SAMPLES: usize = 2048;
+
+/// The live counters of a coordinated source.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) upstream: [AtomicU64; 4],
+    pub(crate) cache_hits: AtomicU64,
+    pub(crate) cache_misses: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+    pub(crate) batch_calls: AtomicU64,
+    pub(crate) batched_products: AtomicU64,
+    pub(crate) negative_hits: AtomicU64,
+    pub(crate) stale_serves: AtomicU64,
+    pub(crate) revalidations: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) rate_limit_errors: AtomicU64,
+    pub(crate) candles_fetched: AtomicU64,
+    pub(crate) errors: [AtomicU64; 12],
+    latencies_us: Mutex<VecDeque<u64>>,
+}
+
+impl Counters {
+    pub(crate) fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn upstream_call(&self, op: Op, latency: Duration) {
+        Self::inc(&self.upstream[op as usize]);
+        let mut l = lock(&self.latencies_us);
+        if l.len() == LATENCY_SAMPLES {
+            l.pop_front();
+        }
+        l.push_back(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    pub(crate) fn error(&self, e: &Error) {
+        if let Some(i) = ERROR_KINDS.iter().position(|k| *k == e.kind()) {
+            Self::inc(&self.errors[i]);
+        }
+        if matches!(e, Error::RateLimited { local: false, .. }) {
+            Self::inc(&self.rate_limit_errors);
+        }
+    }
+
+    pub(crate) fn snapshot(&self, limiter: Option<LimiterStats>) -> CoordinatedStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let upstream_calls_by_endpoint: BTreeMap<String, u64> = Op::ALL
+            .iter()
+            .map(|op| (op.as_str().to_string(), get(&self.upstream[*op as usize])))
+            .collect();
+        let hits = get(&self.cache_hits);
+        let misses = get(&self.cache_misses);
+        let batch_calls = get(&self.batch_calls);
+        let batched = get(&self.batched_products);
+        let errors_by_kind = ERROR_KINDS
+            .iter()
+            .zip(self.errors.iter())
+            .filter(|(_, n)| get(n) > 0)
+            .map(|(k, n)| (k.to_string(), get(n)))
+            .collect();
+        let mut lat: Vec<u64> = lock(&self.latencies_us).iter().copied().collect();
+        lat.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let idx = ((lat.len() as f64 - 1.0) * p).round() as usize;
+            lat[idx.min(lat.len() - 1)] as f64 / 1000.0
+        };
+        CoordinatedStats {
+            upstream_calls: upstream_calls_by_endpoint.values().sum(),
+            upstream_calls_by_endpoint,
+            cache_hits: hits,
+            cache_misses: misses,
+            hit_rate: if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+            coalesced_waiters: get(&self.coalesced),
+            batch_calls,
+            batched_products: batched,
+            avg_products_per_batch: if batch_calls == 0 {
+                0.0
+            } else {
+                batched as f64 / batch_calls as f64
+            },
+            negative_cache_hits: get(&self.negative_hits),
+            stale_serves: get(&self.stale_serves),
+            revalidations: get(&self.revalidations),
+            retries: get(&self.retries),
+            rate_limit_errors: get(&self.rate_limit_errors),
+            candles_fetched: get(&self.candles_fetched),
+            errors_by_kind,
+            upstream_latency_ms: LatencyStats {
+                samples: lat.len() as u64,
+                p50: pct(0.50),
+                p90: pct(0.90),
+                p99: pct(0.99),
+                max: lat.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0),
+            },
+            limiter,
+        }
+    }
+}
+
+/// Upstream latency percentiles over the most recent calls (up to 2,048), milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStats {
+    /// Number of samples.
+    pub samples: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest.
+    pub max: f64,
+}
+
+/// A snapshot of a [`CoordinatedSource`](crate::CoordinatedSource)'s counters. Counts are
+/// exact and monotonic since the source was built.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatedStats {
+    /// Upstream calls (each one HTTP request to the exchange when the upstream is a
+    /// [`CoinbaseClient`](crate::CoinbaseClient)), all endpoints.
+    pub upstream_calls: u64,
+    /// Upstream calls by endpoint: `ticker`, `best_bid_ask`, `candles`, `accounts`.
+    pub upstream_calls_by_endpoint: BTreeMap<String, u64>,
+    /// Reads answered from fresh cache.
+    pub cache_hits: u64,
+    /// Reads that needed the upstream (or joined a fetch in flight).
+    pub cache_misses: u64,
+    /// `cache_hits / (cache_hits + cache_misses)`, 0 when there were no reads.
+    pub hit_rate: f64,
+    /// Reads that joined a fetch already in flight instead of starting one.
+    pub coalesced_waiters: u64,
+    /// Batched ticker calls.
+    pub batch_calls: u64,
+    /// Products requested through batched ticker calls.
+    pub batched_products: u64,
+    /// `batched_products / batch_calls`.
+    pub avg_products_per_batch: f64,
+    /// Reads refused from the negative cache (an unknown product seen recently).
+    pub negative_cache_hits: u64,
+    /// Reads answered with stale data because the upstream failed.
+    pub stale_serves: u64,
+    /// Background refreshes started by stale-while-revalidate.
+    pub revalidations: u64,
+    /// Upstream calls retried.
+    pub retries: u64,
+    /// 429 answers from the exchange.
+    pub rate_limit_errors: u64,
+    /// Candles received from the upstream.
+    pub candles_fetched: u64,
+    /// Upstream errors by [`Error::kind`](crate::Error::kind).
+    pub errors_by_kind: BTreeMap<String, u64>,
+    /// Upstream latency.
+    pub upstream_latency_ms: LatencyStats,
+    /// The rate limiter's counters, when the source knows its limiter.
+    pub limiter: Option<LimiterStats>,
+}
