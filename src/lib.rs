@@ -10,6 +10,9 @@ mod direct;
 mod error;
 mod limiter;
 mod model;
+#[cfg(feature = "sim")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
+pub mod sim;
 mod source;
 mod stats;
 
@@ -28,6 +31,9 @@ pub use model::{
     Ticker,
 };
 pub use rust_decimal::Decimal;
+#[cfg(feature = "sim")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
+pub use sim::{SimBuilder, SimExchange, SimHandle, SimStats};
 pub use source::MarketDataSource;
 #[cfg(any(test, feature = "mock"))]
 pub use source::MockMarketDataSource;

@@ -1,0 +1,4 @@
+//! The integration tests: one binary, over real HTTP against the simulated exchange.
+
+mod sim;
+mod support;
