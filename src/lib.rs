@@ -8,8 +8,10 @@ mod config;
 mod coordinated;
 mod direct;
 mod error;
+mod flags;
 mod limiter;
 mod model;
+mod selector;
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub mod sim;
@@ -23,6 +25,7 @@ pub use coordinated::{
 };
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};
+pub use flags::{MigrationFlags, Route, rollout_bucket};
 pub use limiter::{
     ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, RateLimiter, RateLimiterConfig,
 };
@@ -31,6 +34,10 @@ pub use model::{
     Ticker,
 };
 pub use rust_decimal::Decimal;
+pub use selector::{
+    FlagsWatcher, MethodShadowStats, MigrationProgress, PathLatency, SelectorStats, ShadowSource,
+    ShadowStats, SourceSelector,
+};
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub use sim::{SimBuilder, SimExchange, SimHandle, SimStats};
