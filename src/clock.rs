@@ -24,18 +24,12 @@ pub struct Clock {
 impl Clock {
     /// A clock that reads the system time once and then follows tokio's clock.
     pub fn system() -> Self {
-        Clock {
-            origin: Instant::now(),
-            origin_utc: OffsetDateTime::now_utc(),
-        }
+        Clock { origin: Instant::now(), origin_utc: OffsetDateTime::now_utc() }
     }
 
     /// A clock whose current time is `utc` (useful for deterministic tests and simulations).
     pub fn starting_at(utc: OffsetDateTime) -> Self {
-        Clock {
-            origin: Instant::now(),
-            origin_utc: utc,
-        }
+        Clock { origin: Instant::now(), origin_utc: utc }
     }
 
     /// tokio's current instant.

@@ -26,6 +26,7 @@ use time::OffsetDateTime;
 
 pub use self::auth::Credentials;
 use crate::{
+    clock::Clock,
     error::{Error, Result},
     limiter::{EndpointClass, RateLimiter},
     model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
@@ -119,6 +120,7 @@ pub struct CoinbaseClientBuilder {
     max_retries: u32,
     retry_backoff: Duration,
     user_agent: String,
+    clock: Clock,
 }
 
 impl Default for CoinbaseClientBuilder {
@@ -136,6 +138,7 @@ impl Default for CoinbaseClientBuilder {
             max_retries: 0,
             retry_backoff: Duration::from_millis(250),
             user_agent: concat!("tickshare/", env!("CARGO_PKG_VERSION")).into(),
+            clock: Clock::system(),
         }
     }
 }
@@ -213,6 +216,13 @@ impl CoinbaseClientBuilder {
         self
     }
 
+    /// The clock used to read `x-ratelimit-reset` (an epoch time); default
+    /// [`Clock::system`]. Give it the simulated exchange's clock in simulations.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// The `User-Agent` header.
     pub fn user_agent(mut self, ua: impl Into<String>) -> Self {
         self.user_agent = ua.into();
@@ -228,31 +238,22 @@ impl CoinbaseClientBuilder {
         let base = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
             .map_err(|e| Error::Config(format!("base_url is not a URL: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
-            return Err(Error::Config(
-                "base_url must be http:// or https:// with a host".into(),
-            ));
+            return Err(Error::Config("base_url must be http:// or https:// with a host".into()));
         }
         let mut jwt_host = base.host_str().unwrap_or_default().to_string();
         if let Some(port) = base.port() {
             jwt_host = format!("{jwt_host}:{port}");
         }
-        if self.best_bid_ask_chunk == 0
-            || self.accounts_page_limit == 0
-            || self.accounts_page_limit > 250
-        {
+        if self.best_bid_ask_chunk == 0 || self.accounts_page_limit == 0 || self.accounts_page_limit > 250 {
             return Err(Error::Config(
                 "best_bid_ask_chunk must be >= 1 and accounts_page_limit 1..=250".into(),
             ));
         }
         if self.candle_max_buckets == 0 || self.candle_max_buckets > MAX_CANDLES_PER_REQUEST {
-            return Err(Error::Config(format!(
-                "candle_max_buckets must be 1..={MAX_CANDLES_PER_REQUEST}"
-            )));
+            return Err(Error::Config(format!("candle_max_buckets must be 1..={MAX_CANDLES_PER_REQUEST}")));
         }
         if self.market_data == MarketDataPath::Private && self.credentials.is_none() {
-            return Err(Error::Config(
-                "MarketDataPath::Private needs credentials".into(),
-            ));
+            return Err(Error::Config("MarketDataPath::Private needs credentials".into()));
         }
         let http = reqwest::Client::builder()
             .timeout(self.timeout)
@@ -272,9 +273,7 @@ impl CoinbaseClientBuilder {
                 base: base.to_string().trim_end_matches('/').to_string(),
                 jwt_host,
                 creds: self.credentials,
-                limiter: self
-                    .limiter
-                    .unwrap_or_else(|| Some(RateLimiter::coinbase())),
+                limiter: self.limiter.unwrap_or_else(|| Some(RateLimiter::coinbase())),
                 private_md,
                 best_bid_ask_chunk: self.best_bid_ask_chunk,
                 candle_max_buckets: self.candle_max_buckets,
@@ -284,6 +283,7 @@ impl CoinbaseClientBuilder {
                 requests: Default::default(),
                 rate_limited: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
+                clock: self.clock,
             }),
         })
     }
@@ -320,6 +320,7 @@ struct ClientInner {
     requests: [AtomicU64; Endpoint::ALL.len()],
     rate_limited: AtomicU64,
     failures: AtomicU64,
+    clock: Clock,
 }
 
 impl fmt::Debug for CoinbaseClient {
@@ -364,11 +365,7 @@ impl CoinbaseClient {
 
     /// The class of the endpoints that serve tickers and candles for this client.
     pub fn market_data_class(&self) -> EndpointClass {
-        if self.inner.private_md {
-            EndpointClass::Private
-        } else {
-            EndpointClass::Public
-        }
+        if self.inner.private_md { EndpointClass::Private } else { EndpointClass::Public }
     }
 
     /// How many products one `best_bid_ask` request carries.
@@ -399,11 +396,7 @@ impl CoinbaseClient {
     }
 
     fn md_path(&self, rest: &str) -> String {
-        if self.inner.private_md {
-            rest.to_string()
-        } else {
-            format!("/market{rest}")
-        }
+        if self.inner.private_md { rest.to_string() } else { format!("/market{rest}") }
     }
 
     /// One GET, with limiter, auth, retries and classification. `path` is below
@@ -436,9 +429,7 @@ impl CoinbaseClient {
                         && !matches!(e, Error::RateLimited { local: true, .. }) =>
                 {
                     attempt += 1;
-                    let wait = e
-                        .retry_after()
-                        .unwrap_or(inner.retry_backoff * 2u32.pow(attempt - 1));
+                    let wait = e.retry_after().unwrap_or(inner.retry_backoff * 2u32.pow(attempt - 1));
                     tracing::debug!(endpoint = endpoint.as_str(), attempt, error = %e, "retrying");
                     tokio::time::sleep(wait).await;
                 }
@@ -477,12 +468,8 @@ impl CoinbaseClient {
             if (200..300).contains(&status) {
                 Ok(body.to_vec())
             } else {
-                Err(classify::classify_status(
-                    status,
-                    &headers,
-                    &body,
-                    auth::unix_now(),
-                ))
+                let now = u64::try_from(inner.clock.now_utc().unix_timestamp()).unwrap_or(0);
+                Err(classify::classify_status(status, &headers, &body, now))
             }
         }
         .await;
@@ -512,14 +499,8 @@ impl CoinbaseClient {
     /// [`Error::NotFound`] for an unknown product; transport, rate-limit, decode errors.
     pub async fn market_trades(&self, product: &ProductId) -> Result<Ticker> {
         let path = self.md_path(&format!("/products/{product}/ticker"));
-        let body = self
-            .get(
-                Endpoint::Ticker,
-                self.market_data_class(),
-                &path,
-                &[("limit", "1".into())],
-            )
-            .await?;
+        let body =
+            self.get(Endpoint::Ticker, self.market_data_class(), &path, &[("limit", "1".into())]).await?;
         wire::decode_ticker(product, &body)
     }
 
@@ -532,23 +513,10 @@ impl CoinbaseClient {
         let products = distinct(products);
         let mut out = Vec::with_capacity(products.len());
         for chunk in products.chunks(self.inner.best_bid_ask_chunk) {
-            let query: Vec<(&str, String)> = chunk
-                .iter()
-                .map(|p| ("product_ids", p.to_string()))
-                .collect();
-            let body = self
-                .get(
-                    Endpoint::BestBidAsk,
-                    EndpointClass::Private,
-                    "/best_bid_ask",
-                    &query,
-                )
-                .await?;
-            out.extend(
-                wire::decode_best_bid_ask(&body)?
-                    .into_iter()
-                    .filter(|t| chunk.contains(&t.product)),
-            );
+            let query: Vec<(&str, String)> = chunk.iter().map(|p| ("product_ids", p.to_string())).collect();
+            let body =
+                self.get(Endpoint::BestBidAsk, EndpointClass::Private, "/best_bid_ask", &query).await?;
+            out.extend(wire::decode_best_bid_ask(&body)?.into_iter().filter(|t| chunk.contains(&t.product)));
         }
         Ok(out)
     }
@@ -566,9 +534,7 @@ impl CoinbaseClient {
     ) -> Result<Vec<Candle>> {
         let range = range.aligned(granularity);
         let path = self.md_path(&format!("/products/{product}/candles"));
-        let step = time::Duration::seconds(
-            granularity.seconds() * i64::from(self.inner.candle_max_buckets),
-        );
+        let step = time::Duration::seconds(granularity.seconds() * i64::from(self.inner.candle_max_buckets));
         let mut out: Vec<Candle> = Vec::new();
         let mut start = range.start;
         while start < range.end {
@@ -580,9 +546,7 @@ impl CoinbaseClient {
                 ("end", (end.unix_timestamp() - 1).to_string()),
                 ("granularity", granularity.as_str().to_string()),
             ];
-            let body = self
-                .get(Endpoint::Candles, self.market_data_class(), &path, &query)
-                .await?;
+            let body = self.get(Endpoint::Candles, self.market_data_class(), &path, &query).await?;
             out.extend(wire::decode_candles(&body)?);
             start = end;
         }
@@ -606,14 +570,7 @@ impl CoinbaseClient {
             if let Some(c) = &cursor {
                 query.push(("cursor", c.clone()));
             }
-            let body = self
-                .get(
-                    Endpoint::Accounts,
-                    EndpointClass::Private,
-                    "/accounts",
-                    &query,
-                )
-                .await?;
+            let body = self.get(Endpoint::Accounts, EndpointClass::Private, "/accounts", &query).await?;
             let (page, next) = wire::decode_accounts(&body)?;
             out.extend(page);
             match next {
@@ -632,9 +589,7 @@ impl CoinbaseClient {
     /// Transport, rate-limit, decode errors.
     pub async fn products(&self) -> Result<Vec<wire::Product>> {
         let path = self.md_path("/products");
-        let body = self
-            .get(Endpoint::Products, self.market_data_class(), &path, &[])
-            .await?;
+        let body = self.get(Endpoint::Products, self.market_data_class(), &path, &[]).await?;
         wire::decode_products(&body)
     }
 
@@ -644,9 +599,7 @@ impl CoinbaseClient {
     /// [`Error::NotFound`] for an unknown product; transport, rate-limit, decode errors.
     pub async fn product(&self, product: &ProductId) -> Result<wire::Product> {
         let path = self.md_path(&format!("/products/{product}"));
-        let body = self
-            .get(Endpoint::Product, self.market_data_class(), &path, &[])
-            .await?;
+        let body = self.get(Endpoint::Product, self.market_data_class(), &path, &[]).await?;
         wire::decode_product(&body)
     }
 
@@ -655,9 +608,7 @@ impl CoinbaseClient {
     /// # Errors
     /// Transport, rate-limit, decode errors.
     pub async fn server_time(&self) -> Result<OffsetDateTime> {
-        let body = self
-            .get(Endpoint::Time, EndpointClass::Public, "/time", &[])
-            .await?;
+        let body = self.get(Endpoint::Time, EndpointClass::Public, "/time", &[]).await?;
         wire::decode_server_time(&body)
     }
 }
@@ -706,38 +657,18 @@ mod tests {
     #[test]
     fn builder_validates() {
         assert!(CoinbaseClient::builder().build().is_ok());
+        assert!(matches!(CoinbaseClient::builder().base_url("ftp://x").build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().base_url("not a url").build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().best_bid_ask_chunk(0).build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().candle_max_buckets(351).build(), Err(Error::Config(_))));
         assert!(matches!(
-            CoinbaseClient::builder().base_url("ftp://x").build(),
+            CoinbaseClient::builder().market_data(MarketDataPath::Private).build(),
             Err(Error::Config(_))
         ));
-        assert!(matches!(
-            CoinbaseClient::builder().base_url("not a url").build(),
-            Err(Error::Config(_))
-        ));
-        assert!(matches!(
-            CoinbaseClient::builder().best_bid_ask_chunk(0).build(),
-            Err(Error::Config(_))
-        ));
-        assert!(matches!(
-            CoinbaseClient::builder().candle_max_buckets(351).build(),
-            Err(Error::Config(_))
-        ));
-        assert!(matches!(
-            CoinbaseClient::builder()
-                .market_data(MarketDataPath::Private)
-                .build(),
-            Err(Error::Config(_))
-        ));
-        let c = CoinbaseClient::builder()
-            .base_url("http://127.0.0.1:18080/")
-            .build()
-            .unwrap();
+        let c = CoinbaseClient::builder().base_url("http://127.0.0.1:18080/").build().unwrap();
         assert_eq!(c.inner.jwt_host, "127.0.0.1:18080");
         assert_eq!(c.market_data_class(), EndpointClass::Public);
-        let c = CoinbaseClient::builder()
-            .credentials(Credentials::generate("k"))
-            .build()
-            .unwrap();
+        let c = CoinbaseClient::builder().credentials(Credentials::generate("k")).build().unwrap();
         assert_eq!(c.inner.jwt_host, "api.coinbase.com");
         assert_eq!(c.market_data_class(), EndpointClass::Private);
     }

@@ -81,9 +81,7 @@ pub struct ReadOptions {
 impl ReadOptions {
     /// Demand data no older than `max_age`.
     pub fn max_age(max_age: Duration) -> Self {
-        ReadOptions {
-            max_age: Some(max_age),
-        }
+        ReadOptions { max_age: Some(max_age) }
     }
 }
 
@@ -201,9 +199,7 @@ pub struct CoordinatedBuilder {
 
 impl fmt::Debug for CoordinatedBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CoordinatedBuilder")
-            .field("config", &self.cfg)
-            .finish_non_exhaustive()
+        f.debug_struct("CoordinatedBuilder").field("config", &self.cfg).finish_non_exhaustive()
     }
 }
 
@@ -310,9 +306,7 @@ impl CoordinatedBuilder {
             upstream_limiter: self.upstream_limiter,
             cfg,
         };
-        Ok(CoordinatedSource {
-            inner: Arc::new(inner),
-        })
+        Ok(CoordinatedSource { inner: Arc::new(inner) })
     }
 }
 
@@ -356,9 +350,7 @@ pub struct CoordinatedSource {
 
 impl fmt::Debug for CoordinatedSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CoordinatedSource")
-            .field("config", &self.inner.cfg)
-            .finish_non_exhaustive()
+        f.debug_struct("CoordinatedSource").field("config", &self.inner.cfg).finish_non_exhaustive()
     }
 }
 
@@ -385,12 +377,8 @@ impl CoordinatedSource {
     pub fn coinbase(client: CoinbaseClient) -> CoordinatedBuilder {
         let limiter = client.rate_limiter().cloned();
         let class = client.market_data_class();
-        let batch = client
-            .best_bid_ask_chunk()
-            .min(CoordinatedConfig::default().batch_size);
-        let mut b = Self::builder(client)
-            .market_data_class(class)
-            .batch_size(batch);
+        let batch = client.best_bid_ask_chunk().min(CoordinatedConfig::default().batch_size);
+        let mut b = Self::builder(client).market_data_class(class).batch_size(batch);
         b.upstream_limiter = limiter;
         b
     }
@@ -402,17 +390,12 @@ impl CoordinatedSource {
 
     /// The rate limiter in use (the gate, or the upstream's), if known.
     pub fn rate_limiter(&self) -> Option<&RateLimiter> {
-        self.inner
-            .gate
-            .as_ref()
-            .or(self.inner.upstream_limiter.as_ref())
+        self.inner.gate.as_ref().or(self.inner.upstream_limiter.as_ref())
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> CoordinatedStats {
-        self.inner
-            .counters
-            .snapshot(self.rate_limiter().map(RateLimiter::stats))
+        self.inner.counters.snapshot(self.rate_limiter().map(RateLimiter::stats))
     }
 
     /// Forget the cached accounts, e.g. after placing an order.
@@ -428,21 +411,15 @@ impl CoordinatedSource {
     ///
     /// # Cancel safety
     /// Cancel safe: the upstream fetch runs in its own task and still serves other callers.
-    pub async fn ticker_with(
-        &self,
-        product: &ProductId,
-        opts: ReadOptions,
-    ) -> Result<Fresh<Ticker>> {
+    pub async fn ticker_with(&self, product: &ProductId, opts: ReadOptions) -> Result<Fresh<Ticker>> {
         let inner = &self.inner;
         inner.check_negative(product).await?;
         let now = Instant::now();
         let cached = inner.tickers.get(product).await;
-        if let Some(e) = &cached {
-            if let Some(hit) =
-                inner.serve_cached(e, now, opts, || self.spawn_ticker_refresh(product.clone()))
-            {
-                return Ok(hit.map(|t| t.clone()));
-            }
+        if let Some(e) = &cached
+            && let Some(hit) = inner.serve_cached(e, now, opts, || self.spawn_ticker_refresh(product.clone()))
+        {
+            return Ok(hit.map(|t| t.clone()));
         }
         Counters::inc(&inner.counters.cache_misses);
         let (result, role) = self.ticker_flight(product.clone()).await;
@@ -458,11 +435,7 @@ impl CoordinatedSource {
         let flight = Arc::clone(&self.inner.ticker_flight);
         async move {
             let p = product.clone();
-            flight
-                .run(product, move || async move {
-                    Inner::fetch_ticker(inner, p).await
-                })
-                .await
+            flight.run(product, move || async move { Inner::fetch_ticker(inner, p).await }).await
         }
     }
 
@@ -494,12 +467,12 @@ impl CoordinatedSource {
         let key = (product.clone(), granularity);
         let now = Instant::now();
         let cached = inner.series.get(&key).await;
-        if let Some(e) = &cached {
-            if inner.series_covers(e, range, granularity, now) {
-                let swr = || self.spawn_series_refresh(key.clone(), range);
-                if let Some(hit) = inner.serve_cached(e, now, opts, swr) {
-                    return Ok(hit.map(|s| s.slice(range)));
-                }
+        if let Some(e) = &cached
+            && inner.series_covers(e, range, granularity, now)
+        {
+            let swr = || self.spawn_series_refresh(key.clone(), range);
+            if let Some(hit) = inner.serve_cached(e, now, opts, swr) {
+                return Ok(hit.map(|s| s.slice(range)));
             }
         }
         Counters::inc(&inner.counters.cache_misses);
@@ -515,9 +488,7 @@ impl CoordinatedSource {
             }
         }
         let cached = cached.filter(|e| e.value.covers(range));
-        inner
-            .settle(result, cached.as_ref(), Instant::now())
-            .map(|f| f.map(|s| s.slice(range)))
+        inner.settle(result, cached.as_ref(), Instant::now()).map(|f| f.map(|s| s.slice(range)))
     }
 
     fn series_flight(
@@ -529,11 +500,7 @@ impl CoordinatedSource {
         let flight = Arc::clone(&self.inner.series_flight);
         async move {
             let k = key.clone();
-            flight
-                .run(key, move || async move {
-                    Inner::fetch_series(inner, k, range).await
-                })
-                .await
+            flight.run(key, move || async move { Inner::fetch_series(inner, k, range).await }).await
         }
     }
 
@@ -556,10 +523,10 @@ impl CoordinatedSource {
         let inner = &self.inner;
         let now = Instant::now();
         let cached = lock(&inner.accounts).clone();
-        if let Some(e) = &cached {
-            if let Some(hit) = inner.serve_cached(e, now, opts, || self.spawn_accounts_refresh()) {
-                return Ok(hit.map(Arc::clone));
-            }
+        if let Some(e) = &cached
+            && let Some(hit) = inner.serve_cached(e, now, opts, || self.spawn_accounts_refresh())
+        {
+            return Ok(hit.map(Arc::clone));
         }
         Counters::inc(&inner.counters.cache_misses);
         let (result, role) = self.accounts_flight().await;
@@ -567,19 +534,10 @@ impl CoordinatedSource {
         inner.settle(result, cached.as_ref(), Instant::now())
     }
 
-    fn accounts_flight(
-        &self,
-    ) -> impl Future<Output = (Result<Entry<Arc<Vec<Account>>>>, Role)> + Send + '_ {
+    fn accounts_flight(&self) -> impl Future<Output = (Result<Entry<Arc<Vec<Account>>>>, Role)> + Send + '_ {
         let inner = Arc::clone(&self.inner);
         let flight = Arc::clone(&self.inner.accounts_flight);
-        async move {
-            flight
-                .run(
-                    (),
-                    move || async move { Inner::fetch_accounts(inner).await },
-                )
-                .await
-        }
+        async move { flight.run((), move || async move { Inner::fetch_accounts(inner).await }).await }
     }
 
     fn spawn_accounts_refresh(&self) {
@@ -602,31 +560,24 @@ impl CoordinatedSource {
     ) -> Vec<(ProductId, Result<Fresh<Ticker>>)> {
         let products = distinct(products);
         let results =
-            futures_util::future::join_all(products.iter().map(|p| self.ticker_with(p, opts)))
-                .await;
+            futures_util::future::join_all(products.iter().map(|p| self.ticker_with(p, opts))).await;
         products.into_iter().zip(results).collect()
     }
 }
 
 impl<T> Fresh<T> {
     fn map<U>(self, f: impl FnOnce(T) -> U) -> Fresh<U> {
-        Fresh {
-            value: f(self.value),
-            origin: self.origin,
-            age: self.age,
-        }
+        Fresh { value: f(self.value), origin: self.origin, age: self.age }
     }
 }
 
 impl Inner {
     async fn check_negative(&self, product: &ProductId) -> Result<()> {
-        if let Some(until) = self.negative.get(product).await {
-            if Instant::now() < until {
-                Counters::inc(&self.counters.negative_hits);
-                return Err(Error::NotFound(format!(
-                    "{product} (remembered unknown product)"
-                )));
-            }
+        if let Some(until) = self.negative.get(product).await
+            && Instant::now() < until
+        {
+            Counters::inc(&self.counters.negative_hits);
+            return Err(Error::NotFound(format!("{product} (remembered unknown product)")));
         }
         Ok(())
     }
@@ -648,44 +599,24 @@ impl Inner {
     ) -> Option<Fresh<&'e T>> {
         if e.is_fresh(now, opts.max_age) {
             Counters::inc(&self.counters.cache_hits);
-            return Some(Fresh {
-                value: &e.value,
-                origin: Origin::Cache,
-                age: e.age(now),
-            });
+            return Some(Fresh { value: &e.value, origin: Origin::Cache, age: e.age(now) });
         }
-        if self.cfg.stale_while_revalidate
-            && opts.max_age.is_none()
-            && e.age(now) <= self.cfg.max_stale
-        {
+        if self.cfg.stale_while_revalidate && opts.max_age.is_none() && e.age(now) <= self.cfg.max_stale {
             revalidate();
             Counters::inc(&self.counters.cache_hits);
             Counters::inc(&self.counters.stale_serves);
-            return Some(Fresh {
-                value: &e.value,
-                origin: Origin::Stale,
-                age: e.age(now),
-            });
+            return Some(Fresh { value: &e.value, origin: Origin::Stale, age: e.age(now) });
         }
         None
     }
 
     /// Turn a fetch result into a read result, falling back to `cached` within `max_stale`.
-    fn settle<'e, T>(
-        &self,
-        result: Result<Entry<T>>,
-        cached: Option<&'e Entry<T>>,
-        now: Instant,
-    ) -> Result<Fresh<T>>
+    fn settle<T>(&self, result: Result<Entry<T>>, cached: Option<&Entry<T>>, now: Instant) -> Result<Fresh<T>>
     where
         T: Clone,
     {
         match result {
-            Ok(e) => Ok(Fresh {
-                age: e.age(now),
-                value: e.value,
-                origin: Origin::Upstream,
-            }),
+            Ok(e) => Ok(Fresh { age: e.age(now), value: e.value, origin: Origin::Upstream }),
             Err(err) => match cached {
                 Some(c)
                     if !matches!(err, Error::NotFound(_) | Error::InvalidInput(_))
@@ -693,11 +624,7 @@ impl Inner {
                 {
                     Counters::inc(&self.counters.stale_serves);
                     tracing::debug!(error = %err, age_ms = c.age(now).as_millis() as u64, "serving stale data");
-                    Ok(Fresh {
-                        value: c.value.clone(),
-                        origin: Origin::Stale,
-                        age: c.age(now),
-                    })
+                    Ok(Fresh { value: c.value.clone(), origin: Origin::Stale, age: c.age(now) })
                 }
                 _ => Err(err),
             },
@@ -712,11 +639,11 @@ impl Inner {
     {
         let mut attempt: u32 = 0;
         loop {
-            if let Some(gate) = &self.gate {
-                if let Err(e) = gate.acquire(class).await {
-                    self.counters.error(&e);
-                    return Err(e);
-                }
+            if let Some(gate) = &self.gate
+                && let Err(e) = gate.acquire(class).await
+            {
+                self.counters.error(&e);
+                return Err(e);
             }
             let t0 = Instant::now();
             let r = f().await;
@@ -739,24 +666,15 @@ impl Inner {
                 Err(e) => e,
             };
             self.counters.error(&e);
-            if let (
-                Some(g),
-                Error::RateLimited {
-                    local: false,
-                    retry_after,
-                },
-            ) = (&self.gate, &e)
-            {
+            if let (Some(g), Error::RateLimited { local: false, retry_after }) = (&self.gate, &e) {
                 g.penalize(class, *retry_after);
             }
             let wait = e.retry_after().unwrap_or_else(|| {
                 let base = self.cfg.retry_backoff.saturating_mul(1 << attempt.min(10));
                 base + base.mul_f64(fastrand::f64() * 0.25)
             });
-            let retry = sent
-                && e.is_retryable()
-                && attempt < self.cfg.max_retries
-                && wait <= self.cfg.max_retry_wait;
+            let retry =
+                sent && e.is_retryable() && attempt < self.cfg.max_retries && wait <= self.cfg.max_retry_wait;
             if !retry {
                 return Err(e);
             }
@@ -768,9 +686,7 @@ impl Inner {
     }
 
     async fn remember_unknown(&self, product: &ProductId) {
-        self.negative
-            .insert(product.clone(), Instant::now() + self.cfg.negative_ttl)
-            .await;
+        self.negative.insert(product.clone(), Instant::now() + self.cfg.negative_ttl).await;
     }
 
     fn ticker_entry(&self, t: Ticker, now: Instant) -> Entry<Ticker> {
@@ -779,16 +695,15 @@ impl Inner {
 
     async fn fetch_ticker(this: Arc<Inner>, product: ProductId) -> Result<Entry<Ticker>> {
         // Another fetch may have filled the cache between our miss and this flight.
-        if let Some(e) = this.tickers.get(&product).await {
-            if e.is_fresh(Instant::now(), None) && e.age(Instant::now()).is_zero() {
-                return Ok(e);
-            }
+        if let Some(e) = this.tickers.get(&product).await
+            && e.is_fresh(Instant::now(), None)
+            && e.age(Instant::now()).is_zero()
+        {
+            return Ok(e);
         }
         if !this.cfg.batch_tickers {
             let class = this.cfg.market_data_class;
-            let r = this
-                .call(Op::Ticker, class, || this.upstream.ticker(&product))
-                .await;
+            let r = this.call(Op::Ticker, class, || this.upstream.ticker(&product)).await;
             return match r {
                 Ok(t) => {
                     let e = this.ticker_entry(t, Instant::now());
@@ -820,11 +735,7 @@ impl Inner {
                 });
             }
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(Error::Closed(
-                "the batch task stopped before answering".into(),
-            ))
-        })
+        rx.await.unwrap_or_else(|_| Err(Error::Closed("the batch task stopped before answering".into())))
     }
 
     /// Send one batched call and answer every request in it.
@@ -832,11 +743,7 @@ impl Inner {
         let products: Vec<ProductId> = items.iter().map(|(p, _)| p.clone()).collect();
         Counters::inc(&this.counters.batch_calls);
         Counters::add(&this.counters.batched_products, products.len() as u64);
-        let r = this
-            .call(Op::Tickers, EndpointClass::Private, || {
-                this.upstream.tickers(&products)
-            })
-            .await;
+        let r = this.call(Op::Tickers, EndpointClass::Private, || this.upstream.tickers(&products)).await;
         let r = match r {
             // One bad id may fail a whole batch on some servers: ask for each product alone so
             // only the bad one is remembered as unknown.
@@ -844,10 +751,7 @@ impl Inner {
                 let class = this.cfg.market_data_class;
                 let mut found = Vec::new();
                 for p in &products {
-                    if let Ok(t) = this
-                        .call(Op::Ticker, class, || this.upstream.ticker(p))
-                        .await
-                    {
+                    if let Ok(t) = this.call(Op::Ticker, class, || this.upstream.ticker(p)).await {
                         found.push(t);
                     }
                 }
@@ -858,10 +762,8 @@ impl Inner {
         let now = Instant::now();
         match r {
             Ok(tickers) => {
-                let mut by: HashMap<ProductId, Ticker> = tickers
-                    .into_iter()
-                    .map(|t| (t.product.clone(), t))
-                    .collect();
+                let mut by: HashMap<ProductId, Ticker> =
+                    tickers.into_iter().map(|t| (t.product.clone(), t)).collect();
                 for (p, tx) in items {
                     let reply = match by.remove(&p) {
                         Some(t) => {
@@ -885,13 +787,7 @@ impl Inner {
         }
     }
 
-    fn series_covers(
-        &self,
-        e: &SeriesEntry,
-        range: CandleRange,
-        g: Granularity,
-        now: Instant,
-    ) -> bool {
+    fn series_covers(&self, e: &SeriesEntry, range: CandleRange, g: Granularity, now: Instant) -> bool {
         if e.value.covers(range) {
             return true;
         }
@@ -919,9 +815,7 @@ impl Inner {
         let fetch = |r: CandleRange| {
             let this = &this;
             async move {
-                let out = this
-                    .call(Op::Candles, class, || this.upstream.candles(product, *g, r))
-                    .await;
+                let out = this.call(Op::Candles, class, || this.upstream.candles(product, *g, r)).await;
                 if let Ok(c) = &out {
                     Counters::add(&this.counters.candles_fetched, c.len() as u64);
                 }
@@ -952,10 +846,7 @@ impl Inner {
                     }
                     (candles, from)
                 }
-                None => (
-                    fetch(CandleRange::new(range.start, want_end)?).await?,
-                    range.start,
-                ),
+                None => (fetch(CandleRange::new(range.start, want_end)?).await?, range.start),
             };
             candles.sort_by_key(|c| c.start);
             candles.dedup_by_key(|c| c.start);
@@ -981,40 +872,22 @@ impl Inner {
         let to = existing.as_ref().map_or(want_end, |s| s.to.max(want_end));
         let (fetched_at, fetched_utc, fresh_until) = match (&existing, still_fresh) {
             // Only older history was added: the newest data keeps its age and freshness.
-            (Some(s), true) if to <= s.to => (
-                existing_fetched_at.unwrap_or(now),
-                s.fetched_utc,
-                existing_fresh_until.unwrap_or(now),
-            ),
+            (Some(s), true) if to <= s.to => {
+                (existing_fetched_at.unwrap_or(now), s.fetched_utc, existing_fresh_until.unwrap_or(now))
+            }
             _ => {
                 let jitter = this.cfg.candle_jitter.mul_f64(fastrand::f64());
-                (
-                    now,
-                    now_utc,
-                    this.clock.instant_at(g.next_close(now_utc)) + this.cfg.candle_grace + jitter,
-                )
+                (now, now_utc, this.clock.instant_at(g.next_close(now_utc)) + this.cfg.candle_grace + jitter)
             }
         };
-        let entry = Entry::new(
-            Arc::new(Series {
-                candles,
-                from,
-                to,
-                fetched_utc,
-            }),
-            fetched_at,
-            fresh_until.max(now),
-        );
+        let entry =
+            Entry::new(Arc::new(Series { candles, from, to, fetched_utc }), fetched_at, fresh_until.max(now));
         this.series.insert(key, entry.clone()).await;
         Ok(entry)
     }
 
     async fn fetch_accounts(this: Arc<Inner>) -> Result<Entry<Arc<Vec<Account>>>> {
-        let r = this
-            .call(Op::Accounts, EndpointClass::Private, || {
-                this.upstream.accounts()
-            })
-            .await?;
+        let r = this.call(Op::Accounts, EndpointClass::Private, || this.upstream.accounts()).await?;
         let now = Instant::now();
         let e = Entry::new(Arc::new(r), now, now + this.cfg.accounts_ttl);
         *lock(&this.accounts) = Some(e.clone());
@@ -1025,9 +898,7 @@ impl Inner {
 #[async_trait]
 impl MarketDataSource for CoordinatedSource {
     async fn ticker(&self, product: &ProductId) -> Result<Ticker> {
-        self.ticker_with(product, ReadOptions::default())
-            .await
-            .map(|f| f.value)
+        self.ticker_with(product, ReadOptions::default()).await.map(|f| f.value)
     }
 
     async fn tickers(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
@@ -1048,15 +919,11 @@ impl MarketDataSource for CoordinatedSource {
         granularity: Granularity,
         range: CandleRange,
     ) -> Result<Vec<Candle>> {
-        self.candles_with(product, granularity, range, ReadOptions::default())
-            .await
-            .map(|f| f.value)
+        self.candles_with(product, granularity, range, ReadOptions::default()).await.map(|f| f.value)
     }
 
     async fn accounts(&self) -> Result<Vec<Account>> {
-        self.accounts_with(ReadOptions::default())
-            .await
-            .map(|f| f.value.as_ref().clone())
+        self.accounts_with(ReadOptions::default()).await.map(|f| f.value.as_ref().clone())
     }
 
     /// From cached accounts: no upstream call while they are fresh.

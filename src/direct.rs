@@ -19,13 +19,7 @@ use crate::{
     source::MarketDataSource,
 };
 
-const METHODS: [&str; 5] = [
-    "ticker",
-    "tickers",
-    "candles",
-    "accounts",
-    "validate_trade_balance",
-];
+const METHODS: [&str; 5] = ["ticker", "tickers", "candles", "accounts", "validate_trade_balance"];
 
 /// The legacy path of the seed system: no cache, no coalescing, no batching. Each trait call
 /// is one upstream call (a balance check fetches the accounts again, as the legacy code did).
@@ -52,9 +46,7 @@ pub struct DirectSource {
 
 impl fmt::Debug for DirectSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DirectSource")
-            .field("stats", &self.stats())
-            .finish_non_exhaustive()
+        f.debug_struct("DirectSource").field("stats", &self.stats()).finish_non_exhaustive()
     }
 }
 
@@ -77,11 +69,7 @@ impl DirectSource {
 
     /// Wrap a shared upstream source.
     pub fn from_arc(upstream: Arc<dyn MarketDataSource>) -> Self {
-        DirectSource {
-            upstream,
-            calls: Arc::new(Default::default()),
-            errors: Arc::new(AtomicU64::new(0)),
-        }
+        DirectSource { upstream, calls: Arc::new(Default::default()), errors: Arc::new(AtomicU64::new(0)) }
     }
 
     /// A snapshot of the counters.
@@ -152,9 +140,7 @@ mod tests {
     async fn every_call_goes_upstream_and_is_counted() {
         let mut up = MockMarketDataSource::new();
         up.expect_accounts().times(3).returning(|| Ok(vec![]));
-        up.expect_ticker()
-            .times(2)
-            .returning(|p| Err(Error::NotFound(p.to_string())));
+        up.expect_ticker().times(2).returning(|p| Err(Error::NotFound(p.to_string())));
         let d = DirectSource::new(up);
         d.accounts().await.unwrap();
         assert!(!d.validate_trade_balance("USD", Decimal::ONE).await.unwrap());

@@ -173,55 +173,13 @@ mod tests {
         let rows: Vec<(Error, bool, bool)> = vec![
             (Error::InvalidInput("x".into()), false, false),
             (Error::NotFound("x".into()), false, false),
-            (
-                Error::RateLimited {
-                    retry_after: None,
-                    local: false,
-                },
-                true,
-                true,
-            ),
-            (
-                Error::RateLimited {
-                    retry_after: Some(Duration::from_secs(1)),
-                    local: true,
-                },
-                true,
-                true,
-            ),
+            (Error::RateLimited { retry_after: None, local: false }, true, true),
+            (Error::RateLimited { retry_after: Some(Duration::from_secs(1)), local: true }, true, true),
             (Error::Unauthorized("x".into()), false, false),
-            (
-                Error::Upstream {
-                    status: 500,
-                    message: "x".into(),
-                },
-                true,
-                false,
-            ),
-            (
-                Error::Upstream {
-                    status: 503,
-                    message: "x".into(),
-                },
-                true,
-                false,
-            ),
-            (
-                Error::Upstream {
-                    status: 408,
-                    message: "x".into(),
-                },
-                true,
-                false,
-            ),
-            (
-                Error::Upstream {
-                    status: 400,
-                    message: "x".into(),
-                },
-                false,
-                false,
-            ),
+            (Error::Upstream { status: 500, message: "x".into() }, true, false),
+            (Error::Upstream { status: 503, message: "x".into() }, true, false),
+            (Error::Upstream { status: 408, message: "x".into() }, true, false),
+            (Error::Upstream { status: 400, message: "x".into() }, false, false),
             (Error::Decode("x".into()), false, false),
             (Error::Transport("x".into()), true, false),
             (Error::Timeout, true, false),
@@ -236,15 +194,9 @@ mod tests {
 
     #[test]
     fn retry_after_is_exposed_and_displayed() {
-        let e = Error::RateLimited {
-            retry_after: Some(Duration::from_millis(1500)),
-            local: false,
-        };
+        let e = Error::RateLimited { retry_after: Some(Duration::from_millis(1500)), local: false };
         assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
-        assert_eq!(
-            e.to_string(),
-            "rate limited by the exchange; retry after 1500 ms"
-        );
+        assert_eq!(e.to_string(), "rate limited by the exchange; retry after 1500 ms");
         assert_eq!(Error::Timeout.retry_after(), None);
     }
 

@@ -17,8 +17,7 @@ use std::{
 };
 
 use governor::{
-    Quota, clock::Reference, middleware::NoOpMiddleware, nanos::Nanos, state::InMemoryState,
-    state::NotKeyed,
+    Quota, clock::Reference, middleware::NoOpMiddleware, nanos::Nanos, state::InMemoryState, state::NotKeyed,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -85,40 +84,24 @@ impl ClassLimit {
     /// [`Error::Config`] if `limit` is below 2 or `percent` is not in 1..=100.
     pub fn with_margin(limit: u32, percent: u32) -> Result<Self> {
         if limit < 2 {
-            return Err(Error::Config(format!(
-                "rate limit must be at least 2 requests/s, got {limit}"
-            )));
+            return Err(Error::Config(format!("rate limit must be at least 2 requests/s, got {limit}")));
         }
         if !(1..=100).contains(&percent) {
-            return Err(Error::Config(format!(
-                "rate limit margin must be 1..=100 %, got {percent}"
-            )));
+            return Err(Error::Config(format!("rate limit margin must be 1..=100 %, got {percent}")));
         }
         let rate = (limit * percent / 100).clamp(1, limit - 1);
         let burst = (limit - 1 - rate).max(1);
-        Ok(ClassLimit {
-            limit_per_second: nz(limit),
-            rate_per_second: nz(rate),
-            burst: nz(burst),
-        })
+        Ok(ClassLimit { limit_per_second: nz(limit), rate_per_second: nz(rate), burst: nz(burst) })
     }
 
     /// Coinbase's public limit (10/s) at an 80 % margin: 8/s, burst 1.
     pub fn coinbase_public() -> Self {
-        ClassLimit {
-            limit_per_second: nz(10),
-            rate_per_second: nz(8),
-            burst: nz(1),
-        }
+        ClassLimit { limit_per_second: nz(10), rate_per_second: nz(8), burst: nz(1) }
     }
 
     /// Coinbase's private limit (30/s) at an 80 % margin: 24/s, burst 5.
     pub fn coinbase_private() -> Self {
-        ClassLimit {
-            limit_per_second: nz(30),
-            rate_per_second: nz(24),
-            burst: nz(5),
-        }
+        ClassLimit { limit_per_second: nz(30), rate_per_second: nz(24), burst: nz(5) }
     }
 
     fn validate(&self, class: EndpointClass) -> Result<()> {
@@ -201,9 +184,7 @@ impl RateLimiterConfig {
             return Err(Error::Config("max_waiters must be at least 1".into()));
         }
         if self.backoff_base.is_zero() || self.backoff_max < self.backoff_base {
-            return Err(Error::Config(
-                "backoff_base must be > 0 and <= backoff_max".into(),
-            ));
+            return Err(Error::Config("backoff_base must be > 0 and <= backoff_max".into()));
         }
         Ok(())
     }
@@ -229,10 +210,7 @@ impl Reference for TokioInstant {
         self.0.saturating_duration_since(earlier.0).into()
     }
     fn saturating_sub(&self, duration: Nanos) -> Self {
-        self.0
-            .checked_sub(duration.into())
-            .map(TokioInstant)
-            .unwrap_or(*self)
+        self.0.checked_sub(duration.into()).map(TokioInstant).unwrap_or(*self)
     }
 }
 
@@ -243,8 +221,7 @@ impl governor::clock::Clock for TokioClock {
     }
 }
 
-type Gcra =
-    governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<TokioInstant>>;
+type Gcra = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<TokioInstant>>;
 
 struct Class {
     limit: ClassLimit,
@@ -291,9 +268,7 @@ pub struct RateLimiter {
 
 impl fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RateLimiter")
-            .field("config", &self.inner.cfg)
-            .finish_non_exhaustive()
+        f.debug_struct("RateLimiter").field("config", &self.inner.cfg).finish_non_exhaustive()
     }
 }
 
@@ -346,11 +321,7 @@ impl RateLimiter {
     fn build(cfg: RateLimiterConfig) -> Self {
         let class = |limit: ClassLimit| {
             let half_rate = nz((limit.rate_per_second.get() / 2).max(1));
-            let half = ClassLimit {
-                rate_per_second: half_rate,
-                burst: NonZeroU32::MIN,
-                ..limit
-            };
+            let half = ClassLimit { rate_per_second: half_rate, burst: NonZeroU32::MIN, ..limit };
             Class {
                 limit,
                 full: governor::RateLimiter::direct_with_clock(limit.quota(), TokioClock),
@@ -368,9 +339,7 @@ impl RateLimiter {
             }
         };
         let classes = [class(cfg.public), class(cfg.private)];
-        RateLimiter {
-            inner: Arc::new(Inner { cfg, classes }),
-        }
+        RateLimiter { inner: Arc::new(Inner { cfg, classes }) }
     }
 
     /// The settings in force.
@@ -413,19 +382,13 @@ impl RateLimiter {
             + self.pause_remaining(c, start).unwrap_or_default();
         if predicted > self.inner.cfg.max_wait {
             c.rejected_local.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::RateLimited {
-                retry_after: Some(predicted),
-                local: true,
-            });
+            return Err(Error::RateLimited { retry_after: Some(predicted), local: true });
         }
 
         let _waiting = WaitingGuard::enter(&c.waiting);
         let Ok(_turn) = tokio::time::timeout_at(deadline, c.queue.lock()).await else {
             c.rejected_local.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::RateLimited {
-                retry_after: Some(c.limit.interval()),
-                local: true,
-            });
+            return Err(Error::RateLimited { retry_after: Some(c.limit.interval()), local: true });
         };
         loop {
             let now = Instant::now();
@@ -438,34 +401,23 @@ impl RateLimiter {
             };
             if now + wait > deadline {
                 c.rejected_local.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::RateLimited {
-                    retry_after: Some(wait),
-                    local: true,
-                });
+                return Err(Error::RateLimited { retry_after: Some(wait), local: true });
             }
             tokio::time::sleep(wait).await;
         }
         let waited = start.elapsed();
         c.acquired.fetch_add(1, Ordering::Relaxed);
         c.waits.fetch_add(1, Ordering::Relaxed);
-        c.wait_nanos.fetch_add(
-            u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        c.wait_nanos.fetch_add(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
         Ok(())
     }
 
     fn try_cell(&self, c: &Class, now: Instant) -> std::result::Result<(), Duration> {
         let ramping = lock(&c.pause).ramp_until.is_some_and(|r| now < r);
-        if ramping {
-            if let Err(nu) = c.half.check() {
-                return Err(nu.wait_time_from(TokioInstant(now)));
-            }
+        if ramping && let Err(nu) = c.half.check() {
+            return Err(nu.wait_time_from(TokioInstant(now)));
         }
-        c.full
-            .check()
-            .map(|_| ())
-            .map_err(|nu| nu.wait_time_from(TokioInstant(now)))
+        c.full.check().map(|_| ()).map_err(|nu| nu.wait_time_from(TokioInstant(now)))
     }
 
     fn pause_remaining(&self, c: &Class, now: Instant) -> Option<Duration> {
@@ -482,10 +434,7 @@ impl RateLimiter {
         let pause = match retry_after {
             Some(d) => d.min(cfg.backoff_max),
             None => {
-                let exp = cfg
-                    .backoff_base
-                    .saturating_mul(1u32 << n)
-                    .min(cfg.backoff_max);
+                let exp = cfg.backoff_base.saturating_mul(1u32 << n).min(cfg.backoff_max);
                 // Up to +25 % jitter so that many clients do not come back at once.
                 exp + exp.mul_f64(fastrand::f64() * 0.25)
             }
@@ -506,9 +455,7 @@ impl RateLimiter {
 
     /// Report a successful response for `class` (resets the consecutive-429 count).
     pub fn record_success(&self, class: EndpointClass) {
-        self.inner.classes[class.index()]
-            .consecutive_429
-            .store(0, Ordering::Relaxed);
+        self.inner.classes[class.index()].consecutive_429.store(0, Ordering::Relaxed);
     }
 
     /// Remaining pause of `class` after a 429, if any.
@@ -529,16 +476,10 @@ impl RateLimiter {
                 shed: c.shed.load(Ordering::Relaxed),
                 rate_limit_pauses: c.penalties.load(Ordering::Relaxed),
                 waiting_now: c.waiting.load(Ordering::Relaxed) as u64,
-                paused_for_ms: self
-                    .pause_remaining(c, now)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
+                paused_for_ms: self.pause_remaining(c, now).map(|d| d.as_millis() as u64).unwrap_or(0),
             }
         };
-        LimiterStats {
-            public: one(EndpointClass::Public),
-            private: one(EndpointClass::Private),
-        }
+        LimiterStats { public: one(EndpointClass::Public), private: one(EndpointClass::Private) }
     }
 }
 
@@ -603,11 +544,7 @@ mod tests {
         assert!(ClassLimit::with_margin(1, 80).is_err());
         assert!(ClassLimit::with_margin(10, 0).is_err());
         let bad = RateLimiterConfig {
-            public: ClassLimit {
-                limit_per_second: nz(10),
-                rate_per_second: nz(10),
-                burst: nz(5),
-            },
+            public: ClassLimit { limit_per_second: nz(10), rate_per_second: nz(10), burst: nz(5) },
             ..Default::default()
         };
         assert!(matches!(RateLimiter::new(bad), Err(Error::Config(_))));
@@ -632,16 +569,10 @@ mod tests {
     async fn never_more_than_the_limit_in_any_second() {
         let limiter = RateLimiter::coinbase();
         let times = admit(&limiter, EndpointClass::Public, 50).await;
-        assert!(
-            max_in_any_window(&times, Duration::from_secs(1)) <= 9,
-            "{times:?}"
-        );
+        assert!(max_in_any_window(&times, Duration::from_secs(1)) <= 9, "{times:?}");
         // 50 requests at 8/s after a burst of 1 take about 49/8 s.
         let last = *times.last().unwrap();
-        assert!(
-            last >= Duration::from_millis(6000) && last <= Duration::from_millis(6200),
-            "{last:?}"
-        );
+        assert!(last >= Duration::from_millis(6000) && last <= Duration::from_millis(6200), "{last:?}");
         let s = limiter.stats();
         assert_eq!(s.public.acquired, 50);
         assert_eq!(s.private.acquired, 0);
@@ -655,9 +586,7 @@ mod tests {
         for i in 0..100 {
             let l = limiter.clone();
             handles.push(tokio::spawn(async move {
-                l.acquire(EndpointClass::Private)
-                    .await
-                    .map(|_| (i, start.elapsed()))
+                l.acquire(EndpointClass::Private).await.map(|_| (i, start.elapsed()))
             }));
             tokio::task::yield_now().await;
         }
@@ -688,19 +617,14 @@ mod tests {
         let mut handles = Vec::new();
         for _ in 0..20 {
             let l = limiter.clone();
-            handles.push(tokio::spawn(async move {
-                l.acquire(EndpointClass::Public).await
-            }));
+            handles.push(tokio::spawn(async move { l.acquire(EndpointClass::Public).await }));
         }
         let mut ok = 0;
         let mut local = 0;
         for h in handles {
             match h.await.unwrap() {
                 Ok(()) => ok += 1,
-                Err(Error::RateLimited {
-                    local: true,
-                    retry_after: Some(_),
-                }) => local += 1,
+                Err(Error::RateLimited { local: true, retry_after: Some(_) }) => local += 1,
                 Err(e) => panic!("{e}"),
             }
         }
@@ -709,10 +633,7 @@ mod tests {
         assert_eq!(local, 15);
         assert_eq!(limiter.stats().public.rejected_local, 15);
 
-        let cfg = RateLimiterConfig {
-            max_waiters: 2,
-            ..Default::default()
-        };
+        let cfg = RateLimiterConfig { max_waiters: 2, ..Default::default() };
         let limiter = RateLimiter::new(cfg).unwrap();
         limiter.acquire(EndpointClass::Public).await.unwrap();
         let a = tokio::spawn({
@@ -725,10 +646,7 @@ mod tests {
         });
         tokio::task::yield_now().await;
         tokio::task::yield_now().await;
-        assert!(matches!(
-            limiter.acquire(EndpointClass::Public).await,
-            Err(Error::Overloaded(_))
-        ));
+        assert!(matches!(limiter.acquire(EndpointClass::Public).await, Err(Error::Overloaded(_))));
         a.await.unwrap().unwrap();
         b.await.unwrap().unwrap();
     }
@@ -759,11 +677,7 @@ mod tests {
         for _ in 0..24 {
             limiter.acquire(EndpointClass::Private).await.unwrap();
         }
-        assert!(
-            f.elapsed() < Duration::from_millis(900),
-            "{:?}",
-            f.elapsed()
-        );
+        assert!(f.elapsed() < Duration::from_millis(900), "{:?}", f.elapsed());
         assert_eq!(limiter.stats().private.rate_limit_pauses, 1);
     }
 
@@ -773,18 +687,9 @@ mod tests {
         let a = limiter.penalize(EndpointClass::Public, None);
         let b = limiter.penalize(EndpointClass::Public, None);
         let c = limiter.penalize(EndpointClass::Public, None);
-        assert!(
-            a >= Duration::from_secs(1) && a <= Duration::from_millis(1250),
-            "{a:?}"
-        );
-        assert!(
-            b >= Duration::from_secs(2) && b <= Duration::from_millis(2500),
-            "{b:?}"
-        );
-        assert!(
-            c >= Duration::from_secs(4) && c <= Duration::from_secs(5),
-            "{c:?}"
-        );
+        assert!(a >= Duration::from_secs(1) && a <= Duration::from_millis(1250), "{a:?}");
+        assert!(b >= Duration::from_secs(2) && b <= Duration::from_millis(2500), "{b:?}");
+        assert!(c >= Duration::from_secs(4) && c <= Duration::from_secs(5), "{c:?}");
         limiter.record_success(EndpointClass::Public);
         let d = limiter.penalize(EndpointClass::Public, None);
         assert!(d <= Duration::from_millis(1250), "{d:?}");

@@ -72,10 +72,7 @@ fn validate_product_id(id: &str) -> Result<()> {
     if id.chars().any(|c| c.is_ascii_lowercase()) {
         return fail("must be upper-case, e.g. BTC-USD");
     }
-    if !id
-        .chars()
-        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '-')
-    {
+    if !id.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '-') {
         return fail("may contain only A-Z, 0-9 and '-'");
     }
     let segments = id.split('-').count();
@@ -330,9 +327,7 @@ impl CandleRange {
     /// [`Error::InvalidInput`] if `count` is zero.
     pub fn lookback(granularity: Granularity, count: u32, now: OffsetDateTime) -> Result<Self> {
         if count == 0 {
-            return Err(Error::InvalidInput(
-                "candle lookback must be at least 1".into(),
-            ));
+            return Err(Error::InvalidInput("candle lookback must be at least 1".into()));
         }
         let end = granularity.next_close(now);
         let start = end - time::Duration::seconds(granularity.seconds() * i64::from(count));
@@ -427,10 +422,7 @@ impl Balances {
 
     /// The balance of `currency` (case-insensitive); zero when there is no account.
     pub fn get(&self, currency: &str) -> Balance {
-        self.0
-            .get(&currency.to_ascii_uppercase())
-            .copied()
-            .unwrap_or_default()
+        self.0.get(&currency.to_ascii_uppercase()).copied().unwrap_or_default()
     }
 
     /// Whether `amount` of `currency` is available to trade. A negative amount is never
@@ -493,10 +485,7 @@ mod tests {
         for (g, secs) in Granularity::ALL.iter().zip(expected) {
             assert_eq!(g.seconds(), secs);
             assert_eq!(g.as_str().parse::<Granularity>().unwrap(), *g);
-            assert_eq!(
-                serde_json::to_string(g).unwrap(),
-                format!("\"{}\"", g.as_str())
-            );
+            assert_eq!(serde_json::to_string(g).unwrap(), format!("\"{}\"", g.as_str()));
         }
         assert_eq!(Granularity::FourHour.as_str(), "FOUR_HOUR");
         assert!("UNKNOWN_GRANULARITY".parse::<Granularity>().is_err());
@@ -505,57 +494,24 @@ mod tests {
     #[test]
     fn bucket_arithmetic() {
         let t = datetime!(2024-04-24 09:56:38 UTC);
-        assert_eq!(
-            Granularity::OneHour.bucket_start(t),
-            datetime!(2024-04-24 09:00 UTC)
-        );
-        assert_eq!(
-            Granularity::OneHour.next_close(t),
-            datetime!(2024-04-24 10:00 UTC)
-        );
-        assert_eq!(
-            Granularity::FiveMinute.next_close(t),
-            datetime!(2024-04-24 10:00 UTC)
-        );
-        assert_eq!(
-            Granularity::FifteenMinute.bucket_start(t),
-            datetime!(2024-04-24 09:45 UTC)
-        );
-        assert_eq!(
-            Granularity::FourHour.bucket_start(t),
-            datetime!(2024-04-24 08:00 UTC)
-        );
-        assert_eq!(
-            Granularity::FourHour.next_close(t),
-            datetime!(2024-04-24 12:00 UTC)
-        );
-        assert_eq!(
-            Granularity::SixHour.next_close(t),
-            datetime!(2024-04-24 12:00 UTC)
-        );
-        assert_eq!(
-            Granularity::OneDay.bucket_start(t),
-            datetime!(2024-04-24 00:00 UTC)
-        );
-        assert_eq!(
-            Granularity::OneDay.next_close(t),
-            datetime!(2024-04-25 00:00 UTC)
-        );
+        assert_eq!(Granularity::OneHour.bucket_start(t), datetime!(2024-04-24 09:00 UTC));
+        assert_eq!(Granularity::OneHour.next_close(t), datetime!(2024-04-24 10:00 UTC));
+        assert_eq!(Granularity::FiveMinute.next_close(t), datetime!(2024-04-24 10:00 UTC));
+        assert_eq!(Granularity::FifteenMinute.bucket_start(t), datetime!(2024-04-24 09:45 UTC));
+        assert_eq!(Granularity::FourHour.bucket_start(t), datetime!(2024-04-24 08:00 UTC));
+        assert_eq!(Granularity::FourHour.next_close(t), datetime!(2024-04-24 12:00 UTC));
+        assert_eq!(Granularity::SixHour.next_close(t), datetime!(2024-04-24 12:00 UTC));
+        assert_eq!(Granularity::OneDay.bucket_start(t), datetime!(2024-04-24 00:00 UTC));
+        assert_eq!(Granularity::OneDay.next_close(t), datetime!(2024-04-25 00:00 UTC));
         // Exactly on a boundary: the bucket starting there.
         let b = datetime!(2024-04-24 10:00 UTC);
         assert_eq!(Granularity::OneHour.bucket_start(b), b);
-        assert_eq!(
-            Granularity::OneHour.next_close(b),
-            datetime!(2024-04-24 11:00 UTC)
-        );
+        assert_eq!(Granularity::OneHour.next_close(b), datetime!(2024-04-24 11:00 UTC));
         assert!(Granularity::OneHour.is_closed(datetime!(2024-04-24 09:00 UTC), b));
         assert!(!Granularity::OneHour.is_closed(b, b));
         // Before the epoch still floors.
         let pre = datetime!(1969-12-31 23:59:59 UTC);
-        assert_eq!(
-            Granularity::OneMinute.bucket_start(pre),
-            datetime!(1969-12-31 23:59 UTC)
-        );
+        assert_eq!(Granularity::OneMinute.bucket_start(pre), datetime!(1969-12-31 23:59 UTC));
     }
 
     #[test]
@@ -569,19 +525,9 @@ mod tests {
         assert!(!r.contains(r.end));
         assert!(CandleRange::lookback(Granularity::OneHour, 0, now).is_err());
         assert!(CandleRange::new(now, now).is_err());
-        let odd = CandleRange::new(
-            datetime!(2024-04-24 09:10 UTC),
-            datetime!(2024-04-24 10:01 UTC),
-        )
-        .unwrap();
+        let odd = CandleRange::new(datetime!(2024-04-24 09:10 UTC), datetime!(2024-04-24 10:01 UTC)).unwrap();
         let a = odd.aligned(Granularity::OneHour);
-        assert_eq!(
-            (a.start, a.end),
-            (
-                datetime!(2024-04-24 09:00 UTC),
-                datetime!(2024-04-24 11:00 UTC)
-            )
-        );
+        assert_eq!((a.start, a.end), (datetime!(2024-04-24 09:00 UTC), datetime!(2024-04-24 11:00 UTC)));
     }
 
     #[test]
@@ -605,9 +551,6 @@ mod tests {
         assert!(b.can_afford("USD", Decimal::new(150, 2)));
         assert!(!b.can_afford("USD", Decimal::new(151, 2)));
         assert!(!b.can_afford("USD", Decimal::new(-1, 0)));
-        assert!(
-            !b.can_afford("BTC", Decimal::new(1, 2)),
-            "inactive accounts do not count"
-        );
+        assert!(!b.can_afford("BTC", Decimal::new(1, 2)), "inactive accounts do not count");
     }
 }

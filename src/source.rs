@@ -92,11 +92,7 @@ macro_rules! forward_source {
             async fn accounts(&self) -> Result<Vec<Account>> {
                 (**self).accounts().await
             }
-            async fn validate_trade_balance(
-                &self,
-                currency: &str,
-                amount: Decimal,
-            ) -> Result<bool> {
+            async fn validate_trade_balance(&self, currency: &str, amount: Decimal) -> Result<bool> {
                 (**self).validate_trade_balance(currency, amount).await
             }
         }
@@ -109,11 +105,7 @@ forward_source!(Box<T>);
 /// The distinct products of `products`, in first-seen order.
 pub(crate) fn distinct(products: &[ProductId]) -> Vec<ProductId> {
     let mut seen = HashSet::with_capacity(products.len());
-    products
-        .iter()
-        .filter(|p| seen.insert((*p).clone()))
-        .cloned()
-        .collect()
+    products.iter().filter(|p| seen.insert((*p).clone())).cloned().collect()
 }
 
 #[cfg(test)]
@@ -143,12 +135,7 @@ mod tests {
         async fn tickers(&self, _: &[ProductId]) -> Result<Vec<Ticker>> {
             Ok(vec![])
         }
-        async fn candles(
-            &self,
-            _: &ProductId,
-            _: Granularity,
-            _: CandleRange,
-        ) -> Result<Vec<Candle>> {
+        async fn candles(&self, _: &ProductId, _: Granularity, _: CandleRange) -> Result<Vec<Candle>> {
             Ok(vec![])
         }
         async fn accounts(&self) -> Result<Vec<Account>> {
@@ -159,23 +146,10 @@ mod tests {
     #[tokio::test]
     async fn default_balance_check_and_forwarding_impls() {
         let arc: Arc<dyn MarketDataSource> = Arc::new(Fixed);
-        assert!(
-            arc.validate_trade_balance("USD", Decimal::new(100, 0))
-                .await
-                .unwrap()
-        );
-        assert!(
-            !arc.validate_trade_balance("USD", Decimal::new(101, 0))
-                .await
-                .unwrap()
-        );
+        assert!(arc.validate_trade_balance("USD", Decimal::new(100, 0)).await.unwrap());
+        assert!(!arc.validate_trade_balance("USD", Decimal::new(101, 0)).await.unwrap());
         let boxed: Box<dyn MarketDataSource> = Box::new(Fixed);
-        assert!(
-            boxed
-                .validate_trade_balance("usd", Decimal::ONE)
-                .await
-                .unwrap()
-        );
+        assert!(boxed.validate_trade_balance("usd", Decimal::ONE).await.unwrap());
         let nested: Arc<Box<dyn MarketDataSource>> = Arc::new(boxed);
         assert_eq!(nested.accounts().await.unwrap().len(), 1);
     }
@@ -183,15 +157,10 @@ mod tests {
     #[tokio::test]
     async fn mock_is_usable_as_dyn() {
         let mut mock = MockMarketDataSource::new();
-        mock.expect_accounts()
-            .times(1)
-            .returning(|| Ok(vec![usd(5)]));
+        mock.expect_accounts().times(1).returning(|| Ok(vec![usd(5)]));
         mock.expect_validate_trade_balance().never();
         let src: Arc<dyn MarketDataSource> = Arc::new(mock);
-        assert_eq!(
-            src.accounts().await.unwrap()[0].available,
-            Decimal::new(5, 0)
-        );
+        assert_eq!(src.accounts().await.unwrap()[0].available, Decimal::new(5, 0));
     }
 
     #[test]

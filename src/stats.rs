@@ -100,10 +100,8 @@ impl Counters {
 
     pub(crate) fn snapshot(&self, limiter: Option<LimiterStats>) -> CoordinatedStats {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let upstream_calls_by_endpoint: BTreeMap<String, u64> = Op::ALL
-            .iter()
-            .map(|op| (op.as_str().to_string(), get(&self.upstream[*op as usize])))
-            .collect();
+        let upstream_calls_by_endpoint: BTreeMap<String, u64> =
+            Op::ALL.iter().map(|op| (op.as_str().to_string(), get(&self.upstream[*op as usize]))).collect();
         let hits = get(&self.cache_hits);
         let misses = get(&self.cache_misses);
         let batch_calls = get(&self.batch_calls);
@@ -128,19 +126,11 @@ impl Counters {
             upstream_calls_by_endpoint,
             cache_hits: hits,
             cache_misses: misses,
-            hit_rate: if hits + misses == 0 {
-                0.0
-            } else {
-                hits as f64 / (hits + misses) as f64
-            },
+            hit_rate: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
             coalesced_waiters: get(&self.coalesced),
             batch_calls,
             batched_products: batched,
-            avg_products_per_batch: if batch_calls == 0 {
-                0.0
-            } else {
-                batched as f64 / batch_calls as f64
-            },
+            avg_products_per_batch: if batch_calls == 0 { 0.0 } else { batched as f64 / batch_calls as f64 },
             negative_cache_hits: get(&self.negative_hits),
             stale_serves: get(&self.stale_serves),
             revalidations: get(&self.revalidations),
@@ -216,4 +206,38 @@ pub struct CoordinatedStats {
     pub upstream_latency_ms: LatencyStats,
     /// The rate limiter's counters, when the source knows its limiter.
     pub limiter: Option<LimiterStats>,
+}
+
+/// Something that counts its upstream calls (and maybe cache reads), so a
+/// [`BatchEvaluator`](crate::BatchEvaluator) can report per-tick numbers.
+pub trait UpstreamMeter: Send + Sync {
+    /// Upstream calls made so far.
+    fn upstream_calls(&self) -> u64;
+
+    /// `(hits, misses)` of cache reads so far; `(0, 0)` for sources without a cache.
+    fn cache_reads(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+impl UpstreamMeter for crate::CoordinatedSource {
+    fn upstream_calls(&self) -> u64 {
+        self.stats().upstream_calls
+    }
+    fn cache_reads(&self) -> (u64, u64) {
+        let s = self.stats();
+        (s.cache_hits, s.cache_misses)
+    }
+}
+
+impl UpstreamMeter for crate::DirectSource {
+    fn upstream_calls(&self) -> u64 {
+        self.stats().upstream_calls
+    }
+}
+
+impl UpstreamMeter for crate::CoinbaseClient {
+    fn upstream_calls(&self) -> u64 {
+        self.stats().total_requests
+    }
 }

@@ -86,10 +86,7 @@ impl Credentials {
                     "the CDP API private key is not a P-256 EC key in PEM form (expected -----BEGIN EC PRIVATE KEY----- or -----BEGIN PRIVATE KEY-----); Ed25519 keys are not supported".into(),
                 )
             })?;
-        Ok(Credentials {
-            key_name,
-            signing_key: SigningKey::from(&secret),
-        })
+        Ok(Credentials { key_name, signing_key: SigningKey::from(&secret) })
     }
 
     /// Read `COINBASE_API_KEY` (key name) and `COINBASE_API_SECRET` (PEM), the variable names
@@ -98,9 +95,8 @@ impl Credentials {
     /// # Errors
     /// [`Error::Config`] naming the missing variable, or as [`from_pem`](Self::from_pem).
     pub fn from_env() -> Result<Self> {
-        let name = std::env::var("COINBASE_API_KEY").map_err(|_| {
-            Error::Config("COINBASE_API_KEY is not set (the CDP API key name)".into())
-        })?;
+        let name = std::env::var("COINBASE_API_KEY")
+            .map_err(|_| Error::Config("COINBASE_API_KEY is not set (the CDP API key name)".into()))?;
         let pem = Zeroizing::new(std::env::var("COINBASE_API_SECRET").map_err(|_| {
             Error::Config("COINBASE_API_SECRET is not set (the CDP API private key PEM)".into())
         })?);
@@ -109,10 +105,7 @@ impl Credentials {
 
     /// Generate a fresh random key (for tests and the simulated exchange).
     pub fn generate(key_name: impl Into<String>) -> Self {
-        Credentials {
-            key_name: key_name.into(),
-            signing_key: SigningKey::random(&mut OsRng),
-        }
+        Credentials { key_name: key_name.into(), signing_key: SigningKey::random(&mut OsRng) }
     }
 
     /// The key name (not secret).
@@ -123,9 +116,7 @@ impl Credentials {
     /// The public half of the key as PEM (`-----BEGIN PUBLIC KEY-----`), e.g. to let the
     /// simulated exchange verify this key's tokens.
     pub fn public_key_pem(&self) -> String {
-        VerifyingKey::from(&self.signing_key)
-            .to_public_key_pem(LineEnding::LF)
-            .unwrap_or_default()
+        VerifyingKey::from(&self.signing_key).to_public_key_pem(LineEnding::LF).unwrap_or_default()
     }
 
     /// Mint a JWT for one REST request. `host` is the API host (with port, if any), `path`
@@ -164,10 +155,7 @@ impl Credentials {
 }
 
 pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Why a token was rejected by [`verify_jwt`].
@@ -178,9 +166,8 @@ pub type VerifyError = String;
 /// # Errors
 /// [`Error::Config`] if the PEM is not a P-256 public key.
 pub fn parse_public_key_pem(pem: &str) -> Result<VerifyingKey> {
-    VerifyingKey::from_public_key_pem(pem.trim()).map_err(|_| {
-        Error::Config("not a P-256 public key in PEM form (-----BEGIN PUBLIC KEY-----)".into())
-    })
+    VerifyingKey::from_public_key_pem(pem.trim())
+        .map_err(|_| Error::Config("not a P-256 public key in PEM form (-----BEGIN PUBLIC KEY-----)".into()))
 }
 
 /// Decode a JWT without verifying it: its header `alg` and its claims. Used to accept any
@@ -188,13 +175,9 @@ pub fn parse_public_key_pem(pem: &str) -> Result<VerifyingKey> {
 ///
 /// # Errors
 /// A short reason when the token is not three base64url JSON segments.
-pub fn decode_unverified(
-    token: &str,
-) -> std::result::Result<(String, serde_json::Value), VerifyError> {
+pub fn decode_unverified(token: &str) -> std::result::Result<(String, serde_json::Value), VerifyError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(_s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(h), Some(c), Some(_s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err("token is not three dot-separated segments".into());
     };
     let header: serde_json::Value = URL_SAFE_NO_PAD
@@ -202,11 +185,7 @@ pub fn decode_unverified(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or("token header is not base64url JSON")?;
-    let alg = header
-        .get("alg")
-        .and_then(|a| a.as_str())
-        .ok_or("token header has no alg")?
-        .to_string();
+    let alg = header.get("alg").and_then(|a| a.as_str()).ok_or("token header has no alg")?.to_string();
     let claims: serde_json::Value = URL_SAFE_NO_PAD
         .decode(c)
         .ok()
@@ -234,12 +213,9 @@ pub fn verify_jwt(
         return Err(format!("unsupported alg {alg}"));
     }
     let (signing_input, sig_b64) = token.rsplit_once('.').ok_or("malformed token")?;
-    let sig_bytes = URL_SAFE_NO_PAD
-        .decode(sig_b64)
-        .map_err(|_| "signature is not base64url")?;
+    let sig_bytes = URL_SAFE_NO_PAD.decode(sig_b64).map_err(|_| "signature is not base64url")?;
     let sig = Signature::from_slice(&sig_bytes).map_err(|_| "signature is not 64 bytes r||s")?;
-    key.verify(signing_input.as_bytes(), &sig)
-        .map_err(|_| "bad signature")?;
+    key.verify(signing_input.as_bytes(), &sig).map_err(|_| "bad signature")?;
     let claims_b64 = signing_input.split('.').nth(1).ok_or("malformed token")?;
     let claims: Claims = URL_SAFE_NO_PAD
         .decode(claims_b64)
@@ -253,12 +229,8 @@ pub fn verify_jwt(
         return Err("token expired".into());
     }
     let uri = claims.uri.as_deref().ok_or("token has no uri claim")?;
-    let (m, rest) = uri
-        .split_once(' ')
-        .ok_or("uri claim is not \"METHOD host/path\"")?;
-    let rest = rest
-        .trim_start_matches("https://")
-        .trim_start_matches("http://");
+    let (m, rest) = uri.split_once(' ').ok_or("uri claim is not \"METHOD host/path\"")?;
+    let rest = rest.trim_start_matches("https://").trim_start_matches("http://");
     let claimed_path = rest.find('/').map(|i| &rest[i..]).unwrap_or("");
     if !m.eq_ignore_ascii_case(method) || claimed_path != path {
         return Err(format!("uri claim {uri:?} does not match {method} {path}"));
@@ -273,27 +245,18 @@ mod tests {
     #[test]
     fn jwt_has_every_claim_and_verifies() {
         let creds = Credentials::generate("organizations/o/apiKeys/k");
-        let token = creds.mint(
-            Some("GET api.coinbase.com/api/v3/brokerage/accounts".into()),
-            1_700_000_000,
-        );
+        let token = creds.mint(Some("GET api.coinbase.com/api/v3/brokerage/accounts".into()), 1_700_000_000);
         let (alg, claims) = decode_unverified(&token).unwrap();
         assert_eq!(alg, "ES256");
         assert_eq!(claims["sub"], "organizations/o/apiKeys/k");
         assert_eq!(claims["iss"], "cdp");
         assert_eq!(claims["nbf"], 1_700_000_000u64);
         assert_eq!(claims["exp"], 1_700_000_120u64);
-        assert_eq!(
-            claims["uri"],
-            "GET api.coinbase.com/api/v3/brokerage/accounts"
-        );
+        assert_eq!(claims["uri"], "GET api.coinbase.com/api/v3/brokerage/accounts");
         assert!(claims.get("aud").is_none() && claims.get("iat").is_none());
-        let header: serde_json::Value = serde_json::from_slice(
-            &URL_SAFE_NO_PAD
-                .decode(token.split('.').next().unwrap())
-                .unwrap(),
-        )
-        .unwrap();
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap())
+                .unwrap();
         assert_eq!(header["kid"], "organizations/o/apiKeys/k");
         assert_eq!(header["typ"], "JWT");
         let nonce = header["nonce"].as_str().unwrap();
@@ -301,82 +264,21 @@ mod tests {
         assert!(nonce.chars().all(|c| c.is_ascii_hexdigit()));
 
         let key = parse_public_key_pem(&creds.public_key_pem()).unwrap();
-        let ok = verify_jwt(
-            &token,
-            &key,
-            "GET",
-            "/api/v3/brokerage/accounts",
-            1_700_000_010,
-            0,
-        )
-        .unwrap();
+        let ok = verify_jwt(&token, &key, "GET", "/api/v3/brokerage/accounts", 1_700_000_010, 0).unwrap();
         assert_eq!(ok.exp - ok.nbf, JWT_LIFETIME_SECS);
         // wrong path, expired, not yet valid, other key, tampered
-        assert!(
-            verify_jwt(
-                &token,
-                &key,
-                "GET",
-                "/api/v3/brokerage/orders",
-                1_700_000_010,
-                0
-            )
-            .is_err()
-        );
-        assert!(
-            verify_jwt(
-                &token,
-                &key,
-                "GET",
-                "/api/v3/brokerage/accounts",
-                1_700_000_200,
-                0
-            )
-            .is_err()
-        );
-        assert!(
-            verify_jwt(
-                &token,
-                &key,
-                "GET",
-                "/api/v3/brokerage/accounts",
-                1_699_999_000,
-                0
-            )
-            .is_err()
-        );
+        assert!(verify_jwt(&token, &key, "GET", "/api/v3/brokerage/orders", 1_700_000_010, 0).is_err());
+        assert!(verify_jwt(&token, &key, "GET", "/api/v3/brokerage/accounts", 1_700_000_200, 0).is_err());
+        assert!(verify_jwt(&token, &key, "GET", "/api/v3/brokerage/accounts", 1_699_999_000, 0).is_err());
         let other = parse_public_key_pem(&Credentials::generate("x").public_key_pem()).unwrap();
-        assert!(
-            verify_jwt(
-                &token,
-                &other,
-                "GET",
-                "/api/v3/brokerage/accounts",
-                1_700_000_010,
-                0
-            )
-            .is_err()
-        );
+        assert!(verify_jwt(&token, &other, "GET", "/api/v3/brokerage/accounts", 1_700_000_010, 0).is_err());
         let mut tampered = token.clone();
         tampered.insert(tampered.len() - 5, 'A');
-        assert!(
-            verify_jwt(
-                &tampered,
-                &key,
-                "GET",
-                "/api/v3/brokerage/accounts",
-                1_700_000_010,
-                0
-            )
-            .is_err()
-        );
+        assert!(verify_jwt(&tampered, &key, "GET", "/api/v3/brokerage/accounts", 1_700_000_010, 0).is_err());
         // Two tokens differ by nonce.
         assert_ne!(
             token,
-            creds.mint(
-                Some("GET api.coinbase.com/api/v3/brokerage/accounts".into()),
-                1_700_000_000
-            )
+            creds.mint(Some("GET api.coinbase.com/api/v3/brokerage/accounts".into()), 1_700_000_000)
         );
     }
 
@@ -396,10 +298,7 @@ mod tests {
         let err = Credentials::from_pem("k", bad).unwrap_err();
         assert!(matches!(err, Error::Config(_)));
         assert!(!err.to_string().contains("TOPSECRETMATERIAL"));
-        assert!(matches!(
-            Credentials::from_pem(" ", &sec1),
-            Err(Error::Config(_))
-        ));
+        assert!(matches!(Credentials::from_pem(" ", &sec1), Err(Error::Config(_))));
     }
 
     #[test]

@@ -11,18 +11,10 @@ use reqwest::header::HeaderMap;
 use crate::{coinbase::wire::ErrorBody, error::Error, error::truncate};
 
 /// Classify a non-success response.
-pub(crate) fn classify_status(
-    status: u16,
-    headers: &HeaderMap,
-    body: &[u8],
-    now_unix: u64,
-) -> Error {
+pub(crate) fn classify_status(status: u16, headers: &HeaderMap, body: &[u8], now_unix: u64) -> Error {
     let message = body_message(body, headers);
     match status {
-        429 => Error::RateLimited {
-            retry_after: retry_after(headers, now_unix),
-            local: false,
-        },
+        429 => Error::RateLimited { retry_after: retry_after(headers, now_unix), local: false },
         401 | 403 => Error::Unauthorized(message),
         404 => Error::NotFound(message),
         400 if looks_like_unknown_product(body) => Error::NotFound(message),
@@ -32,13 +24,8 @@ pub(crate) fn classify_status(
 
 fn looks_like_unknown_product(body: &[u8]) -> bool {
     serde_json::from_slice::<ErrorBody>(body).is_ok_and(|e| {
-        let all = format!(
-            "{} {} {}",
-            e.error,
-            e.message,
-            e.error_details.unwrap_or_default()
-        )
-        .to_ascii_lowercase();
+        let all =
+            format!("{} {} {}", e.error, e.message, e.error_details.unwrap_or_default()).to_ascii_lowercase();
         e.error.eq_ignore_ascii_case("NOT_FOUND")
             || all.contains("productid is invalid")
             || all.contains("product not found")
@@ -49,11 +36,7 @@ fn looks_like_unknown_product(body: &[u8]) -> bool {
 /// note that the body was not JSON. Never the raw body of an HTML page.
 pub(crate) fn body_message(body: &[u8], headers: &HeaderMap) -> String {
     if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
-        for s in [
-            e.message.as_str(),
-            e.error_details.as_deref().unwrap_or(""),
-            e.error.as_str(),
-        ] {
+        for s in [e.message.as_str(), e.error_details.as_deref().unwrap_or(""), e.error.as_str()] {
             if !s.trim().is_empty() {
                 return truncate(s.trim(), 160);
             }
@@ -65,10 +48,7 @@ pub(crate) fn body_message(body: &[u8], headers: &HeaderMap) -> String {
             return truncate(m, 160);
         }
     }
-    let ct = headers
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("unknown");
+    let ct = headers.get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("unknown");
     if body.is_empty() {
         "empty body".into()
     } else {
@@ -82,13 +62,7 @@ pub(crate) fn body_message(body: &[u8], headers: &HeaderMap) -> String {
 pub(crate) fn retry_after(headers: &HeaderMap, now_unix: u64) -> Option<Duration> {
     const CAP: u64 = 3600;
     let num = |name: &str| -> Option<f64> {
-        let v = headers
-            .get(name)?
-            .to_str()
-            .ok()?
-            .trim()
-            .parse::<f64>()
-            .ok()?;
+        let v = headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok()?;
         (v.is_finite() && v >= 0.0).then_some(v)
     };
     if let Some(secs) = num("retry-after") {
@@ -139,10 +113,7 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.insert(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+            h.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         h
     }
@@ -169,16 +140,9 @@ mod tests {
             assert_eq!(e.kind(), *kind, "{status}");
             assert_eq!(e.is_retryable(), *retryable, "{status}");
         }
-        assert_eq!(
-            classify_status(500, &none, json, 0).to_string(),
-            "upstream answered HTTP 500: boom"
-        );
-        let html = classify_status(
-            503,
-            &headers(&[("content-type", "text/html")]),
-            b"<html>secret page</html>",
-            0,
-        );
+        assert_eq!(classify_status(500, &none, json, 0).to_string(), "upstream answered HTTP 500: boom");
+        let html =
+            classify_status(503, &headers(&[("content-type", "text/html")]), b"<html>secret page</html>", 0);
         assert!(!html.to_string().contains("secret page"));
         assert!(html.to_string().contains("non-JSON body (text/html"));
         assert!(
@@ -195,15 +159,9 @@ mod tests {
 
     #[test]
     fn retry_after_headers() {
+        assert_eq!(retry_after(&headers(&[("retry-after", "3")]), 0), Some(Duration::from_secs(3)));
         assert_eq!(
-            retry_after(&headers(&[("retry-after", "3")]), 0),
-            Some(Duration::from_secs(3))
-        );
-        assert_eq!(
-            retry_after(
-                &headers(&[("x-ratelimit-reset", "1700000005")]),
-                1_700_000_000
-            ),
+            retry_after(&headers(&[("x-ratelimit-reset", "1700000005")]), 1_700_000_000),
             Some(Duration::from_secs(5))
         );
         assert_eq!(
@@ -211,16 +169,10 @@ mod tests {
             Some(Duration::from_secs(2))
         );
         assert_eq!(
-            retry_after(
-                &headers(&[("x-ratelimit-reset", "1600000000")]),
-                1_700_000_000
-            ),
+            retry_after(&headers(&[("x-ratelimit-reset", "1600000000")]), 1_700_000_000),
             Some(Duration::ZERO)
         );
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "99999999")]), 0),
-            Some(Duration::from_secs(3600))
-        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "99999999")]), 0), Some(Duration::from_secs(3600)));
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")]), 0), None);
         assert_eq!(retry_after(&headers(&[("retry-after", "-1")]), 0), None);
         assert_eq!(retry_after(&HeaderMap::new(), 0), None);

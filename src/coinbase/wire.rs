@@ -267,22 +267,13 @@ pub fn parse_decimal(s: &str, field: &str) -> Result<Decimal> {
     if t.is_empty() {
         return Err(Error::decode(format_args!("{field} is empty")));
     }
-    t.parse::<Decimal>()
-        .or_else(|_| Decimal::from_scientific(t))
-        .map_err(|_| {
-            Error::decode(format_args!(
-                "{field} is not a decimal: {:?}",
-                crate::error::truncate(s, 40)
-            ))
-        })
+    t.parse::<Decimal>().or_else(|_| Decimal::from_scientific(t)).map_err(|_| {
+        Error::decode(format_args!("{field} is not a decimal: {:?}", crate::error::truncate(s, 40)))
+    })
 }
 
 fn parse_opt_decimal(s: &str, field: &str) -> Result<Option<Decimal>> {
-    if s.trim().is_empty() {
-        Ok(None)
-    } else {
-        parse_decimal(s, field).map(Some)
-    }
+    if s.trim().is_empty() { Ok(None) } else { parse_decimal(s, field).map(Some) }
 }
 
 /// Parse an RFC 3339 time.
@@ -291,19 +282,13 @@ fn parse_opt_decimal(s: &str, field: &str) -> Result<Option<Decimal>> {
 /// [`Error::Decode`] when `s` is not RFC 3339.
 pub fn parse_time(s: &str, field: &str) -> Result<OffsetDateTime> {
     OffsetDateTime::parse(s.trim(), &Rfc3339).map_err(|_| {
-        Error::decode(format_args!(
-            "{field} is not an RFC 3339 time: {:?}",
-            crate::error::truncate(s, 40)
-        ))
+        Error::decode(format_args!("{field} is not an RFC 3339 time: {:?}", crate::error::truncate(s, 40)))
     })
 }
 
 fn parse_unix(s: &str, field: &str) -> Result<OffsetDateTime> {
     let secs: i64 = s.trim().parse().map_err(|_| {
-        Error::decode(format_args!(
-            "{field} is not UNIX seconds: {:?}",
-            crate::error::truncate(s, 40)
-        ))
+        Error::decode(format_args!("{field} is not UNIX seconds: {:?}", crate::error::truncate(s, 40)))
     })?;
     OffsetDateTime::from_unix_timestamp(secs)
         .map_err(|_| Error::decode(format_args!("{field} is out of range")))
@@ -324,22 +309,13 @@ pub fn decode_ticker(product: &ProductId, body: &[u8]) -> Result<Ticker> {
     let best_bid = parse_opt_decimal(&w.best_bid, "best_bid")?;
     let best_ask = parse_opt_decimal(&w.best_ask, "best_ask")?;
     let (price, time) = match w.trades.first() {
-        Some(t) => (
-            parse_decimal(&t.price, "trades[0].price")?,
-            parse_time(&t.time, "trades[0].time")?,
-        ),
+        Some(t) => (parse_decimal(&t.price, "trades[0].price")?, parse_time(&t.time, "trades[0].time")?),
         None => match (best_bid, best_ask) {
             (Some(b), Some(a)) => ((b + a) / Decimal::TWO, OffsetDateTime::UNIX_EPOCH),
             _ => return Err(Error::decode("ticker has no trades and no two-sided book")),
         },
     };
-    Ok(Ticker {
-        product: product.clone(),
-        price,
-        best_bid,
-        best_ask,
-        time,
-    })
+    Ok(Ticker { product: product.clone(), price, best_bid, best_ask, time })
 }
 
 /// Decode a candles body, oldest first, de-duplicated by start time.
@@ -348,11 +324,7 @@ pub fn decode_ticker(product: &ProductId, body: &[u8]) -> Result<Ticker> {
 /// [`Error::Decode`] for a malformed body or candle.
 pub fn decode_candles(body: &[u8]) -> Result<Vec<Candle>> {
     let w: Candles = parse_json(body, "candles")?;
-    let mut out = w
-        .candles
-        .iter()
-        .map(candle_from_wire)
-        .collect::<Result<Vec<_>>>()?;
+    let mut out = w.candles.iter().map(candle_from_wire).collect::<Result<Vec<_>>>()?;
     out.sort_by_key(|c| c.start);
     out.dedup_by_key(|c| c.start);
     Ok(out)
@@ -384,16 +356,8 @@ pub fn decode_best_bid_ask(body: &[u8]) -> Result<Vec<Ticker>> {
     let mut out = Vec::with_capacity(w.pricebooks.len());
     for book in &w.pricebooks {
         let product = product_of(&book.product_id)?;
-        let best_bid = book
-            .bids
-            .first()
-            .map(|l| parse_decimal(&l.price, "bids[0].price"))
-            .transpose()?;
-        let best_ask = book
-            .asks
-            .first()
-            .map(|l| parse_decimal(&l.price, "asks[0].price"))
-            .transpose()?;
+        let best_bid = book.bids.first().map(|l| parse_decimal(&l.price, "bids[0].price")).transpose()?;
+        let best_ask = book.asks.first().map(|l| parse_decimal(&l.price, "asks[0].price")).transpose()?;
         let price = match (best_bid, best_ask) {
             (Some(b), Some(a)) => (b + a) / Decimal::TWO,
             (Some(p), None) | (None, Some(p)) => p,
@@ -404,13 +368,7 @@ pub fn decode_best_bid_ask(body: &[u8]) -> Result<Vec<Ticker>> {
         } else {
             parse_time(&book.time, "pricebook.time")?
         };
-        out.push(Ticker {
-            product,
-            price,
-            best_bid,
-            best_ask,
-            time,
-        });
+        out.push(Ticker { product, price, best_bid, best_ask, time });
     }
     Ok(out)
 }
@@ -421,11 +379,7 @@ pub fn decode_best_bid_ask(body: &[u8]) -> Result<Vec<Ticker>> {
 /// [`Error::Decode`] for a malformed body or amount.
 pub fn decode_accounts(body: &[u8]) -> Result<(Vec<Account>, Option<String>)> {
     let w: Accounts = parse_json(body, "accounts")?;
-    let accounts = w
-        .accounts
-        .iter()
-        .map(account_from_wire)
-        .collect::<Result<Vec<_>>>()?;
+    let accounts = w.accounts.iter().map(account_from_wire).collect::<Result<Vec<_>>>()?;
     let next = (w.has_next && !w.cursor.is_empty()).then_some(w.cursor);
     Ok((accounts, next))
 }
@@ -477,12 +431,10 @@ pub fn decode_product(body: &[u8]) -> Result<Product> {
 /// [`Error::Decode`] for a malformed body.
 pub fn decode_server_time(body: &[u8]) -> Result<OffsetDateTime> {
     let w: ServerTime = parse_json(body, "time")?;
-    if !w.epoch_millis.trim().is_empty() {
-        if let Ok(ms) = w.epoch_millis.trim().parse::<i64>() {
-            return Ok(
-                from_unix(ms.div_euclid(1000)) + time::Duration::milliseconds(ms.rem_euclid(1000))
-            );
-        }
+    if !w.epoch_millis.trim().is_empty()
+        && let Ok(ms) = w.epoch_millis.trim().parse::<i64>()
+    {
+        return Ok(from_unix(ms.div_euclid(1000)) + time::Duration::milliseconds(ms.rem_euclid(1000)));
     }
     if !w.epoch_seconds.trim().is_empty() {
         return parse_unix(&w.epoch_seconds, "epochSeconds");
@@ -512,26 +464,14 @@ mod tests {
 
     #[test]
     fn decimals_and_times() {
-        assert_eq!(
-            parse_decimal("66363.03", "x").unwrap(),
-            Decimal::new(6636303, 2)
-        );
-        assert_eq!(
-            parse_decimal("0.0000000000000000", "x").unwrap(),
-            Decimal::ZERO
-        );
+        assert_eq!(parse_decimal("66363.03", "x").unwrap(), Decimal::new(6636303, 2));
+        assert_eq!(parse_decimal("0.0000000000000000", "x").unwrap(), Decimal::ZERO);
         assert!(matches!(parse_decimal("", "x"), Err(Error::Decode(_))));
         assert!(matches!(parse_decimal("abc", "x"), Err(Error::Decode(_))));
-        assert!(matches!(
-            parse_decimal("1e999999", "x"),
-            Err(Error::Decode(_))
-        ));
+        assert!(matches!(parse_decimal("1e999999", "x"), Err(Error::Decode(_))));
         let t = parse_time("2024-04-24T09:56:38.063595Z", "t").unwrap();
         assert_eq!(format_time(t), "2024-04-24T09:56:38.063595Z");
-        assert_eq!(
-            format_time(datetime!(2024-01-01 00:00 UTC)),
-            "2024-01-01T00:00:00.000000Z"
-        );
+        assert_eq!(format_time(datetime!(2024-01-01 00:00 UTC)), "2024-01-01T00:00:00.000000Z");
     }
 
     #[test]

@@ -37,17 +37,10 @@ pub(crate) struct Batcher {
 
 impl Batcher {
     pub(crate) fn new(max: usize) -> Self {
-        Batcher {
-            open: Mutex::new(None),
-            next_id: AtomicU64::new(0),
-            max: max.max(1),
-        }
+        Batcher { open: Mutex::new(None), next_id: AtomicU64::new(0), max: max.max(1) }
     }
 
-    pub(crate) fn submit(
-        &self,
-        product: ProductId,
-    ) -> (oneshot::Receiver<Result<Entry<Ticker>>>, Next) {
+    pub(crate) fn submit(&self, product: ProductId) -> (oneshot::Receiver<Result<Entry<Ticker>>>, Next) {
         let (tx, rx) = oneshot::channel();
         let mut open = lock(&self.open);
         let mut next = Next::Wait;
@@ -57,10 +50,10 @@ impl Batcher {
             (id, Vec::new())
         });
         batch.1.push((product, tx));
-        if batch.1.len() >= self.max {
-            if let Some((_, items)) = open.take() {
-                next = Next::Flush(items);
-            }
+        if batch.1.len() >= self.max
+            && let Some((_, items)) = open.take()
+        {
+            next = Next::Flush(items);
         }
         (rx, next)
     }
@@ -87,22 +80,16 @@ mod tests {
     fn opens_fills_and_flushes() {
         let b = Batcher::new(3);
         let (_r1, n1) = b.submit(id("A-USD"));
-        let Next::StartTimer(first) = n1 else {
-            panic!("expected a new batch")
-        };
+        let Next::StartTimer(first) = n1 else { panic!("expected a new batch") };
         let (_r2, n2) = b.submit(id("B-USD"));
         assert!(matches!(n2, Next::Wait));
         let (_r3, n3) = b.submit(id("C-USD"));
-        let Next::Flush(items) = n3 else {
-            panic!("expected a full batch")
-        };
+        let Next::Flush(items) = n3 else { panic!("expected a full batch") };
         assert_eq!(items.len(), 3);
         // The timer of the flushed batch finds nothing.
         assert!(b.take(first).is_none());
         let (_r4, n4) = b.submit(id("D-USD"));
-        let Next::StartTimer(second) = n4 else {
-            panic!("expected a new batch")
-        };
+        let Next::StartTimer(second) = n4 else { panic!("expected a new batch") };
         assert_ne!(first, second);
         assert_eq!(b.take(second).map(|i| i.len()), Some(1));
         assert!(b.take(second).is_none());

@@ -21,11 +21,7 @@ pub(crate) struct Entry<T> {
 
 impl<T> Entry<T> {
     pub(crate) fn new(value: T, fetched_at: Instant, fresh_until: Instant) -> Self {
-        Entry {
-            value,
-            fetched_at,
-            fresh_until,
-        }
+        Entry { value, fetched_at, fresh_until }
     }
 
     pub(crate) fn age(&self, now: Instant) -> Duration {
@@ -93,18 +89,11 @@ mod tests {
             to: datetime!(2024-01-01 03:00 UTC),
             fetched_utc: datetime!(2024-01-01 02:30 UTC),
         };
-        let r = CandleRange::new(
-            datetime!(2024-01-01 01:00 UTC),
-            datetime!(2024-01-01 03:00 UTC),
-        )
-        .unwrap();
+        let r = CandleRange::new(datetime!(2024-01-01 01:00 UTC), datetime!(2024-01-01 03:00 UTC)).unwrap();
         assert!(s.covers(r));
         assert_eq!(s.slice(r).len(), 2);
-        let wider = CandleRange::new(
-            datetime!(2023-12-31 23:00 UTC),
-            datetime!(2024-01-01 03:00 UTC),
-        )
-        .unwrap();
+        let wider =
+            CandleRange::new(datetime!(2023-12-31 23:00 UTC), datetime!(2024-01-01 03:00 UTC)).unwrap();
         assert!(!s.covers(wider));
         assert_eq!(s.slice(wider).len(), 3);
     }

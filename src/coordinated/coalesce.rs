@@ -40,9 +40,7 @@ where
     V: Clone + Send + Sync + 'static,
 {
     pub(crate) fn new() -> Arc<Self> {
-        Arc::new(SingleFlight {
-            inflight: Mutex::new(HashMap::new()),
-        })
+        Arc::new(SingleFlight { inflight: Mutex::new(HashMap::new()) })
     }
 
     /// Number of keys in flight.
@@ -66,10 +64,7 @@ where
                     let (tx, rx) = watch::channel(None);
                     map.insert(key.clone(), rx.clone());
                     let fut = make();
-                    let guard = RemoveOnDrop {
-                        flight: Arc::clone(self),
-                        key: Some(key),
-                    };
+                    let guard = RemoveOnDrop { flight: Arc::clone(self), key: Some(key) };
                     tokio::spawn(async move {
                         let result = fut.await;
                         // Remove the key before publishing: a caller arriving after this point

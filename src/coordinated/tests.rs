@@ -25,14 +25,7 @@ fn ticker(p: &ProductId, price: i64) -> Ticker {
 
 fn candle(start: OffsetDateTime, close: i64) -> Candle {
     let d = Decimal::new(close, 0);
-    Candle {
-        start,
-        open: d,
-        high: d,
-        low: d,
-        close: d,
-        volume: Decimal::ONE,
-    }
+    Candle { start, open: d, high: d, low: d, close: d, volume: Decimal::ONE }
 }
 
 /// A scripted upstream: counts calls, answers after a delay, can be told to fail.
@@ -73,18 +66,9 @@ impl MarketDataSource for Fake {
         lock(&self.batch_sizes).push(products.len());
         tokio::time::sleep(self.delay).await;
         self.check()?;
-        Ok(products
-            .iter()
-            .filter(|p| !self.unknown.contains(p))
-            .map(|p| ticker(p, 100))
-            .collect())
+        Ok(products.iter().filter(|p| !self.unknown.contains(p)).map(|p| ticker(p, 100)).collect())
     }
-    async fn candles(
-        &self,
-        product: &ProductId,
-        g: Granularity,
-        range: CandleRange,
-    ) -> Result<Vec<Candle>> {
+    async fn candles(&self, product: &ProductId, g: Granularity, range: CandleRange) -> Result<Vec<Candle>> {
         lock(&self.candle_calls).push((product.clone(), range));
         tokio::time::sleep(self.delay).await;
         self.check()?;
@@ -134,14 +118,8 @@ async fn sequential_reads_make_one_call() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_reads_coalesce_and_batch() {
-    let fake = Arc::new(Fake {
-        delay: Duration::from_millis(30),
-        ..Default::default()
-    });
-    let src = CoordinatedSource::builder_arc(fake.clone())
-        .batch_size(40)
-        .build()
-        .unwrap();
+    let fake = Arc::new(Fake { delay: Duration::from_millis(30), ..Default::default() });
+    let src = CoordinatedSource::builder_arc(fake.clone()).batch_size(40).build().unwrap();
     let btc = pid("BTC-USD");
     let mut handles = Vec::new();
     for _ in 0..1000 {
@@ -187,47 +165,28 @@ async fn explicit_batch_call_is_one_upstream_call() {
 #[tokio::test(start_paused = true)]
 async fn ticker_ttl_and_max_age() {
     let fake = Arc::new(Fake::default());
-    let src = CoordinatedSource::builder_arc(fake.clone())
-        .ticker_ttl(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let src =
+        CoordinatedSource::builder_arc(fake.clone()).ticker_ttl(Duration::from_secs(5)).build().unwrap();
     let p = pid("BTC-USD");
     src.ticker(&p).await.unwrap();
     tokio::time::advance(Duration::from_millis(4999)).await;
     let f = src.ticker_with(&p, ReadOptions::default()).await.unwrap();
-    assert_eq!(
-        (f.origin, f.age),
-        (Origin::Cache, Duration::from_millis(4999))
-    );
+    assert_eq!((f.origin, f.age), (Origin::Cache, Duration::from_millis(4999)));
     // A caller demanding fresher data gets it.
-    let f = src
-        .ticker_with(&p, ReadOptions::max_age(Duration::from_secs(1)))
-        .await
-        .unwrap();
+    let f = src.ticker_with(&p, ReadOptions::max_age(Duration::from_secs(1))).await.unwrap();
     assert_eq!(f.origin, Origin::Upstream);
     assert_eq!(fake.tickers_calls.load(Ordering::SeqCst), 2);
     tokio::time::advance(Duration::from_secs(5)).await;
-    assert_eq!(
-        src.ticker_with(&p, ReadOptions::default())
-            .await
-            .unwrap()
-            .origin,
-        Origin::Upstream
-    );
+    assert_eq!(src.ticker_with(&p, ReadOptions::default()).await.unwrap().origin, Origin::Upstream);
     assert_eq!(fake.tickers_calls.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test(start_paused = true)]
 async fn unknown_products_are_remembered_and_isolated() {
     let bad = pid("BAD-USD");
-    let fake = Arc::new(Fake {
-        unknown: vec![bad.clone()],
-        ..Default::default()
-    });
-    let src = CoordinatedSource::builder_arc(fake.clone())
-        .negative_ttl(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let fake = Arc::new(Fake { unknown: vec![bad.clone()], ..Default::default() });
+    let src =
+        CoordinatedSource::builder_arc(fake.clone()).negative_ttl(Duration::from_secs(60)).build().unwrap();
     let good = pid("BTC-USD");
     let got = src.tickers(&[good.clone(), bad.clone()]).await.unwrap();
     assert_eq!(got.len(), 1);
@@ -252,47 +211,25 @@ async fn stale_data_is_served_within_max_stale_then_refused() {
         .unwrap();
     let p = pid("BTC-USD");
     src.ticker(&p).await.unwrap();
-    fake.failing(Some(Error::Upstream {
-        status: 503,
-        message: "down".into(),
-    }));
+    fake.failing(Some(Error::Upstream { status: 503, message: "down".into() }));
     tokio::time::advance(Duration::from_secs(20)).await;
     let f = src.ticker_with(&p, ReadOptions::default()).await.unwrap();
     assert!(f.is_stale());
-    assert!(
-        f.age >= Duration::from_secs(20) && f.age < Duration::from_secs(21),
-        "{:?}",
-        f.age
-    );
+    assert!(f.age >= Duration::from_secs(20) && f.age < Duration::from_secs(21), "{:?}", f.age);
     tokio::time::advance(Duration::from_secs(11)).await;
-    assert!(matches!(
-        src.ticker(&p).await,
-        Err(Error::Upstream { status: 503, .. })
-    ));
+    assert!(matches!(src.ticker(&p).await, Err(Error::Upstream { status: 503, .. })));
     let s = src.stats();
     assert_eq!(s.stale_serves, 1);
     assert_eq!(s.errors_by_kind["upstream"], 2);
     // Recovery: the upstream is back.
     fake.failing(None);
-    assert_eq!(
-        src.ticker_with(&p, ReadOptions::default())
-            .await
-            .unwrap()
-            .origin,
-        Origin::Upstream
-    );
+    assert_eq!(src.ticker_with(&p, ReadOptions::default()).await.unwrap().origin, Origin::Upstream);
 }
 
 #[tokio::test(start_paused = true)]
 async fn stale_while_revalidate_serves_at_once_and_refreshes_in_background() {
-    let fake = Arc::new(Fake {
-        delay: Duration::from_millis(100),
-        ..Default::default()
-    });
-    let src = CoordinatedSource::builder_arc(fake.clone())
-        .stale_while_revalidate(true)
-        .build()
-        .unwrap();
+    let fake = Arc::new(Fake { delay: Duration::from_millis(100), ..Default::default() });
+    let src = CoordinatedSource::builder_arc(fake.clone()).stale_while_revalidate(true).build().unwrap();
     let p = pid("BTC-USD");
     src.ticker(&p).await.unwrap();
     tokio::time::advance(Duration::from_secs(6)).await;
@@ -301,13 +238,7 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_in_background() {
     assert_eq!((f.origin, t0.elapsed()), (Origin::Stale, Duration::ZERO));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(fake.tickers_calls.load(Ordering::SeqCst), 2);
-    assert_eq!(
-        src.ticker_with(&p, ReadOptions::default())
-            .await
-            .unwrap()
-            .origin,
-        Origin::Cache
-    );
+    assert_eq!(src.ticker_with(&p, ReadOptions::default()).await.unwrap().origin, Origin::Cache);
     assert_eq!(src.stats().revalidations, 1);
 }
 
@@ -316,32 +247,17 @@ async fn retries_honour_retry_after() {
     let mut mock = MockMarketDataSource::new();
     let mut seq = mockall::Sequence::new();
     for _ in 0..2 {
-        mock.expect_accounts()
-            .times(1)
-            .in_sequence(&mut seq)
-            .returning(|| {
-                Err(Error::RateLimited {
-                    retry_after: Some(Duration::from_secs(2)),
-                    local: false,
-                })
-            });
+        mock.expect_accounts().times(1).in_sequence(&mut seq).returning(|| {
+            Err(Error::RateLimited { retry_after: Some(Duration::from_secs(2)), local: false })
+        });
     }
-    mock.expect_accounts()
-        .times(1)
-        .in_sequence(&mut seq)
-        .returning(|| Ok(vec![]));
-    let src = CoordinatedSource::builder(mock)
-        .max_retries(2)
-        .build()
-        .unwrap();
+    mock.expect_accounts().times(1).in_sequence(&mut seq).returning(|| Ok(vec![]));
+    let src = CoordinatedSource::builder(mock).max_retries(2).build().unwrap();
     let t0 = Instant::now();
     src.accounts().await.unwrap();
     assert_eq!(t0.elapsed(), Duration::from_secs(4));
     let s = src.stats();
-    assert_eq!(
-        (s.retries, s.rate_limit_errors, s.upstream_calls),
-        (2, 2, 3)
-    );
+    assert_eq!((s.retries, s.rate_limit_errors, s.upstream_calls), (2, 2, 3));
 }
 
 #[tokio::test(start_paused = true)]
@@ -351,22 +267,10 @@ async fn a_429_through_the_gate_pauses_the_class() {
     mock.expect_accounts()
         .times(1)
         .in_sequence(&mut seq)
-        .returning(|| {
-            Err(Error::RateLimited {
-                retry_after: Some(Duration::from_secs(3)),
-                local: false,
-            })
-        });
-    mock.expect_accounts()
-        .times(1)
-        .in_sequence(&mut seq)
-        .returning(|| Ok(vec![]));
+        .returning(|| Err(Error::RateLimited { retry_after: Some(Duration::from_secs(3)), local: false }));
+    mock.expect_accounts().times(1).in_sequence(&mut seq).returning(|| Ok(vec![]));
     let limiter = RateLimiter::coinbase();
-    let src = CoordinatedSource::builder(mock)
-        .rate_limiter(limiter.clone())
-        .max_retries(0)
-        .build()
-        .unwrap();
+    let src = CoordinatedSource::builder(mock).rate_limiter(limiter.clone()).max_retries(0).build().unwrap();
     assert!(src.accounts().await.unwrap_err().is_rate_limited());
     assert!(limiter.paused_for(EndpointClass::Private).is_some());
     let t0 = Instant::now();
@@ -377,15 +281,9 @@ async fn a_429_through_the_gate_pauses_the_class() {
 
 #[tokio::test(start_paused = true)]
 async fn errors_are_not_cached_and_reach_every_waiter() {
-    let fake = Arc::new(Fake {
-        delay: Duration::from_millis(10),
-        ..Default::default()
-    });
+    let fake = Arc::new(Fake { delay: Duration::from_millis(10), ..Default::default() });
     fake.failing(Some(Error::Timeout));
-    let src = CoordinatedSource::builder_arc(fake.clone())
-        .max_retries(0)
-        .build()
-        .unwrap();
+    let src = CoordinatedSource::builder_arc(fake.clone()).max_retries(0).build().unwrap();
     let p = pid("ETH-USD");
     let results = futures_util::future::join_all((0..10).map(|_| src.ticker(&p))).await;
     assert!(results.iter().all(|r| *r == Err(Error::Timeout)));
@@ -400,16 +298,8 @@ async fn balance_checks_use_cached_accounts() {
     let fake = Arc::new(Fake::default());
     let src = source(fake.clone());
     for _ in 0..25 {
-        assert!(
-            src.validate_trade_balance("USD", Decimal::new(500, 0))
-                .await
-                .unwrap()
-        );
-        assert!(
-            !src.validate_trade_balance("USD", Decimal::new(5000, 0))
-                .await
-                .unwrap()
-        );
+        assert!(src.validate_trade_balance("USD", Decimal::new(500, 0)).await.unwrap());
+        assert!(!src.validate_trade_balance("USD", Decimal::new(5000, 0)).await.unwrap());
     }
     assert_eq!(fake.account_calls.load(Ordering::SeqCst), 1);
     src.invalidate_accounts();
@@ -422,10 +312,7 @@ async fn balance_checks_use_cached_accounts() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_reader_does_not_cancel_the_fetch() {
-    let fake = Arc::new(Fake {
-        delay: Duration::from_millis(100),
-        ..Default::default()
-    });
+    let fake = Arc::new(Fake { delay: Duration::from_millis(100), ..Default::default() });
     let src = source(fake.clone());
     let p = pid("SOL-USD");
     let first = tokio::spawn({
@@ -484,21 +371,12 @@ async fn candles_are_fetched_incrementally_and_expire_at_the_close() {
     assert_eq!(calls[1].1.start, datetime!(2024-01-01 10:00 UTC));
     assert_eq!(calls[1].1.end, datetime!(2024-01-01 12:00 UTC));
     // A longer lookback backfills only the missing older part.
-    src.candles(
-        &p,
-        g,
-        CandleRange::lookback(g, 30, clock.now_utc()).unwrap(),
-    )
-    .await
-    .unwrap();
+    src.candles(&p, g, CandleRange::lookback(g, 30, clock.now_utc()).unwrap()).await.unwrap();
     let calls = lock(&fake.candle_calls).clone();
     assert_eq!(calls.len(), 3);
     assert_eq!(
         (calls[2].1.start, calls[2].1.end),
-        (
-            datetime!(2023-12-31 06:00 UTC),
-            datetime!(2023-12-31 11:00 UTC)
-        )
+        (datetime!(2023-12-31 06:00 UTC), datetime!(2023-12-31 11:00 UTC))
     );
     assert_eq!(src.stats().upstream_calls_by_endpoint["candles"], 3);
 }
@@ -506,20 +384,12 @@ async fn candles_are_fetched_incrementally_and_expire_at_the_close() {
 #[tokio::test(start_paused = true)]
 async fn concurrent_candle_reads_coalesce() {
     let clock = Clock::starting_at(datetime!(2024-01-01 10:30 UTC));
-    let fake = Arc::new(Fake {
-        delay: Duration::from_millis(30),
-        ..Default::default()
-    });
-    let src = CoordinatedSource::builder_arc(fake.clone())
-        .clock(clock)
-        .build()
-        .unwrap();
+    let fake = Arc::new(Fake { delay: Duration::from_millis(30), ..Default::default() });
+    let src = CoordinatedSource::builder_arc(fake.clone()).clock(clock).build().unwrap();
     let p = pid("BTC-USD");
     let r = CandleRange::lookback(Granularity::FiveMinute, 50, clock.now_utc()).unwrap();
-    let all = futures_util::future::join_all(
-        (0..200).map(|_| src.candles(&p, Granularity::FiveMinute, r)),
-    )
-    .await;
+    let all =
+        futures_util::future::join_all((0..200).map(|_| src.candles(&p, Granularity::FiveMinute, r))).await;
     assert!(all.iter().all(|c| c.as_ref().unwrap().len() == 50));
     assert_eq!(lock(&fake.candle_calls).len(), 1);
 }
@@ -527,10 +397,7 @@ async fn concurrent_candle_reads_coalesce() {
 #[test]
 fn config_validation_and_serde() {
     assert!(CoordinatedConfig::default().validate().is_ok());
-    let bad = CoordinatedConfig {
-        batch_size: 0,
-        ..Default::default()
-    };
+    let bad = CoordinatedConfig { batch_size: 0, ..Default::default() };
     assert!(matches!(bad.validate(), Err(Error::Config(_))));
     let json = serde_json::to_string(&CoordinatedConfig::default()).unwrap();
     assert!(json.contains("\"ticker_ttl\":5000"), "{json}");

@@ -1,0 +1,213 @@
+//! The Coinbase client over real HTTP against the simulated exchange: pagination, candle
+//! splitting, best_bid_ask chunking, error classification, auth and timeouts.
+
+use std::time::Duration;
+
+use tickshare::{
+    CandleRange, CoinbaseClient, Credentials, Decimal, Error, Granularity, MarketDataPath, MarketDataSource,
+    ProductId,
+    sim::{Fault, SimAccount, SimExchange},
+};
+
+use crate::support::fixed_clock;
+
+fn pid(s: &str) -> ProductId {
+    s.parse().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_endpoint_decodes() {
+    let sim = SimExchange::builder().clock(fixed_clock()).start().await.unwrap();
+    let client = sim.client_builder().clock(sim.clock()).build().unwrap();
+    let btc = pid("BTC-USD");
+    let t = client.ticker(&btc).await.unwrap();
+    assert_eq!(t.product, btc);
+    assert_eq!(t.mid(), Some(t.price), "the sim's mid equals its last price");
+    assert_eq!(Some(t.price), sim.price(&btc));
+    let books = client.best_bid_ask(&[btc.clone(), pid("ETH-USD")]).await.unwrap();
+    assert_eq!(books.len(), 2);
+    assert_eq!(books.iter().find(|b| b.product == btc).unwrap().price, t.price);
+    let now = sim.clock().now_utc();
+    let c = client
+        .candles(
+            &btc,
+            Granularity::FiveMinute,
+            CandleRange::lookback(Granularity::FiveMinute, 12, now).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 12);
+    assert!(c.windows(2).all(|w| w[0].start < w[1].start));
+    assert!(!client.accounts().await.unwrap().is_empty());
+    assert_eq!(client.products().await.unwrap().len(), 30);
+    assert_eq!(client.product(&btc).await.unwrap().product_id, "BTC-USD");
+    let server = client.server_time().await.unwrap();
+    assert!((server - now).abs() < time::Duration::seconds(2));
+    let s = client.stats();
+    assert_eq!(s.total_requests, 7);
+    assert_eq!(sim.stats().total_calls, 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn public_paths_without_credentials() {
+    let sim = SimExchange::builder().start().await.unwrap();
+    let client = CoinbaseClient::builder().base_url(sim.base_url()).build().unwrap();
+    let btc = pid("BTC-USD");
+    client.ticker(&btc).await.unwrap();
+    // Without credentials, a batch is one public ticker request per product.
+    assert_eq!(client.tickers(&[btc.clone(), pid("ETH-USD"), btc.clone()]).await.unwrap().len(), 2);
+    let st = sim.stats();
+    assert_eq!(st.calls_by_endpoint["market/ticker"], 3);
+    assert_eq!(st.calls_by_endpoint["best_bid_ask"], 0);
+    assert!(matches!(client.accounts().await, Err(Error::Unauthorized(_))));
+    assert_eq!(sim.stats().total_calls, 3, "no request is sent without credentials");
+}
+
+#[tokio::test(start_paused = true)]
+async fn accounts_follow_the_cursor_across_three_pages() {
+    let accounts: Vec<SimAccount> = ["USD", "USDC", "BTC", "ETH", "SOL", "ADA", "DOT"]
+        .iter()
+        .map(|c| SimAccount::new(c, Decimal::ONE))
+        .collect();
+    let sim = SimExchange::builder().accounts(accounts).start().await.unwrap();
+    let client = sim.client_builder().accounts_page_limit(3).build().unwrap();
+    let got = client.accounts().await.unwrap();
+    assert_eq!(got.len(), 7);
+    assert_eq!(sim.stats().calls_by_endpoint["accounts"], 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn candle_ranges_over_350_are_split_and_merged() {
+    let sim = SimExchange::builder().clock(fixed_clock()).start().await.unwrap();
+    let client = sim.client().unwrap();
+    let btc = pid("BTC-USD");
+    let range = CandleRange::lookback(Granularity::OneMinute, 1000, sim.clock().now_utc()).unwrap();
+    let c = client.candles(&btc, Granularity::OneMinute, range).await.unwrap();
+    assert_eq!(c.len(), 1000);
+    assert!(c.windows(2).all(|w| w[1].start - w[0].start == time::Duration::minutes(1)));
+    let reqs = sim.stats().recent_candle_requests;
+    assert_eq!(reqs.len(), 3);
+    // Contiguous, non-overlapping windows of at most 350 buckets.
+    assert_eq!(reqs[0].start, range.start.unix_timestamp());
+    for w in reqs.windows(2) {
+        assert_eq!(w[1].start, w[0].end + 1);
+    }
+    for r in &reqs {
+        assert!((r.end - r.start) / 60 < 350);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn best_bid_ask_is_chunked() {
+    let sim = SimExchange::builder().start().await.unwrap();
+    let client = sim.client_builder().best_bid_ask_chunk(8).build().unwrap();
+    let products = sim.products();
+    let got = client.tickers(&products).await.unwrap();
+    assert_eq!(got.len(), 30);
+    assert_eq!(sim.stats().calls_by_endpoint["best_bid_ask"], 4);
+    // Unknown products are left out, not an error.
+    let got = client.tickers(&[pid("BTC-USD"), pid("NOPE-USD")]).await.unwrap();
+    assert_eq!(got.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_is_rate_limited_with_retry_after_json_or_html() {
+    for html in [false, true] {
+        let sim =
+            SimExchange::builder().private_limit(2).html_429(html).retry_after(true).start().await.unwrap();
+        let client = sim.client_builder().unlimited().clock(sim.clock()).build().unwrap();
+        let btc = pid("BTC-USD");
+        client.ticker(&btc).await.unwrap();
+        client.ticker(&btc).await.unwrap();
+        let e = client.ticker(&btc).await.unwrap_err();
+        assert!(matches!(e, Error::RateLimited { local: false, .. }), "{e:?}");
+        let wait = e.retry_after().expect("retry-after");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(e.is_retryable());
+        assert_eq!(client.stats().rate_limited_429, 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn x_ratelimit_reset_alone_gives_the_wait() {
+    let sim = SimExchange::builder().private_limit(2).retry_after(false).start().await.unwrap();
+    let client = sim.client_builder().unlimited().clock(sim.clock()).build().unwrap();
+    let btc = pid("BTC-USD");
+    let _ = client.ticker(&btc).await;
+    let _ = client.ticker(&btc).await;
+    let e = client.ticker(&btc).await.unwrap_err();
+    let wait = e.retry_after().expect("x-ratelimit-reset read");
+    assert!(wait <= Duration::from_secs(2), "{wait:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_jwt_is_unauthorized_and_the_right_key_passes() {
+    let creds = Credentials::generate("organizations/o/apiKeys/k");
+    let sim = SimExchange::builder().jwt_public_key_pem(&creds.public_key_pem()).start().await.unwrap();
+    let good = sim.client_builder().credentials(creds).build().unwrap();
+    assert!(good.accounts().await.is_ok());
+    let wrong =
+        sim.client_builder().credentials(Credentials::generate("organizations/o/apiKeys/k")).build().unwrap();
+    assert!(matches!(wrong.accounts().await, Err(Error::Unauthorized(_))));
+    assert_eq!(sim.stats().auth_failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_response_is_a_timeout() {
+    let sim = SimExchange::builder().start().await.unwrap();
+    sim.add_fault(Fault::stall(Duration::from_secs(60)));
+    let client = sim.client_builder().timeout(Duration::from_secs(2)).build().unwrap();
+    let t0 = tokio::time::Instant::now();
+    let e = client.ticker(&pid("BTC-USD")).await.unwrap_err();
+    assert_eq!(e, Error::Timeout);
+    assert!(t0.elapsed() >= Duration::from_secs(2) && t0.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn faults_become_typed_errors() {
+    let sim = SimExchange::builder().start().await.unwrap();
+    let client = sim.client().unwrap();
+    let btc = pid("BTC-USD");
+    sim.add_fault(Fault::status(503).times(1));
+    assert!(matches!(client.ticker(&btc).await, Err(Error::Upstream { status: 503, .. })));
+    sim.add_fault(Fault::malformed_body().times(1));
+    assert!(matches!(client.ticker(&btc).await, Err(Error::Decode(_))));
+    sim.add_fault(Fault::truncated_body().times(1));
+    let e = client.ticker(&btc).await.unwrap_err();
+    assert!(matches!(e, Error::Decode(_) | Error::Transport(_)), "{e:?}");
+    sim.add_fault(Fault::connection_reset().times(1));
+    assert!(matches!(client.ticker(&btc).await, Err(Error::Transport(_))));
+    assert!(matches!(client.ticker(&pid("NOPE-USD")).await, Err(Error::NotFound(_))));
+    // Recovered.
+    assert!(client.ticker(&btc).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_limiter_never_exceeds_the_exchange_limit() {
+    let sim = SimExchange::builder().start().await.unwrap();
+    let client = sim.client_builder().market_data(MarketDataPath::Public).build().unwrap();
+    let btc = pid("BTC-USD");
+    let all = futures_util::future::join_all((0..50).map(|_| client.ticker(&btc))).await;
+    assert!(all.iter().all(|r| r.is_ok()));
+    let s = sim.stats();
+    assert_eq!(s.rate_limited_429, 0);
+    assert!(s.max_requests_in_any_1s.public <= 10, "{:?}", s.max_requests_in_any_1s);
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_never_leak_the_query_or_the_token() {
+    let sim = SimExchange::builder().start().await.unwrap();
+    let client = sim.client().unwrap();
+    sim.set_down(true);
+    let e = client
+        .candles(
+            &pid("BTC-USD"),
+            Granularity::OneHour,
+            CandleRange::lookback(Granularity::OneHour, 5, sim.clock().now_utc()).unwrap(),
+        )
+        .await
+        .unwrap_err();
+    let msg = format!("{e} {e:?}");
+    assert!(!msg.contains("granularity=") && !msg.contains("start=") && !msg.contains("Bearer"), "{msg}");
+    assert!(e.is_retryable());
+}
