@@ -1,5 +1,7 @@
 //! The integration tests: one binary, over real HTTP against the simulated exchange.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod client;
 mod coordinated;
 mod evaluator;
