@@ -127,6 +127,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     let mut phases = Vec::new();
     let mut final_stats = serde_json::Value::Null;
+    let mut shadow_stats = serde_json::Value::Null;
     for (name, percent) in [("legacy", 0u8), ("mixed", 50), ("coordinated", 100)] {
         // Fresh sources per phase, so each phase starts cold like a fresh deployment.
         let limiter = RateLimiter::coinbase();
@@ -140,7 +141,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
         };
         let coordinated = CoordinatedSource::coinbase(coordinated_client).clock(sim.clock()).build()?;
         let legacy = DirectSource::new(legacy_client);
-        let flags = MigrationFlags { enabled: percent > 0, rollout_percent: percent, ..Default::default() };
+        let mut flags =
+            MigrationFlags { enabled: percent > 0, rollout_percent: percent, ..Default::default() };
+        if name == "mixed" {
+            // Shadow mode for a few bots: served by legacy, compared against coordinated.
+            flags.shadow_bot_ids = bot_ids.iter().take(6).cloned().collect();
+        }
         let selector = SourceSelector::new(
             Arc::new(legacy.clone()) as Arc<dyn MarketDataSource>,
             Arc::new(coordinated.clone()) as Arc<dyn MarketDataSource>,
@@ -177,12 +183,21 @@ async fn main() -> Result<(), Box<dyn Error>> {
             max_in_1s: (s.max_requests_in_any_1s.public, s.max_requests_in_any_1s.private),
             sim: s,
         });
+        if name == "mixed" {
+            selector.shadow().wait_idle().await;
+            shadow_stats = serde_json::to_value(selector.stats().shadow)?;
+        }
         if name == "coordinated" {
             final_stats = json!({
+                "shadow_during_mixed_phase": shadow_stats,
                 "coordinated": cs,
                 "legacy": legacy.stats(),
                 "migration_progress": selector.migration_progress(&bot_ids),
-                "selector": selector.stats(),
+                "selector": {
+                    "routed_legacy": selector.stats().routed_legacy,
+                    "routed_coordinated": selector.stats().routed_coordinated,
+                    "kill_switch_active": selector.stats().kill_switch_active,
+                },
             });
         }
         // Move the clock on so the next phase starts with an empty one-second window.

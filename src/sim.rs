@@ -695,7 +695,7 @@ impl SimHandle {
     /// key it carries freshly generated [`Credentials`] (any well-formed token is accepted), so
     /// private endpoints work; with one, set the matching credentials yourself.
     pub fn client_builder(&self) -> CoinbaseClientBuilder {
-        let builder = CoinbaseClient::builder().base_url(self.base_url());
+        let builder = CoinbaseClient::builder().base_url(self.base_url()).clock(self.clock());
         if self.shared.jwt_key.is_some() {
             builder
         } else {
