@@ -108,6 +108,14 @@ pub struct PriceBook {
     pub time: String,
 }
 
+/// `GET /market/product_book` and `GET /product_book`: one product's book (note the
+/// singular `pricebook`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductBook {
+    /// The book.
+    pub pricebook: PriceBook,
+}
+
 /// One price level.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Level {
@@ -371,6 +379,17 @@ pub fn decode_best_bid_ask(body: &[u8]) -> Result<Vec<Ticker>> {
         out.push(Ticker { product, price, best_bid, best_ask, time });
     }
     Ok(out)
+}
+
+/// Decode a product-book body into a top-of-book ticker (price = bid/ask mid).
+///
+/// # Errors
+/// [`Error::Decode`] for a malformed body, or a book with both sides empty.
+pub fn decode_product_book(body: &[u8]) -> Result<Ticker> {
+    let w: ProductBook = parse_json(body, "product_book")?;
+    let wrapped = BestBidAsk { pricebooks: vec![w.pricebook] };
+    let bytes = serde_json::to_vec(&wrapped).map_err(Error::decode)?;
+    decode_best_bid_ask(&bytes)?.pop().ok_or_else(|| Error::decode("product book has no bids and no asks"))
 }
 
 /// Decode one page of accounts.

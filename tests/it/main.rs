@@ -7,3 +7,4 @@ mod coordinated;
 mod evaluator;
 mod sim;
 mod support;
+mod wire;
