@@ -28,7 +28,7 @@ pub use self::auth::Credentials;
 use crate::{
     clock::Clock,
     error::{Error, Result},
-    limiter::{EndpointClass, RateLimiter},
+    limiter::{EndpointClass, Priority, RateLimiter},
     model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
     source::{MarketDataSource, distinct},
 };
@@ -83,6 +83,21 @@ impl Endpoint {
             Endpoint::Product => "product",
             Endpoint::Accounts => "accounts",
             Endpoint::Time => "time",
+        }
+    }
+
+    /// How urgent a request to this endpoint is when it waits for the rate limiter: accounts
+    /// (balances gate trades) [`High`](Priority::High), candles (backfill)
+    /// [`Low`](Priority::Low), everything else [`Normal`](Priority::Normal).
+    pub const fn priority(self) -> Priority {
+        match self {
+            Endpoint::Accounts => Priority::High,
+            Endpoint::Candles => Priority::Low,
+            Endpoint::Ticker
+            | Endpoint::BestBidAsk
+            | Endpoint::Products
+            | Endpoint::Product
+            | Endpoint::Time => Priority::Normal,
         }
     }
 
@@ -447,7 +462,7 @@ impl CoinbaseClient {
     ) -> Result<Vec<u8>> {
         let inner = &self.inner;
         if let Some(l) = &inner.limiter {
-            l.acquire(class).await?;
+            l.acquire_with(class, endpoint.priority()).await?;
         }
         let mut req = inner.http.get(url.clone());
         if class == EndpointClass::Private {

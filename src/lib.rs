@@ -40,6 +40,7 @@
 //! |---|---|---|
 //! | `sim` | off | [`sim`]: the simulated Coinbase exchange on loopback, for tests, examples, benches |
 //! | `mock` | off | `MockMarketDataSource` (mockall) for host applications' unit tests |
+//! | `redis` | off | [`SharedTier`]: a shared tier on Redis so that many worker processes on one API key act as one client |
 //!
 //! # Testing with time
 //!
@@ -69,6 +70,9 @@ mod evaluator;
 mod flags;
 mod limiter;
 mod model;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod selector;
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
@@ -85,10 +89,15 @@ pub use error::{Error, Result};
 pub use evaluator::{BatchEvaluator, Bot, BotResult, MarketSnapshot, TickReport, TickSummary};
 pub use flags::{MigrationFlags, Route, rollout_bucket};
 pub use limiter::{
-    ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, RateLimiter, RateLimiterConfig,
+    ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, Priority, RateLimiter, RateLimiterConfig,
 };
 pub use model::{
     Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, ProductId, Ticker,
+};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{
+    CallProfile, SharedLimiterStats, SharedTier, SharedTierBuilder, SharedTierConfig, SharedTierStats, TierMode,
 };
 pub use rust_decimal::Decimal;
 pub use selector::{

@@ -6,6 +6,7 @@
 //! [`RateLimiter`] is a cheap handle: every clone shares one budget.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     num::NonZeroU32,
     ops::Add,
@@ -56,6 +57,59 @@ impl EndpointClass {
 }
 
 impl fmt::Display for EndpointClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How urgent a request is when it has to wait for the rate limiter.
+///
+/// Waiting requests of one class are admitted highest priority first, and in arrival order
+/// within a priority. Admission is not preemptive: the request already at the head of the queue
+/// (sleeping until its cell frees) keeps its turn, which delays a newly arrived higher-priority
+/// request by at most one admission interval (or the rest of a 429 pause). When `max_waiters`
+/// are waiting, a new request evicts the newest waiter of the lowest priority below its own
+/// (that waiter fails with [`Error::Overloaded`]); if there is none, the new request is shed.
+///
+/// [`CoinbaseClient`](crate::CoinbaseClient) sends accounts at [`High`](Priority::High),
+/// tickers and `best_bid_ask` at [`Normal`](Priority::Normal) and candles (backfill) at
+/// [`Low`](Priority::Low).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Served last: candle backfill and other bulk reads.
+    Low,
+    /// The default: ticker reads.
+    #[default]
+    Normal,
+    /// Served first: account and balance reads that gate trading decisions.
+    High,
+}
+
+impl Priority {
+    /// Every priority, lowest first.
+    pub const ALL: [Priority; 3] = [Priority::Low, Priority::Normal, Priority::High];
+
+    /// `"low"`, `"normal"` or `"high"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+
+    /// Queue rank: 0 is served first.
+    const fn rank(self) -> u8 {
+        match self {
+            Priority::High => 0,
+            Priority::Normal => 1,
+            Priority::Low => 2,
+        }
+    }
+}
+
+impl fmt::Display for Priority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -227,9 +281,10 @@ struct Class {
     limit: ClassLimit,
     full: Gcra,
     half: Gcra,
-    /// FIFO of waiting requests: tokio's mutex is fair, so the head of the queue is the only
-    /// one polling the GCRA, and requests leave in arrival order.
-    queue: tokio::sync::Mutex<()>,
+    /// Waiting requests by priority, then arrival. Only the holder of the turn polls the GCRA,
+    /// so requests leave in queue order. A std mutex: it is never held across an await.
+    queue: Mutex<Queue>,
+    /// Requests in the slow path (queued or holding the turn), for the fast path and stats.
     waiting: AtomicUsize,
     pause: Mutex<Pause>,
     acquired: AtomicU64,
@@ -326,7 +381,7 @@ impl RateLimiter {
                 limit,
                 full: governor::RateLimiter::direct_with_clock(limit.quota(), TokioClock),
                 half: governor::RateLimiter::direct_with_clock(half.quota(), TokioClock),
-                queue: tokio::sync::Mutex::new(()),
+                queue: Mutex::new(Queue::default()),
                 waiting: AtomicUsize::new(0),
                 pause: Mutex::new(Pause::default()),
                 acquired: AtomicU64::new(0),
@@ -347,19 +402,35 @@ impl RateLimiter {
         &self.inner.cfg
     }
 
-    /// Wait until a request of `class` may be sent, then count it as sent.
+    /// Wait until a request of `class` may be sent, then count it as sent; the same as
+    /// [`acquire_with`](Self::acquire_with) at [`Priority::Normal`].
+    ///
+    /// # Errors
+    /// As [`acquire_with`](Self::acquire_with).
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`acquire_with`](Self::acquire_with).
+    pub async fn acquire(&self, class: EndpointClass) -> Result<()> {
+        self.acquire_with(class, Priority::Normal).await
+    }
+
+    /// Wait until a request of `class` may be sent, then count it as sent. Waiting requests
+    /// are admitted by `priority`, then in arrival order (see [`Priority`]).
     ///
     /// # Errors
     /// [`Error::RateLimited`] with `local: true` when the wait would exceed `max_wait` (the
-    /// request must not be sent); [`Error::Overloaded`] when `max_waiters` are already waiting.
+    /// request must not be sent); [`Error::Overloaded`] when `max_waiters` are already waiting
+    /// and none of them has a lower priority, or when this request was waiting and a
+    /// higher-priority one took its place.
     ///
     /// # Cancel safety
-    /// Cancel safe: a dropped call leaves the queue and consumes no capacity unless it had
-    /// already been admitted.
-    pub async fn acquire(&self, class: EndpointClass) -> Result<()> {
+    /// Cancel safe: a dropped call leaves the queue (handing its turn on, if it had one) and
+    /// consumes no capacity unless it had already been admitted.
+    pub async fn acquire_with(&self, class: EndpointClass, priority: Priority) -> Result<()> {
         let c = &self.inner.classes[class.index()];
+        let cfg = &self.inner.cfg;
         let start = Instant::now();
-        let deadline = start + self.inner.cfg.max_wait;
+        let deadline = start + cfg.max_wait;
 
         // Fast path: nobody waiting, not paused, a cell is free.
         if c.waiting.load(Ordering::Acquire) == 0
@@ -370,26 +441,54 @@ impl RateLimiter {
             return Ok(());
         }
 
-        // Predict the wait from the queue length; fail fast rather than wait in vain.
-        let ahead = c.waiting.load(Ordering::Acquire);
-        if ahead >= self.inner.cfg.max_waiters {
-            c.shed.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::Overloaded(format!(
-                "{ahead} {class} requests are already waiting for the rate limiter"
-            )));
-        }
-        let predicted = c.limit.interval().saturating_mul(ahead as u32)
-            + self.pause_remaining(c, start).unwrap_or_default();
-        if predicted > self.inner.cfg.max_wait {
-            c.rejected_local.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::RateLimited { retry_after: Some(predicted), local: true });
+        let _waiting = WaitingGuard::enter(&c.waiting);
+        let mut slot = {
+            let mut q = lock(&c.queue);
+            let queued = q.waiters.len() + usize::from(q.busy);
+            if queued >= cfg.max_waiters && !q.evict_below(priority) {
+                c.shed.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::Overloaded(format!(
+                    "{queued} {class} requests are already waiting for the rate limiter"
+                )));
+            }
+            // Predict the wait from the requests ahead; fail fast rather than wait in vain.
+            let ahead = q.ahead_of(priority) + usize::from(q.busy);
+            let predicted = c.limit.interval().saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX))
+                + self.pause_remaining(c, start).unwrap_or_default();
+            if predicted > cfg.max_wait {
+                c.rejected_local.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::RateLimited { retry_after: Some(predicted), local: true });
+            }
+            if q.busy || !q.waiters.is_empty() {
+                let (key, rx) = q.push(priority);
+                Slot { class: c, key: Some(key), rx: Some(rx), turn: false }
+            } else {
+                q.busy = true;
+                Slot { class: c, key: None, rx: None, turn: true }
+            }
+        };
+
+        if let Some(rx) = slot.rx.as_mut() {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Grant::Turn)) => {
+                    slot.key = None;
+                    slot.rx = None;
+                    slot.turn = true;
+                }
+                Ok(Ok(Grant::Evicted) | Err(_)) => {
+                    c.shed.fetch_add(1, Ordering::Relaxed);
+                    return Err(Error::Overloaded(format!(
+                        "a higher-priority {class} request took this one's place in the full rate-limiter queue"
+                    )));
+                }
+                Err(_) => {
+                    c.rejected_local.fetch_add(1, Ordering::Relaxed);
+                    return Err(Error::RateLimited { retry_after: Some(c.limit.interval()), local: true });
+                }
+            }
         }
 
-        let _waiting = WaitingGuard::enter(&c.waiting);
-        let Ok(_turn) = tokio::time::timeout_at(deadline, c.queue.lock()).await else {
-            c.rejected_local.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::RateLimited { retry_after: Some(c.limit.interval()), local: true });
-        };
+        // This request holds the turn: it alone polls the GCRA until admitted.
         loop {
             let now = Instant::now();
             let wait = match self.pause_remaining(c, now) {
@@ -405,6 +504,7 @@ impl RateLimiter {
             }
             tokio::time::sleep(wait).await;
         }
+        drop(slot);
         let waited = start.elapsed();
         c.acquired.fetch_add(1, Ordering::Relaxed);
         c.waits.fetch_add(1, Ordering::Relaxed);
@@ -480,6 +580,103 @@ impl RateLimiter {
             }
         };
         LimiterStats { public: one(EndpointClass::Public), private: one(EndpointClass::Private) }
+    }
+}
+
+/// What a queued request is told when it leaves the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    /// It now holds the turn.
+    Turn,
+    /// A higher-priority request took its place in a full queue.
+    Evicted,
+}
+
+/// `(rank, arrival)`: the smallest key is served first.
+type Key = (u8, u64);
+
+/// The waiting requests of one class.
+#[derive(Default)]
+struct Queue {
+    /// Some request holds the turn (it alone polls the GCRA).
+    busy: bool,
+    next_seq: u64,
+    waiters: BTreeMap<Key, tokio::sync::oneshot::Sender<Grant>>,
+    by_rank: [usize; 3],
+}
+
+impl Queue {
+    fn push(&mut self, priority: Priority) -> (Key, tokio::sync::oneshot::Receiver<Grant>) {
+        let key = (priority.rank(), self.next_seq);
+        self.next_seq += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiters.insert(key, tx);
+        self.by_rank[usize::from(key.0)] += 1;
+        (key, rx)
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<tokio::sync::oneshot::Sender<Grant>> {
+        let tx = self.waiters.remove(key)?;
+        self.by_rank[usize::from(key.0)] -= 1;
+        Some(tx)
+    }
+
+    /// Waiters that will be served before a new request of `priority`.
+    fn ahead_of(&self, priority: Priority) -> usize {
+        self.by_rank[..=usize::from(priority.rank())].iter().sum()
+    }
+
+    /// Hand the turn to the first waiter, or mark it free. Called with the turn held.
+    fn pass_turn(&mut self) {
+        while let Some((key, tx)) = self.waiters.pop_first() {
+            self.by_rank[usize::from(key.0)] -= 1;
+            if tx.send(Grant::Turn).is_ok() {
+                return;
+            }
+        }
+        self.busy = false;
+    }
+
+    /// Evict the newest waiter of the lowest priority, if that is below `priority`.
+    fn evict_below(&mut self, priority: Priority) -> bool {
+        let Some(&key) = self.waiters.keys().next_back() else { return false };
+        if key.0 <= priority.rank() {
+            return false;
+        }
+        if let Some(tx) = self.remove(&key) {
+            let _ = tx.send(Grant::Evicted);
+        }
+        true
+    }
+}
+
+/// A request's place in its class's queue: waiting (`key` and `rx`) or holding the turn.
+/// Dropping it, at any point, leaves the queue consistent: a waiter removes itself, and a turn
+/// (including one granted just as the wait was abandoned) is handed on.
+struct Slot<'a> {
+    class: &'a Class,
+    key: Option<Key>,
+    rx: Option<tokio::sync::oneshot::Receiver<Grant>>,
+    turn: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut q = lock(&self.class.queue);
+        if let Some(key) = self.key.take()
+            && q.remove(&key).is_none()
+        {
+            // Already taken out of the queue under this lock: granted the turn or evicted.
+            // Grants are sent under the lock, so the answer is in the channel.
+            if let Some(mut rx) = self.rx.take()
+                && rx.try_recv() == Ok(Grant::Turn)
+            {
+                self.turn = true;
+            }
+        }
+        if self.turn {
+            q.pass_turn();
+        }
     }
 }
 
@@ -649,6 +846,131 @@ mod tests {
         assert!(matches!(limiter.acquire(EndpointClass::Public).await, Err(Error::Overloaded(_))));
         a.await.unwrap().unwrap();
         b.await.unwrap().unwrap();
+    }
+
+    /// Spawn one acquire per `(label, priority)`, in order, each queued before the next.
+    async fn spawn_in_order(
+        limiter: &RateLimiter,
+        who: &[(&'static str, Priority)],
+    ) -> (Arc<Mutex<Vec<&'static str>>>, Vec<tokio::task::JoinHandle<Result<()>>>) {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut handles = Vec::new();
+        for &(label, priority) in who {
+            let (l, order) = (limiter.clone(), Arc::clone(&order));
+            handles.push(tokio::spawn(async move {
+                let r = l.acquire_with(EndpointClass::Public, priority).await;
+                if r.is_ok() {
+                    order.lock().unwrap().push(label);
+                }
+                r
+            }));
+            tokio::task::yield_now().await;
+        }
+        (order, handles)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn higher_priorities_first_fifo_within_a_priority() {
+        use Priority::{High, Low, Normal};
+        let limiter = RateLimiter::coinbase();
+        limiter.acquire(EndpointClass::Public).await.unwrap(); // the burst of 1 is gone
+        let who = [
+            ("L0", Low),
+            ("N0", Normal),
+            ("H0", High),
+            ("L1", Low),
+            ("N1", Normal),
+            ("H1", High),
+            ("N2", Normal),
+            ("H2", High),
+        ];
+        let (order, handles) = spawn_in_order(&limiter, &who).await;
+        assert_eq!(limiter.stats().public.waiting_now, 8);
+        let start = Instant::now();
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+        // L0 found the queue empty and took the turn before the others arrived (admission is
+        // not preemptive); then every High in arrival order, every Normal, the other Low.
+        assert_eq!(*order.lock().unwrap(), ["L0", "H0", "H1", "H2", "N0", "N1", "N2", "L1"]);
+        // One admission per 125 ms (8/s): the queue never let two out at once.
+        assert_eq!(start.elapsed(), Duration::from_millis(1000));
+        let s = limiter.stats().public;
+        assert_eq!((s.acquired, s.waits, s.waiting_now), (9, 8, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_waiters_and_turn_holders_leave_the_queue_usable() {
+        use Priority::Normal;
+        let limiter = RateLimiter::coinbase();
+        limiter.acquire(EndpointClass::Public).await.unwrap();
+        let (order, mut handles) =
+            spawn_in_order(&limiter, &[("A", Normal), ("B", Normal), ("C", Normal)]).await;
+        // A holds the turn, B and C wait. Cancel A (the turn holder) and B (a waiter).
+        handles[0].abort();
+        handles[1].abort();
+        tokio::task::yield_now().await;
+        let start = Instant::now();
+        handles.pop().unwrap().await.unwrap().unwrap();
+        assert_eq!(*order.lock().unwrap(), ["C"]);
+        // C got the first free cell: the cancelled requests consumed no capacity.
+        assert_eq!(start.elapsed(), Duration::from_millis(125));
+        let s = limiter.stats().public;
+        assert_eq!((s.acquired, s.waiting_now), (2, 0));
+        // The queue is idle again: the next request takes the fast path once a cell is free.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let t = Instant::now();
+        limiter.acquire(EndpointClass::Public).await.unwrap();
+        assert_eq!(t.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_sheds_the_lowest_priority_first() {
+        use Priority::{High, Low, Normal};
+        let cfg = RateLimiterConfig { max_waiters: 3, ..Default::default() };
+        let limiter = RateLimiter::new(cfg).unwrap();
+        limiter.acquire(EndpointClass::Public).await.unwrap();
+        let (order, mut handles) = spawn_in_order(&limiter, &[("L0", Low), ("L1", Low), ("L2", Low)]).await;
+        // Full. A Normal evicts the newest Low; a High evicts the next newest Low.
+        let (o2, h2) = spawn_in_order(&limiter, &[("N", Normal), ("H", High)]).await;
+        // Now the queue holds L0 (turn), N and H: a Low is shed at once, and so is another
+        // Normal (nothing below it to evict).
+        let shed = limiter.acquire_with(EndpointClass::Public, Low).await;
+        assert!(matches!(shed, Err(Error::Overloaded(_))), "{shed:?}");
+        let shed = limiter.acquire_with(EndpointClass::Public, Normal).await;
+        assert!(matches!(shed, Err(Error::Overloaded(_))), "{shed:?}");
+        let l2 = handles.pop().unwrap().await.unwrap();
+        let l1 = handles.pop().unwrap().await.unwrap();
+        assert!(matches!(l2, Err(Error::Overloaded(_))), "{l2:?}");
+        assert!(matches!(l1, Err(Error::Overloaded(_))), "{l1:?}");
+        handles.pop().unwrap().await.unwrap().unwrap();
+        for h in h2 {
+            h.await.unwrap().unwrap();
+        }
+        let mut all = order.lock().unwrap().clone();
+        all.extend(o2.lock().unwrap().iter());
+        assert_eq!(all, ["L0", "H", "N"]);
+        assert_eq!(limiter.stats().public.shed, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_predicted_wait_counts_only_requests_served_first() {
+        // Six Low requests queued (at 8/s): another Low would wait 750 ms and is refused at
+        // once, but a High is served right after the current turn and is admitted.
+        let cfg = RateLimiterConfig { max_wait: Duration::from_millis(500), ..Default::default() };
+        let limiter = RateLimiter::new(cfg).unwrap();
+        limiter.acquire(EndpointClass::Public).await.unwrap();
+        let who: Vec<(&'static str, Priority)> = (0..6).map(|_| ("L", Priority::Low)).collect();
+        let (_order, handles) = spawn_in_order(&limiter, &who).await;
+        let t = Instant::now();
+        let low = limiter.acquire_with(EndpointClass::Public, Priority::Low).await;
+        assert!(matches!(low, Err(Error::RateLimited { local: true, .. })), "{low:?}");
+        assert_eq!(t.elapsed(), Duration::ZERO);
+        limiter.acquire_with(EndpointClass::Public, Priority::High).await.unwrap();
+        assert_eq!(t.elapsed(), Duration::from_millis(250));
+        for h in handles {
+            let _ = h.await.unwrap();
+        }
     }
 
     #[tokio::test(start_paused = true)]
