@@ -40,7 +40,6 @@
 //! |---|---|---|
 //! | `sim` | off | [`sim`]: the simulated Coinbase exchange on loopback, for tests, examples, benches |
 //! | `mock` | off | `MockMarketDataSource` (mockall) for host applications' unit tests |
-//! | `redis` | off | [`SharedTier`]: a shared tier on Redis so that many worker processes on one API key act as one client |
 //!
 //! # Testing with time
 //!
@@ -70,9 +69,6 @@ mod evaluator;
 mod flags;
 mod limiter;
 mod model;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub mod redis;
 mod selector;
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
@@ -93,11 +89,6 @@ pub use limiter::{
 };
 pub use model::{
     Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, ProductId, Ticker,
-};
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use self::redis::{
-    CallProfile, SharedLimiterStats, SharedTier, SharedTierBuilder, SharedTierConfig, SharedTierStats, TierMode,
 };
 pub use rust_decimal::Decimal;
 pub use selector::{
