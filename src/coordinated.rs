@@ -8,6 +8,7 @@
 //! incrementally: closed candles are never fetched twice.
 
 mod batch;
+mod breaker;
 mod cache;
 mod coalesce;
 
@@ -38,6 +39,8 @@ use crate::{
     source::{MarketDataSource, distinct},
     stats::{CoordinatedStats, Counters, Op},
 };
+
+pub use self::breaker::{BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats};
 
 /// Where a value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -139,6 +142,9 @@ pub struct CoordinatedConfig {
     /// The endpoint class of ticker and candle calls, used when this source gates upstream
     /// calls itself ([`CoordinatedBuilder::rate_limiter`]). Default public.
     pub market_data_class: EndpointClass,
+    /// The circuit breaker of upstream calls, per endpoint class: after a run of failures
+    /// reads get stale data or [`Error::CircuitOpen`] at once, until a probe succeeds.
+    pub breaker: BreakerConfig,
 }
 
 impl Default for CoordinatedConfig {
@@ -160,6 +166,7 @@ impl Default for CoordinatedConfig {
             cache_capacity: 100_000,
             max_candles_per_series: 1_000,
             market_data_class: EndpointClass::Public,
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -182,6 +189,9 @@ impl CoordinatedConfig {
         }
         if self.max_stale < self.ticker_ttl {
             return bad("max_stale must be at least ticker_ttl");
+        }
+        if self.breaker.enabled {
+            self.breaker.validate()?;
         }
         Ok(())
     }
@@ -245,6 +255,13 @@ impl CoordinatedBuilder {
         market_data_class: EndpointClass,
     }
 
+    /// The circuit breaker's settings (see [`CoordinatedConfig::breaker`]);
+    /// [`BreakerConfig::disabled`] turns it off.
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.cfg.breaker = breaker;
+        self
+    }
+
     /// Replace the whole configuration.
     pub fn config(mut self, cfg: CoordinatedConfig) -> Self {
         self.cfg = cfg;
@@ -304,6 +321,7 @@ impl CoordinatedBuilder {
             clock: self.clock,
             gate: self.gate,
             upstream_limiter: self.upstream_limiter,
+            breaker: breaker::Breakers::new(cfg.breaker.clone()),
             cfg,
         };
         Ok(CoordinatedSource { inner: Arc::new(inner) })
@@ -326,6 +344,7 @@ struct Inner {
     accounts_flight: Arc<SingleFlight<(), Entry<Arc<Vec<Account>>>>>,
     batcher: Batcher,
     counters: Counters,
+    breaker: breaker::Breakers,
 }
 
 /// The coordinated path: cache, single-flight, batching, rate limits, 429 backoff, stale
@@ -395,7 +414,9 @@ impl CoordinatedSource {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> CoordinatedStats {
-        self.inner.counters.snapshot(self.rate_limiter().map(RateLimiter::stats))
+        let mut stats = self.inner.counters.snapshot(self.rate_limiter().map(RateLimiter::stats));
+        stats.breaker = self.inner.breaker.stats();
+        stats
     }
 
     /// Forget the cached accounts, e.g. after placing an order.
@@ -639,14 +660,22 @@ impl Inner {
     {
         let mut attempt: u32 = 0;
         loop {
+            let permit = match self.breaker.admit(class) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.counters.error(&e);
+                    return Err(e);
+                }
+            };
             if let Some(gate) = &self.gate
-                && let Err(e) = gate.acquire(class).await
+                && let Err(e) = gate.acquire_with(class, op.priority()).await
             {
                 self.counters.error(&e);
                 return Err(e);
             }
             let t0 = Instant::now();
             let r = f().await;
+            permit.record(&r);
             let sent = !matches!(
                 &r,
                 Err(Error::RateLimited { local: true, .. }

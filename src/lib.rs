@@ -79,7 +79,10 @@ mod strategy;
 
 pub use clock::Clock;
 pub use coinbase::{ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath};
-pub use coordinated::{CoordinatedBuilder, CoordinatedConfig, CoordinatedSource, Fresh, Origin, ReadOptions};
+pub use coordinated::{
+    BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats, CoordinatedBuilder, CoordinatedConfig,
+    CoordinatedSource, Fresh, Origin, ReadOptions,
+};
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};
 pub use evaluator::{BatchEvaluator, Bot, BotResult, MarketSnapshot, TickReport, TickSummary};

@@ -12,7 +12,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{error::Error, limiter::LimiterStats, limiter::lock};
+use crate::{
+    coordinated::BreakerStats,
+    error::Error,
+    limiter::{LimiterStats, Priority, lock},
+};
 
 /// The upstream operations of a source, for per-operation counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +35,15 @@ impl Op {
             Op::Tickers => "best_bid_ask",
             Op::Candles => "candles",
             Op::Accounts => "accounts",
+        }
+    }
+
+    /// The rate-limiter priority of the operation: balances first, candle backfill last.
+    pub(crate) const fn priority(self) -> Priority {
+        match self {
+            Op::Accounts => Priority::High,
+            Op::Ticker | Op::Tickers => Priority::Normal,
+            Op::Candles => Priority::Low,
         }
     }
 }
@@ -146,6 +159,7 @@ impl Counters {
                 max: lat.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0),
             },
             limiter,
+            breaker: BreakerStats::default(),
         }
     }
 }
@@ -206,6 +220,8 @@ pub struct CoordinatedStats {
     pub upstream_latency_ms: LatencyStats,
     /// The rate limiter's counters, when the source knows its limiter.
     pub limiter: Option<LimiterStats>,
+    /// The circuit breaker of each endpoint class: state, openings, refusals, probes.
+    pub breaker: BreakerStats,
 }
 
 /// Something that counts its upstream calls (and maybe cache reads), so a
