@@ -5,6 +5,7 @@
 mod client;
 mod coordinated;
 mod evaluator;
+mod faults;
 mod sim;
 mod support;
 mod wire;
