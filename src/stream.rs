@@ -1,0 +1,608 @@
+//! [`MarketStream`]: Coinbase's market-data WebSocket feed keeping a [`CoordinatedSource`]'s
+//! cache hot (feature `stream`), so steady-state REST calls fall to accounts and gap repair.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use tickshare::{CoordinatedSource, MarketDataSource, MarketStream, sim::SimExchange};
+//!
+//! let sim = SimExchange::builder().products(3).start().await?;
+//! let source = CoordinatedSource::coinbase(sim.client()?).clock(sim.clock()).build()?;
+//! let stream = MarketStream::builder(source.clone()).url(sim.ws_url()).products(sim.products()).start()?;
+//! tokio::time::sleep(Duration::from_secs(6)).await; // the first ticker_batch arrives
+//! let btc = "BTC-USD".parse()?;
+//! let ticker = source.ticker(&btc).await?; // served from the pushed ticker
+//! assert_eq!(Some(ticker.price), sim.price_at(&btc, ticker.time));
+//! assert_eq!(source.stats().upstream_calls, 0);
+//! assert!(stream.stats().connected);
+//! stream.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # What it does
+//!
+//! One connection to `wss://advanced-trade-ws.coinbase.com` (or the simulated exchange's
+//! `ws://127.0.0.1:PORT`). It subscribes to `heartbeats`, `candles` and `ticker_batch` (or
+//! `ticker`) for the products you name ([`set_products`](MarketStream::set_products); products
+//! added later are subscribed, products dropped are unsubscribed), one channel per message, the
+//! first within 5 s of connecting, at most 8 messages per second (COINBASE.md §3, §5). With
+//! [`credentials`](StreamBuilder::credentials) every message carries a fresh JWT, as Coinbase's
+//! SDK does; none of these channels needs one.
+//!
+//! - **Tickers** are written to the cache as fresh, and kept fresh while the stream is
+//!   healthy ([`StreamConfig::ticker_hold`]).
+//! - **Candles** (five-minute only) are merged into the cached `FIVE_MINUTE` series, the newest
+//!   one marked in progress. Series at 15 and 30 minutes, 1, 2, 4 and 6 hours and 1 day that a
+//!   reader has cached are **derived** by exact aggregation of the five-minute candles (open of
+//!   the first, close of the last, highest high, lowest low, summed volume), only for buckets
+//!   the five-minute series covers in full ([`StreamConfig::aggregate`]). So after a warm-up
+//!   (one REST fetch of each series' history, and for derived series the first bucket the
+//!   stream saw start) reads are served with zero REST calls. `ONE_MINUTE` always uses REST.
+//! - **Liveness**: a `sequence_num` gap (one counter per connection, across channels), a
+//!   silence longer than [`StreamConfig::silence_timeout`] or a disconnect marks the
+//!   subscribed products' data stale: reads fall back to REST, through the same single-flight,
+//!   batching and rate limiter, until the stream delivers again. Silence and disconnects
+//!   reconnect with exponential backoff and jitter, and resubscribe.
+//! - **Repair**: a five-minute series that missed a candle close while the stream was away
+//!   gets exactly one incremental REST refresh (from its last candle in progress to now); the
+//!   series derived from it are then re-derived with no further call.
+//!
+//! # Honest limits
+//!
+//! - A closed candle is as final as the last state the stream delivered for it. Coinbase does
+//!   not document whether its candles channel sends a candle's state after its close; if it
+//!   does not, the last update can miss trades of the bucket's final second. The simulated
+//!   exchange sends the closed candle's final state with the first update of the next bucket.
+//! - A product that does not trade sends nothing: its ticker is kept fresh while heartbeats
+//!   flow, but a five-minute bucket with no candle update within
+//!   [`StreamConfig::candle_grace`] after its close expires and is refreshed by REST.
+
+mod conn;
+pub mod wire;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
+
+use crate::{
+    coinbase::Credentials,
+    coordinated::CoordinatedSource,
+    error::{Error, Result},
+    limiter::lock,
+    model::{Granularity, ProductId},
+};
+
+pub use wire::COINBASE_WS_URL;
+
+/// Which ticker channel to subscribe to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TickerChannel {
+    /// `ticker_batch`: every product's ticker every 5 s. Enough for bots that tick every few
+    /// minutes, and far fewer messages. The docs say it carries no best bid/ask (ccxt says it
+    /// does); when absent they are `None`.
+    #[default]
+    TickerBatch,
+    /// `ticker`: a ticker on every trade, with best bid and ask.
+    Ticker,
+}
+
+impl TickerChannel {
+    /// The channel's name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TickerChannel::TickerBatch => wire::channel::TICKER_BATCH,
+            TickerChannel::Ticker => wire::channel::TICKER,
+        }
+    }
+}
+
+/// The knobs of a [`MarketStream`], with defaults right for Coinbase. Plain data (durations in
+/// milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StreamConfig {
+    /// The WebSocket URL. Default [`COINBASE_WS_URL`].
+    pub url: String,
+    /// The ticker channel. Default `ticker_batch`.
+    pub ticker_channel: TickerChannel,
+    /// No message at all (heartbeats come every second) for this long marks every product
+    /// stale and reconnects. Default 5 s.
+    #[serde(with = "crate::config::duration_ms")]
+    pub silence_timeout: Duration,
+    /// How long a pushed ticker stays fresh; renewed while the stream is healthy, so a product
+    /// that does not trade keeps its last price. Default 30 s.
+    #[serde(with = "crate::config::duration_ms")]
+    pub ticker_hold: Duration,
+    /// How long after a candle close a stream-fed series stays fresh waiting for the push
+    /// that closes it. Default 5 s.
+    #[serde(with = "crate::config::duration_ms")]
+    pub candle_grace: Duration,
+    /// First reconnect delay; doubles per failed attempt, with jitter. Default 500 ms.
+    #[serde(with = "crate::config::duration_ms")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay. Default 30 s.
+    #[serde(with = "crate::config::duration_ms")]
+    pub reconnect_max: Duration,
+    /// Most client messages per second (Coinbase: 8 unauthenticated per IP). Default 8.
+    pub messages_per_second: u32,
+    /// A (un)subscription not acknowledged within this time is sent again. Default 5 s.
+    #[serde(with = "crate::config::duration_ms")]
+    pub subscribe_timeout: Duration,
+    /// Derive longer granularities from five-minute candles. Default on.
+    pub aggregate: bool,
+    /// Least time between two repair attempts of one product. Default 5 s.
+    #[serde(with = "crate::config::duration_ms")]
+    pub repair_interval: Duration,
+    /// How long connecting (TCP, TLS, WebSocket handshake) may take. Default 10 s.
+    #[serde(with = "crate::config::duration_ms")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            url: COINBASE_WS_URL.to_string(),
+            ticker_channel: TickerChannel::TickerBatch,
+            silence_timeout: Duration::from_secs(5),
+            ticker_hold: Duration::from_secs(30),
+            candle_grace: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            messages_per_second: 8,
+            subscribe_timeout: Duration::from_secs(5),
+            aggregate: true,
+            repair_interval: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl StreamConfig {
+    /// Check the settings.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad setting and what it must be.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(m.to_string()));
+        if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) {
+            return bad("stream url must start with ws:// or wss://");
+        }
+        if self.messages_per_second == 0 {
+            return bad("stream messages_per_second must be at least 1");
+        }
+        if self.silence_timeout < Duration::from_secs(2) {
+            return bad("stream silence_timeout must be at least 2 s (heartbeats come every second)");
+        }
+        if self.ticker_hold.is_zero() || self.subscribe_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return bad(
+                "stream ticker_hold, subscribe_timeout and connect_timeout must be greater than zero",
+            );
+        }
+        if self.reconnect_min < Duration::from_millis(125) || self.reconnect_max < self.reconnect_min {
+            return bad(
+                "stream reconnect_min must be at least 125 ms (Coinbase allows 8 connections per second) and reconnect_max at least reconnect_min",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builder of a [`MarketStream`]; from [`MarketStream::builder`].
+#[must_use]
+pub struct StreamBuilder {
+    source: CoordinatedSource,
+    cfg: StreamConfig,
+    credentials: Option<Credentials>,
+    products: BTreeSet<ProductId>,
+}
+
+impl fmt::Debug for StreamBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamBuilder")
+            .field("config", &self.cfg)
+            .field("credentials", &self.credentials.is_some())
+            .field("products", &self.products)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamBuilder {
+    /// The WebSocket URL (default [`COINBASE_WS_URL`]); the simulated exchange's is
+    /// [`SimHandle::ws_url`](crate::sim::SimHandle::ws_url).
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.cfg.url = url.into();
+        self
+    }
+
+    /// Replace the whole configuration (its `url` included).
+    pub fn config(mut self, cfg: StreamConfig) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// See [`StreamConfig::ticker_channel`].
+    pub fn ticker_channel(mut self, channel: TickerChannel) -> Self {
+        self.cfg.ticker_channel = channel;
+        self
+    }
+
+    /// See [`StreamConfig::silence_timeout`].
+    pub fn silence_timeout(mut self, d: Duration) -> Self {
+        self.cfg.silence_timeout = d;
+        self
+    }
+
+    /// See [`StreamConfig::aggregate`].
+    pub fn aggregate(mut self, on: bool) -> Self {
+        self.cfg.aggregate = on;
+        self
+    }
+
+    /// Attach a fresh JWT to every subscribe message (only private channels need one).
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// The products to subscribe to at start (more with [`MarketStream::set_products`]).
+    pub fn products(mut self, products: impl IntoIterator<Item = ProductId>) -> Self {
+        self.products = products.into_iter().collect();
+        self
+    }
+
+    /// Start the stream on the current tokio runtime. It connects in the background; until
+    /// it delivers, reads go to REST as usual.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid configuration or outside a tokio runtime.
+    pub fn start(self) -> Result<MarketStream> {
+        self.cfg.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config("MarketStream must be started inside a tokio runtime".into()));
+        }
+        let baseline = rest_market_calls(&self.source);
+        let (desired, _) = watch::channel(self.products);
+        let now = Instant::now();
+        let shared = Arc::new(Shared {
+            source: self.source,
+            cfg: self.cfg,
+            credentials: self.credentials,
+            desired,
+            counters: Counters::default(),
+            state: Mutex::new(State {
+                started: now,
+                connected_since: None,
+                connected_total: Duration::ZERO,
+                products: BTreeMap::new(),
+                by_channel: BTreeMap::new(),
+            }),
+            baseline,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(conn::run(Arc::clone(&shared), stop_rx));
+        Ok(MarketStream { shared, stop, task: Some(task) })
+    }
+}
+
+/// Coinbase's market-data WebSocket feed writing into a [`CoordinatedSource`]; see the
+/// [module docs](self). Dropping it stops the feed (in the background);
+/// [`shutdown`](MarketStream::shutdown) stops it and waits.
+pub struct MarketStream {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for MarketStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MarketStream")
+            .field("url", &self.shared.cfg.url)
+            .field("products", &self.shared.desired.borrow().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MarketStream {
+    /// A builder feeding `source`.
+    pub fn builder(source: CoordinatedSource) -> StreamBuilder {
+        StreamBuilder { source, cfg: StreamConfig::default(), credentials: None, products: BTreeSet::new() }
+    }
+
+    /// Follow exactly these products: new ones are subscribed, dropped ones unsubscribed (and
+    /// their pushed data marked stale). Cheap when nothing changed, so it can be called every
+    /// tick with the products the bots use.
+    pub fn set_products(&self, products: impl IntoIterator<Item = ProductId>) {
+        let next: BTreeSet<ProductId> = products.into_iter().collect();
+        self.shared.desired.send_if_modified(|cur| {
+            if *cur == next {
+                false
+            } else {
+                *cur = next;
+                true
+            }
+        });
+    }
+
+    /// The products followed.
+    pub fn products(&self) -> Vec<ProductId> {
+        self.shared.desired.borrow().iter().cloned().collect()
+    }
+
+    /// Whether the stream is connected and every followed product is live (pushed data
+    /// arrived since the last subscription, gap or reconnect).
+    pub fn is_live(&self) -> bool {
+        let st = lock(&self.shared.state);
+        let desired = self.shared.desired.borrow();
+        st.connected_since.is_some()
+            && desired.iter().all(|p| st.products.get(p).is_some_and(ProductState::is_live))
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> StreamStats {
+        self.shared.stats()
+    }
+
+    /// Stop the feed and wait for it. The cache keeps what was pushed; it expires as usual.
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves the shutdown running in the background.
+    pub async fn shutdown(mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MarketStream {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// A snapshot of a [`MarketStream`]'s counters. Counts are exact and monotonic since start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamStats {
+    /// Whether a connection is open now.
+    pub connected: bool,
+    /// Time connected since start, milliseconds (tokio's clock).
+    pub connected_ms: u64,
+    /// Time not connected since start, milliseconds.
+    pub disconnected_ms: u64,
+    /// Connections opened.
+    pub connections: u64,
+    /// Connection attempts that failed (refused, timed out, handshake rejected).
+    pub connect_failures: u64,
+    /// Connections opened after the first one.
+    pub reconnects: u64,
+    /// Messages received (every frame that reached the decoder).
+    pub messages: u64,
+    /// Messages received by channel (`"error"` for error frames).
+    pub messages_by_channel: BTreeMap<String, u64>,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Tickers written to the cache.
+    pub tickers_applied: u64,
+    /// Five-minute candle merges written to the cache.
+    pub candle_merges: u64,
+    /// Derived-granularity series written to the cache.
+    pub derived_updates: u64,
+    /// `sequence_num` gaps seen.
+    pub sequence_gaps: u64,
+    /// Silences longer than the timeout (each ended its connection).
+    pub silences: u64,
+    /// Times the followed products' data was marked stale (gap, silence, disconnect).
+    pub stale_marks: u64,
+    /// Five-minute series repaired with one REST call each.
+    pub repairs: u64,
+    /// Repairs that failed (retried after `repair_interval`).
+    pub repair_failures: u64,
+    /// Error frames from the exchange (for example a refused subscription).
+    pub exchange_errors: u64,
+    /// Frames or entries that could not be decoded.
+    pub decode_errors: u64,
+    /// Subscribe messages sent.
+    pub subscribe_messages: u64,
+    /// Unsubscribe messages sent.
+    pub unsubscribe_messages: u64,
+    /// REST market-data calls (ticker, best_bid_ask, candles) the source made since the stream
+    /// started, repairs excluded: reads the stream could not serve (warm-up, stale data,
+    /// unfollowed products, granularities it cannot derive).
+    pub rest_fallbacks: u64,
+    /// Products followed now.
+    pub followed_products: u64,
+    /// Followed products that are live.
+    pub live_products: u64,
+    /// Per followed product.
+    pub products: BTreeMap<String, ProductLiveness>,
+}
+
+/// The liveness of one followed product.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductLiveness {
+    /// Pushed data arrived since the last subscription, gap or reconnect.
+    pub live: bool,
+    /// Time since its last pushed ticker, milliseconds.
+    pub ticker_age_ms: Option<u64>,
+    /// Time since its last pushed candle, milliseconds.
+    pub candle_age_ms: Option<u64>,
+}
+
+/// State shared by the handle and the connection task.
+struct Shared {
+    source: CoordinatedSource,
+    cfg: StreamConfig,
+    credentials: Option<Credentials>,
+    desired: watch::Sender<BTreeSet<ProductId>>,
+    counters: Counters,
+    /// A std mutex: never held across an await.
+    state: Mutex<State>,
+    /// REST market-data calls of the source before the stream started.
+    baseline: u64,
+}
+
+struct State {
+    started: Instant,
+    connected_since: Option<Instant>,
+    connected_total: Duration,
+    products: BTreeMap<ProductId, ProductState>,
+    by_channel: BTreeMap<String, u64>,
+}
+
+/// What the stream knows of one followed product.
+#[derive(Debug, Default)]
+struct ProductState {
+    /// When its last pushed ticker was stored (the entry [`CoordinatedSource::feed_touch_ticker`]
+    /// may extend).
+    ticker_at: Option<Instant>,
+    /// When its last candle merge happened.
+    candle_at: Option<Instant>,
+    /// Ticker pushed since the last stale mark.
+    ticker_live: bool,
+    /// Candles merged since the last stale mark.
+    candles_live: bool,
+    /// What the feed last wrote to its five-minute series while the stream stayed continuous.
+    mark: Option<crate::coordinated::feed::FeedMark>,
+    /// Derived granularities the feed maintains.
+    derived: BTreeSet<Granularity>,
+    /// A repair is in flight.
+    repairing: bool,
+    /// When the last repair started.
+    repair_at: Option<Instant>,
+}
+
+impl ProductState {
+    fn is_live(&self) -> bool {
+        self.ticker_live && self.candles_live
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicU64,
+    connect_failures: AtomicU64,
+    reconnects: AtomicU64,
+    messages: AtomicU64,
+    heartbeats: AtomicU64,
+    tickers_applied: AtomicU64,
+    candle_merges: AtomicU64,
+    derived_updates: AtomicU64,
+    sequence_gaps: AtomicU64,
+    silences: AtomicU64,
+    stale_marks: AtomicU64,
+    repairs: AtomicU64,
+    repair_failures: AtomicU64,
+    exchange_errors: AtomicU64,
+    decode_errors: AtomicU64,
+    subscribe_messages: AtomicU64,
+    unsubscribe_messages: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// REST market-data calls a source has made.
+fn rest_market_calls(source: &CoordinatedSource) -> u64 {
+    let s = source.stats();
+    ["ticker", "best_bid_ask", "candles"]
+        .iter()
+        .map(|k| s.upstream_calls_by_endpoint.get(*k).copied().unwrap_or(0))
+        .sum()
+}
+
+impl Shared {
+    fn stats(&self) -> StreamStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &self.counters;
+        let now = Instant::now();
+        let desired = self.desired.borrow().clone();
+        let st = lock(&self.state);
+        let connected_ms = ms(st.connected_total + st.connected_since.map_or(Duration::ZERO, |s| now - s));
+        let total_ms = ms(now - st.started);
+        let products: BTreeMap<String, ProductLiveness> = desired
+            .iter()
+            .map(|p| {
+                let s = st.products.get(p);
+                (
+                    p.to_string(),
+                    ProductLiveness {
+                        live: s.is_some_and(ProductState::is_live),
+                        ticker_age_ms: s.and_then(|s| s.ticker_at).map(|t| ms(now - t)),
+                        candle_age_ms: s.and_then(|s| s.candle_at).map(|t| ms(now - t)),
+                    },
+                )
+            })
+            .collect();
+        let repairs = get(&c.repairs);
+        StreamStats {
+            connected: st.connected_since.is_some(),
+            connected_ms,
+            disconnected_ms: total_ms.saturating_sub(connected_ms),
+            connections: get(&c.connections),
+            connect_failures: get(&c.connect_failures),
+            reconnects: get(&c.reconnects),
+            messages: get(&c.messages),
+            messages_by_channel: st.by_channel.clone(),
+            heartbeats: get(&c.heartbeats),
+            tickers_applied: get(&c.tickers_applied),
+            candle_merges: get(&c.candle_merges),
+            derived_updates: get(&c.derived_updates),
+            sequence_gaps: get(&c.sequence_gaps),
+            silences: get(&c.silences),
+            stale_marks: get(&c.stale_marks),
+            repairs,
+            repair_failures: get(&c.repair_failures),
+            exchange_errors: get(&c.exchange_errors),
+            decode_errors: get(&c.decode_errors),
+            subscribe_messages: get(&c.subscribe_messages),
+            unsubscribe_messages: get(&c.unsubscribe_messages),
+            rest_fallbacks: rest_market_calls(&self.source)
+                .saturating_sub(self.baseline)
+                .saturating_sub(repairs),
+            followed_products: desired.len() as u64,
+            live_products: products.values().filter(|p| p.live).count() as u64,
+            products,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_validate_and_round_trip() {
+        let cfg = StreamConfig::default();
+        cfg.validate().unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains(r#""ticker_channel":"ticker_batch""#), "{json}");
+        assert_eq!(serde_json::from_str::<StreamConfig>(&json).unwrap(), cfg);
+        let partial: StreamConfig = serde_json::from_str(r#"{"silence_timeout": 9000}"#).unwrap();
+        assert_eq!(partial.silence_timeout, Duration::from_secs(9));
+        for bad in [
+            StreamConfig { url: "http://x".into(), ..StreamConfig::default() },
+            StreamConfig { messages_per_second: 0, ..StreamConfig::default() },
+            StreamConfig { silence_timeout: Duration::from_secs(1), ..StreamConfig::default() },
+            StreamConfig { reconnect_min: Duration::from_millis(10), ..StreamConfig::default() },
+            StreamConfig { reconnect_max: Duration::from_millis(200), ..StreamConfig::default() },
+        ] {
+            assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
+        }
+    }
+}
