@@ -454,9 +454,10 @@ impl CoordinatedSource {
     ) -> impl Future<Output = (Result<Entry<Ticker>>, Role)> + Send + '_ {
         let inner = Arc::clone(&self.inner);
         let flight = Arc::clone(&self.inner.ticker_flight);
+        let missed_at = Instant::now();
         async move {
             let p = product.clone();
-            flight.run(product, move || async move { Inner::fetch_ticker(inner, p).await }).await
+            flight.run(product, move || async move { Inner::fetch_ticker(inner, p, missed_at).await }).await
         }
     }
 
@@ -722,11 +723,11 @@ impl Inner {
         Entry::new(t, now, now + self.cfg.ticker_ttl)
     }
 
-    async fn fetch_ticker(this: Arc<Inner>, product: ProductId) -> Result<Entry<Ticker>> {
-        // Another fetch may have filled the cache between our miss and this flight.
+    async fn fetch_ticker(this: Arc<Inner>, product: ProductId, missed_at: Instant) -> Result<Entry<Ticker>> {
+        // Another fetch may have filled the cache after our miss (its flight ended between our
+        // cache read and this flight): that value is as fresh as a new fetch would be.
         if let Some(e) = this.tickers.get(&product).await
-            && e.is_fresh(Instant::now(), None)
-            && e.age(Instant::now()).is_zero()
+            && e.fetched_at >= missed_at
         {
             return Ok(e);
         }
