@@ -216,7 +216,21 @@ impl SourceSelector {
     /// [`source_for`](SourceSelector::source_for) together with the route it was chosen
     /// for, both from the same flags.
     pub fn resolve(&self, bot_id: &str) -> (Route, Arc<dyn MarketDataSource>) {
-        let route = self.route(bot_id);
+        self.source_by_route(self.route(bot_id))
+    }
+
+    /// [`resolve`](SourceSelector::resolve) for many bots under one view of the flags, so a
+    /// flag change during the call cannot split them between two configurations (what a
+    /// [`BatchEvaluator`](crate::BatchEvaluator) does at the start of each tick).
+    pub fn resolve_all<'a>(
+        &self,
+        bot_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<(Route, Arc<dyn MarketDataSource>)> {
+        let flags = self.flags();
+        bot_ids.into_iter().map(|id| self.source_by_route(flags.route(id))).collect()
+    }
+
+    fn source_by_route(&self, route: Route) -> (Route, Arc<dyn MarketDataSource>) {
         inc(&self.inner.counters.routed[route_index(route)]);
         let source: Arc<dyn MarketDataSource> = match route {
             Route::Legacy => Arc::clone(&self.inner.legacy),
