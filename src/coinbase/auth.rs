@@ -32,6 +32,11 @@ pub struct Credentials {
     signing_key: SigningKey,
 }
 
+// The only key material is `signing_key`, and p256's `SigningKey` zeroizes its secret scalar on
+// drop (it is `ZeroizeOnDrop` itself); the key name is not secret. So every `Credentials`,
+// clones included, leaves no key behind when dropped. Asserted in tests/it/secrets.rs.
+impl zeroize::ZeroizeOnDrop for Credentials {}
+
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
