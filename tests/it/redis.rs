@@ -1,0 +1,414 @@
+//! `SharedTier` against a real `redis-server` (started by each test on a free loopback port)
+//! and the simulated exchange: K independent sources act as one client, the limit holds while
+//! Redis dies and comes back, leases expire when their holder dies, and a 429 pauses every
+//! process.
+//!
+//! Redis runs in real time, so these tests do too (on a multi-threaded runtime, with the sim on
+//! it); their bounds are generous. Without `redis-server` on PATH they are skipped with a
+//! message, except under `CI=true`, where they fail: `.ci/run` installs it.
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use tickshare::{
+    BatchEvaluator, Bot, CoordinatedSource, Error, Granularity, MarketDataSource, MovingAverageCrossover,
+    ProductId, SharedTier, SharedTierBuilder, Strategy, TierMode,
+    sim::{Endpoint, Fault, SimExchange, SimStats},
+};
+use tokio::time::Instant;
+
+use crate::support::fixed_clock;
+
+const KEY_ID: &str = "organizations/sim/apiKeys/sim";
+
+/// A `redis-server` child on a fixed loopback port, without persistence; killed on drop.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Start one, or `None` when `redis-server` is not installed (a failure under `CI=true`).
+    async fn start() -> Option<Self> {
+        if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "redis-server is not installed; .ci/run installs it (apt-get install redis-server)"
+            );
+            eprintln!("skipping: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut server = RedisServer { port, child: None };
+        server.restart().await;
+        Some(server)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// (Re)start the server on the same port and wait until it answers.
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let client = ::redis::Client::open(self.url()).unwrap();
+        for _ in 0..200 {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && ::redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not come up on port {}", self.port);
+    }
+
+    /// Kill the server (SIGKILL: no goodbye to clients) and wait for it to be gone.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn conn(&self) -> ::redis::aio::MultiplexedConnection {
+        ::redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn pid(s: &str) -> ProductId {
+    s.parse().unwrap()
+}
+
+/// A tier over a fresh client of `sim` (no limiter of its own), on the sim's clock.
+fn tier(sim: &SimExchange, url: &str, namespace: &str) -> SharedTierBuilder {
+    let client = sim.client_builder().unlimited().build().unwrap();
+    SharedTier::coinbase(url, KEY_ID, client)
+        .namespace(namespace)
+        .clock(sim.clock())
+        .lease_poll(Duration::from_millis(5))
+}
+
+fn bots(products: &[ProductId]) -> Vec<Bot> {
+    let strategy: Arc<dyn Strategy> = Arc::new(MovingAverageCrossover::default());
+    products
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Bot::new(format!("bot-{i:02}"), p.clone(), Arc::clone(&strategy)).lookback(24))
+        .collect()
+}
+
+/// `workers` independent stacks (client, tier, L1 coordinated source, evaluator) run the same
+/// 25 bots for two ticks 2 s apart, all at once; returns the sim's counters.
+async fn run_workers(sim: &SimExchange, url: &str, namespace: &str, workers: usize) -> SimStats {
+    let products = sim.products();
+    let bots = bots(&products);
+    let mut stacks = Vec::new();
+    for _ in 0..workers {
+        let t = tier(sim, url, namespace)
+            .ticker_ttl(Duration::from_millis(500))
+            .accounts_ttl(Duration::from_millis(500))
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(t.mode(), TierMode::Shared);
+        let l1 = CoordinatedSource::builder(t.clone())
+            .clock(sim.clock())
+            .ticker_ttl(Duration::from_millis(500))
+            .accounts_ttl(Duration::from_millis(500))
+            // Wide enough that a busy debug build still gathers a tick's 25 tickers in one batch.
+            .batch_window(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let eval = BatchEvaluator::new(Arc::new(l1)).clock(sim.clock());
+        stacks.push((t, eval));
+    }
+    sim.reset_stats();
+    let start = Instant::now();
+    let runs = stacks.iter().map(|(_, eval)| async {
+        for tick in 0..2u32 {
+            tokio::time::sleep_until(start + Duration::from_millis(2000) * tick).await;
+            let report = eval.evaluate_all(&bots).await;
+            assert_eq!(report.errors().count(), 0, "{:?}", report.errors().next());
+        }
+    });
+    futures_util::future::join_all(runs).await;
+    let stats = sim.stats();
+    let from_tiers: u64 = stacks.iter().map(|(t, _)| t.stats().upstream_calls).sum();
+    assert_eq!(from_tiers, stats.total_calls, "every request the sim saw went through a tier");
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_independent_sources_cost_what_one_does() {
+    let Some(redis) = RedisServer::start().await else { return };
+    let sim = SimExchange::builder()
+        .products(25)
+        .clock(fixed_clock())
+        .latency(Duration::from_millis(5))
+        .start()
+        .await
+        .unwrap();
+
+    let one = run_workers(&sim, &redis.url(), "one", 1).await;
+    // Tick 1: one best_bid_ask, 25 candle series, accounts. Tick 2 (tickers and accounts
+    // expired everywhere, candles not): best_bid_ask and accounts again.
+    assert_eq!(one.total_calls, 27 + 2, "{:?}", one.calls_by_endpoint);
+
+    let four = run_workers(&sim, &redis.url(), "four", 4).await;
+    assert_eq!(four.total_calls, one.total_calls, "{:?}", four.calls_by_endpoint);
+    assert_eq!(four.calls_by_endpoint, one.calls_by_endpoint);
+    for s in [&one, &four] {
+        assert_eq!(s.rate_limited_429, 0);
+        assert!(s.max_requests_in_any_1s.private <= 30, "{:?}", s.max_requests_in_any_1s);
+    }
+}
+
+/// `workers` tiers, each with `lanes` concurrent loops asking for candle windows nobody asked
+/// for before (distinct per tier, so nothing is shared): demand far above the limit.
+fn hammer(
+    tiers: &[SharedTier],
+    lanes: usize,
+    until: Instant,
+) -> impl std::future::Future<Output = Vec<u64>> + '_ {
+    let btc = pid("BTC-USD");
+    let runs = tiers.iter().enumerate().map(move |(w, t)| {
+        let btc = btc.clone();
+        async move {
+            let lanes = (0..lanes).map(|lane| {
+                let (t, btc) = (t.clone(), btc.clone());
+                async move {
+                    let mut ok = 0u64;
+                    let mut k = 0i64;
+                    while Instant::now() < until {
+                        // Minute windows far in the past, unique per (tier, lane, k).
+                        let back = ((w * 1000 + lane * 100) as i64 + k) * 5 + 60 * 24 * 60;
+                        k += 1;
+                        let now = fixed_clock().now_utc();
+                        let range = tickshare::CandleRange::new(
+                            now - time::Duration::minutes(back + 5),
+                            now - time::Duration::minutes(back),
+                        )
+                        .unwrap();
+                        match t.candles(&btc, Granularity::OneMinute, range).await {
+                            Ok(_) => ok += 1,
+                            Err(Error::RateLimited { local: true, .. }) => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            Err(e) => panic!("tier {w}: {e}"),
+                        }
+                    }
+                    ok
+                }
+            });
+            futures_util::future::join_all(lanes).await.into_iter().sum::<u64>()
+        }
+    });
+    futures_util::future::join_all(runs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_holds_the_limit_and_recovers() {
+    let Some(mut redis) = RedisServer::start().await else { return };
+    let sim =
+        SimExchange::builder().clock(fixed_clock()).latency(Duration::from_millis(5)).start().await.unwrap();
+    let mut tiers = Vec::new();
+    for _ in 0..4 {
+        let t = tier(&sim, &redis.url(), "outage")
+            .expected_workers(4)
+            .redis_timeout(Duration::from_millis(200))
+            .reconnect_interval(Duration::from_millis(200))
+            .build()
+            .await
+            .unwrap();
+        tiers.push(t);
+    }
+    sim.reset_stats();
+
+    // Shared: the four together stay within the one budget.
+    let shared = hammer(&tiers, 6, Instant::now() + Duration::from_millis(1500)).await;
+    let mut total_calls = check_phase(&sim, "shared");
+    assert!(shared.iter().sum::<u64>() >= 25, "{shared:?}");
+    assert!(tiers.iter().all(|t| t.mode() == TierMode::Shared));
+
+    // Redis dies mid-run: every tier falls back to its share; nothing panics, no 429.
+    let load = tokio::spawn({
+        let tiers = tiers.clone();
+        async move { hammer(&tiers, 6, Instant::now() + Duration::from_millis(2500)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+    let degraded = load.await.unwrap();
+    total_calls += check_phase(&sim, "redis killed");
+    assert!(tiers.iter().all(|t| t.mode() == TierMode::Degraded), "{:?}", tiers[0].stats());
+    assert!(degraded.iter().all(|n| *n > 0), "every tier kept working: {degraded:?}");
+    for t in &tiers {
+        let st = t.stats();
+        assert_eq!(st.outages, 1, "{st:?}");
+        assert!(st.degraded_calls > 0 && st.fallback_limiter.private.acquired > 0, "{st:?}");
+    }
+
+    // Redis comes back (empty): the tiers reconnect by themselves, hand over, share again.
+    redis.restart().await;
+    let after = hammer(&tiers, 6, Instant::now() + Duration::from_millis(2500)).await;
+    total_calls += check_phase(&sim, "redis restarted");
+    assert!(after.iter().all(|n| *n > 0), "{after:?}");
+    for t in &tiers {
+        let st = t.stats();
+        assert_eq!((st.mode, st.recoveries), (TierMode::Shared, 1), "{st:?}");
+    }
+    let from_tiers: u64 = tiers.iter().map(|t| t.stats().upstream_calls).sum();
+    assert_eq!(from_tiers, total_calls);
+}
+
+/// Check one phase of the outage test (no 429, never more than the limit in a second), print
+/// it, start the next; returns the phase's calls.
+fn check_phase(sim: &SimExchange, name: &str) -> u64 {
+    let s = sim.stats();
+    eprintln!(
+        "{name}: {} calls, {} answered 429, at most {} private requests in any second",
+        s.total_calls, s.rate_limited_429, s.max_requests_in_any_1s.private
+    );
+    assert_eq!(s.rate_limited_429, 0, "{name}: {:?}", s.responses_by_status);
+    assert!(s.max_requests_in_any_1s.private <= 30, "{name}: {:?}", s.max_requests_in_any_1s);
+    sim.reset_stats();
+    s.total_calls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_lease_expires_and_is_taken_over() {
+    let Some(redis) = RedisServer::start().await else { return };
+    let sim = SimExchange::builder().clock(fixed_clock()).start().await.unwrap();
+    let t = tier(&sim, &redis.url(), "lease").lease_ttl(Duration::from_millis(800)).build().await.unwrap();
+    let btc = pid("BTC-USD");
+    // A process leased BTC-USD and died: its lease lives on for its TTL, and nobody extends it.
+    let lease = format!("{}t:BTC-USD:lease", t.key_prefix());
+    let mut conn = redis.conn().await;
+    let _: () = ::redis::cmd("SET")
+        .arg(&lease)
+        .arg("dead-process")
+        .arg("PX")
+        .arg(800)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let start = Instant::now();
+    let ticker = t.ticker(&btc).await.unwrap();
+    let waited = start.elapsed();
+    assert_eq!(ticker.product, btc);
+    assert!(waited >= Duration::from_millis(500), "took over before the lease expired: {waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    let s = t.stats();
+    assert_eq!((s.lease_waits, s.lease_takeovers, s.upstream_calls), (1, 1, 1), "{s:?}");
+    assert_eq!(sim.stats().total_calls, 1);
+    // The value is shared now: a second tier gets it from Redis.
+    let other = tier(&sim, &redis.url(), "lease").build().await.unwrap();
+    assert_eq!(other.ticker(&btc).await.unwrap(), ticker);
+    assert_eq!((other.stats().l2_hits, other.stats().upstream_calls), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_live_holder_keeps_its_lease() {
+    let Some(redis) = RedisServer::start().await else { return };
+    // Each request takes 1.5 s, well past the lease TTL: only the heartbeat keeps the lease.
+    let sim = SimExchange::builder()
+        .clock(fixed_clock())
+        .latency(Duration::from_millis(1500))
+        .start()
+        .await
+        .unwrap();
+    let a = tier(&sim, &redis.url(), "slow").lease_ttl(Duration::from_millis(600)).build().await.unwrap();
+    let b = tier(&sim, &redis.url(), "slow").lease_ttl(Duration::from_millis(600)).build().await.unwrap();
+    let products: Vec<ProductId> = sim.products().into_iter().take(5).collect();
+    let (ra, rb) = tokio::join!(a.tickers(&products), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        b.tickers(&products).await
+    });
+    let (mut ra, mut rb) = (ra.unwrap(), rb.unwrap());
+    ra.sort_by(|x, y| x.product.cmp(&y.product));
+    rb.sort_by(|x, y| x.product.cmp(&y.product));
+    assert_eq!(ra, rb);
+    assert_eq!(ra.len(), 5);
+    assert_eq!(sim.stats().total_calls, 1, "one best_bid_ask for both processes");
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!((sa.leases_acquired, sa.upstream_calls), (5, 1), "{sa:?}");
+    assert_eq!(
+        (sb.lease_waits, sb.lease_waits_served, sb.lease_takeovers, sb.upstream_calls),
+        (5, 5, 0, 0),
+        "{sb:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_in_one_process_pauses_all() {
+    let Some(redis) = RedisServer::start().await else { return };
+    let sim = SimExchange::builder().clock(fixed_clock()).retry_after(true).start().await.unwrap();
+    let a = tier(&sim, &redis.url(), "pause").build().await.unwrap();
+    let b = tier(&sim, &redis.url(), "pause").build().await.unwrap();
+    sim.add_fault(Fault::status(429).on(Endpoint::Accounts).times(1));
+    let err = a.accounts().await.unwrap_err();
+    assert!(matches!(err, Error::RateLimited { local: false, .. }), "{err}");
+    assert_eq!(a.stats().shared_limiter.pauses_set, 1);
+    // B has seen no 429, yet waits out the pause A set before sending anything.
+    let start = Instant::now();
+    let tickers = b.tickers(&[pid("BTC-USD")]).await.unwrap();
+    let waited = start.elapsed();
+    assert_eq!(tickers.len(), 1);
+    assert!(waited >= Duration::from_millis(500), "{waited:?}");
+    let sb = b.stats();
+    assert_eq!((sb.shared_limiter.waits, sb.rate_limited_429), (1, 0), "{sb:?}");
+    assert_eq!(sim.stats().rate_limited_429, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_products_and_errors_are_shared_briefly() {
+    let Some(redis) = RedisServer::start().await else { return };
+    let sim = SimExchange::builder().clock(fixed_clock()).start().await.unwrap();
+    let a = tier(&sim, &redis.url(), "neg").build().await.unwrap();
+    let b = tier(&sim, &redis.url(), "neg").build().await.unwrap();
+    let nope = pid("NOPE-USD");
+    assert!(matches!(a.ticker(&nope).await, Err(Error::NotFound(_))));
+    assert!(matches!(b.ticker(&nope).await, Err(Error::NotFound(_))));
+    assert_eq!(b.tickers(&[nope.clone(), pid("BTC-USD")]).await.unwrap().len(), 1);
+    assert_eq!(sim.stats().total_calls, 2, "the unknown product was asked for once");
+
+    // A 503 is handed to the process that waited for the same key, not retried by it.
+    sim.add_fault(Fault::status(503).on(Endpoint::Accounts).times(1));
+    let (ra, rb) = tokio::join!(a.accounts(), async {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        b.accounts().await
+    });
+    assert!(matches!(ra, Err(Error::Upstream { status: 503, .. })), "{ra:?}");
+    assert!(matches!(rb, Err(Error::Upstream { status: 503, .. })), "{rb:?}");
+    assert_eq!(sim.stats().calls(Endpoint::Accounts), 1);
+    // After error_ttl the next call goes upstream again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!b.accounts().await.unwrap().is_empty());
+    assert_eq!(sim.stats().calls(Endpoint::Accounts), 2);
+}
