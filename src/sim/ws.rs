@@ -369,6 +369,8 @@ impl Drop for OpenGuard {
 async fn connection(stream: TcpStream, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     let _ = stream.set_nodelay(true);
     let admitted = admit(&shared.ws.connections, shared.ws.cfg.connection_limit, Instant::now());
+    // The signature is tungstenite's handshake `Callback`; its error type is not ours to shrink.
+    #[allow(clippy::result_large_err)]
     let callback = move |_req: &Request, resp: Response| -> std::result::Result<Response, ErrorResponse> {
         if admitted {
             Ok(resp)

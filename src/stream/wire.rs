@@ -2,7 +2,7 @@
 //! (`wss://advanced-trade-ws.coinbase.com`, COINBASE.md §5).
 //!
 //! Numbers are JSON strings and may be `""` (an empty `ticker_batch` frame has every field
-//! empty); these structs keep them as strings and [`decode`] turns a frame into typed data,
+//! empty); these structs keep them as strings and the stream decodes a frame into typed data,
 //! answering [`Error::Decode`] (never a panic) for anything malformed. The simulated exchange's
 //! WebSocket endpoint serializes the same structs, so the client and the simulator cannot drift
 //! apart.
