@@ -6,6 +6,7 @@ mod client;
 mod coordinated;
 mod evaluator;
 mod faults;
+mod props;
 mod secrets;
 mod sim;
 mod support;
