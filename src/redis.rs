@@ -85,7 +85,9 @@
 //!
 //! The tier's own waits (lease polls, limiter waits, the quiet window, reconnect probes) use
 //! `tokio::time`; Redis runs in real time and the limiter reads Redis's clock, so a test of the
-//! tier against a real Redis runs in real time.
+//! tier against a real Redis runs in real time. (Under `tokio::time::pause`, an idle runtime
+//! jumps past `redis_timeout` while a Redis answer is on its way, and the tier would take Redis
+//! for down.) Without Redis, the degraded path is paused-clock friendly.
 
 mod codec;
 mod flight;
@@ -400,8 +402,11 @@ impl SharedTierBuilder {
     /// degraded (see the [module docs](self)) and connects when Redis comes up.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid setting or a `redis_url` that is not a `redis://` or
-    /// `unix://` URL (`rediss://` needs TLS, which this build does not include).
+    /// [`Error::Config`] for an invalid setting or a `redis_url` that is not a `redis://` URL
+    /// (`rediss://` needs TLS, which this build does not include).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing outlives a dropped call but an idle connection attempt.
     pub async fn build(self) -> Result<SharedTier> {
         self.cfg.validate()?;
         self.limits.validate()?;
@@ -415,9 +420,7 @@ impl SharedTierBuilder {
         };
         let fallback = RateLimiter::new(fallback_cfg)?;
         let client = ::redis::Client::open(self.redis_url.as_str()).map_err(|_| {
-            Error::Config(
-                "redis_url is not a valid redis:// or unix:// URL (rediss:// needs TLS, not included)".into(),
-            )
+            Error::Config("redis_url is not a valid redis:// URL (rediss:// needs TLS, not included)".into())
         })?;
         let target = client.get_connection_info().addr().to_string();
         let manager_cfg = manager_config(&self.cfg);

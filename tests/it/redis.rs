@@ -124,7 +124,7 @@ fn bots(products: &[ProductId]) -> Vec<Bot> {
 }
 
 /// `workers` independent stacks (client, tier, L1 coordinated source, evaluator) run the same
-/// 25 bots for two ticks 2 s apart, all at once; returns the sim's counters.
+/// 25 bots for two ticks, all at once; returns the sim's counters.
 async fn run_workers(sim: &SimExchange, url: &str, namespace: &str, workers: usize) -> SimStats {
     let products = sim.products();
     let bots = bots(&products);
@@ -149,15 +149,17 @@ async fn run_workers(sim: &SimExchange, url: &str, namespace: &str, workers: usi
         stacks.push((t, eval));
     }
     sim.reset_stats();
-    let start = Instant::now();
-    let runs = stacks.iter().map(|(_, eval)| async {
-        for tick in 0..2u32 {
-            tokio::time::sleep_until(start + Duration::from_millis(2000) * tick).await;
-            let report = eval.evaluate_all(&bots).await;
+    for tick in 0..2 {
+        if tick > 0 {
+            // Every worker has finished the tick before: a second later, the tickers and
+            // accounts have expired in every L1 and in Redis, the hourly candles have not.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let ticks = stacks.iter().map(|(_, eval)| eval.evaluate_all(&bots));
+        for report in futures_util::future::join_all(ticks).await {
             assert_eq!(report.errors().count(), 0, "{:?}", report.errors().next());
         }
-    });
-    futures_util::future::join_all(runs).await;
+    }
     let stats = sim.stats();
     let from_tiers: u64 = stacks.iter().map(|(t, _)| t.stats().upstream_calls).sum();
     assert_eq!(from_tiers, stats.total_calls, "every request the sim saw went through a tier");
@@ -336,15 +338,11 @@ async fn a_dead_holders_lease_expires_and_is_taken_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_live_holder_keeps_its_lease() {
     let Some(redis) = RedisServer::start().await else { return };
-    // Each request takes 1.5 s, well past the lease TTL: only the heartbeat keeps the lease.
-    let sim = SimExchange::builder()
-        .clock(fixed_clock())
-        .latency(Duration::from_millis(1500))
-        .start()
-        .await
-        .unwrap();
-    let a = tier(&sim, &redis.url(), "slow").lease_ttl(Duration::from_millis(600)).build().await.unwrap();
-    let b = tier(&sim, &redis.url(), "slow").lease_ttl(Duration::from_millis(600)).build().await.unwrap();
+    // Each request takes 2 s, well past the lease TTL: only the heartbeat keeps the lease.
+    let sim =
+        SimExchange::builder().clock(fixed_clock()).latency(Duration::from_secs(2)).start().await.unwrap();
+    let a = tier(&sim, &redis.url(), "slow").lease_ttl(Duration::from_millis(900)).build().await.unwrap();
+    let b = tier(&sim, &redis.url(), "slow").lease_ttl(Duration::from_millis(900)).build().await.unwrap();
     let products: Vec<ProductId> = sim.products().into_iter().take(5).collect();
     let (ra, rb) = tokio::join!(a.tickers(&products), async {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -398,10 +396,11 @@ async fn unknown_products_and_errors_are_shared_briefly() {
     assert_eq!(b.tickers(&[nope.clone(), pid("BTC-USD")]).await.unwrap().len(), 1);
     assert_eq!(sim.stats().total_calls, 2, "the unknown product was asked for once");
 
-    // A 503 is handed to the process that waited for the same key, not retried by it.
+    // A 503 is handed to the process that waited for the same key (or came just after), not
+    // retried by it.
     sim.add_fault(Fault::status(503).on(Endpoint::Accounts).times(1));
     let (ra, rb) = tokio::join!(a.accounts(), async {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         b.accounts().await
     });
     assert!(matches!(ra, Err(Error::Upstream { status: 503, .. })), "{ra:?}");
