@@ -151,8 +151,16 @@ pub struct Ticker {
 impl Ticker {
     /// The bid/ask mid price, when both sides are present.
     pub fn mid(&self) -> Option<Decimal> {
-        Some((self.best_bid? + self.best_ask?) / Decimal::TWO)
+        Some(mid_price(self.best_bid?, self.best_ask?))
     }
+}
+
+/// The mean of a bid and an ask, without overflowing at the edges of `Decimal`'s range (the
+/// exchange's numbers are input: `bid + ask` alone panics there).
+pub(crate) fn mid_price(bid: Decimal, ask: Decimal) -> Decimal {
+    // Halves of values near the edge round away from zero, so even they are added saturating.
+    bid.checked_add(ask)
+        .map_or_else(|| (bid / Decimal::TWO).saturating_add(ask / Decimal::TWO), |sum| sum / Decimal::TWO)
 }
 
 /// One OHLCV candle. `start` is the opening time of its bucket.
@@ -385,9 +393,9 @@ pub struct Balance {
 }
 
 impl Balance {
-    /// `available + hold`.
+    /// `available + hold` (saturating at `Decimal::MAX`).
     pub fn total(&self) -> Decimal {
-        self.available + self.hold
+        self.available.saturating_add(self.hold)
     }
 }
 
@@ -409,13 +417,14 @@ impl Balance {
 pub struct Balances(BTreeMap<String, Balance>);
 
 impl Balances {
-    /// Sum the active accounts by currency.
+    /// Sum the active accounts by currency (saturating: amounts come from the exchange, and a
+    /// plain sum would panic at the edge of `Decimal`'s range).
     pub fn from_accounts(accounts: &[Account]) -> Self {
         let mut map: BTreeMap<String, Balance> = BTreeMap::new();
         for a in accounts.iter().filter(|a| a.active) {
             let b = map.entry(a.currency.to_ascii_uppercase()).or_default();
-            b.available += a.available;
-            b.hold += a.hold;
+            b.available = b.available.saturating_add(a.available);
+            b.hold = b.hold.saturating_add(a.hold);
         }
         Balances(map)
     }

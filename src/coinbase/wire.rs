@@ -12,7 +12,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     error::{Error, Result},
-    model::{Account, Candle, ProductId, Ticker, from_unix},
+    model::{Account, Candle, ProductId, Ticker, from_unix, mid_price},
 };
 
 /// `GET /market/products/{id}/ticker` and `GET /products/{id}/ticker`.
@@ -319,7 +319,7 @@ pub fn decode_ticker(product: &ProductId, body: &[u8]) -> Result<Ticker> {
     let (price, time) = match w.trades.first() {
         Some(t) => (parse_decimal(&t.price, "trades[0].price")?, parse_time(&t.time, "trades[0].time")?),
         None => match (best_bid, best_ask) {
-            (Some(b), Some(a)) => ((b + a) / Decimal::TWO, OffsetDateTime::UNIX_EPOCH),
+            (Some(b), Some(a)) => (mid_price(b, a), OffsetDateTime::UNIX_EPOCH),
             _ => return Err(Error::decode("ticker has no trades and no two-sided book")),
         },
     };
@@ -367,7 +367,7 @@ pub fn decode_best_bid_ask(body: &[u8]) -> Result<Vec<Ticker>> {
         let best_bid = book.bids.first().map(|l| parse_decimal(&l.price, "bids[0].price")).transpose()?;
         let best_ask = book.asks.first().map(|l| parse_decimal(&l.price, "asks[0].price")).transpose()?;
         let price = match (best_bid, best_ask) {
-            (Some(b), Some(a)) => (b + a) / Decimal::TWO,
+            (Some(b), Some(a)) => mid_price(b, a),
             (Some(p), None) | (None, Some(p)) => p,
             (None, None) => continue,
         };

@@ -6,6 +6,7 @@ mod client;
 mod coordinated;
 mod evaluator;
 mod faults;
+mod fuzz;
 mod props;
 mod secrets;
 mod sim;
