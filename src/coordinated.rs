@@ -416,6 +416,9 @@ impl CoordinatedSource {
     pub fn stats(&self) -> CoordinatedStats {
         let mut stats = self.inner.counters.snapshot(self.rate_limiter().map(RateLimiter::stats));
         stats.breaker = self.inner.breaker.stats();
+        let inner = &self.inner;
+        stats.cache_entries =
+            inner.tickers.entry_count() + inner.series.entry_count() + inner.negative.entry_count();
         stats
     }
 

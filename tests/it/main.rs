@@ -7,6 +7,7 @@ mod coordinated;
 mod evaluator;
 mod faults;
 mod fuzz;
+mod load;
 mod props;
 mod secrets;
 mod sim;

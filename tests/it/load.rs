@@ -1,0 +1,164 @@
+//! Load (#7): many tasks reading tickers through one `CoordinatedSource` over real HTTP from
+//! the simulated exchange, 99 % of the reads over 500 hot products and 1 % over a pool of cold
+//! ones, on tokio's paused clock. Checks: every read answered with the exchange's price, zero
+//! 429s at the exchange and no second over its limit, the cache bounded by its capacity
+//! although the reads touch several times more products, and the run finishing (a deadlock
+//! would let the paused clock run into the time limit).
+//!
+//! CI runs 100 tasks × 1,000 reads. The full form, 1,000 tasks × 1,000 reads:
+//!
+//! ```text
+//! cargo test --release --test it load::full -- --ignored --nocapture
+//! ```
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant as WallInstant},
+};
+
+use tickshare::{CoordinatedSource, MarketDataSource, ProductId, sim::SimExchange};
+
+use crate::support::fixed_clock;
+
+const HOT: usize = 500;
+const COLD: usize = 4_000;
+const CAPACITY: u64 = 1_000;
+
+#[derive(Debug)]
+struct LoadReport {
+    reads: u64,
+    cold_reads: u64,
+    distinct_products: u64,
+    upstream_calls: u64,
+    sim_calls: u64,
+    sim_429: u64,
+    max_private_in_1s: u64,
+    cache_entries: u64,
+    hit_rate: f64,
+    simulated: Duration,
+    wall: Duration,
+    max_rss_kib: Option<u64>,
+}
+
+/// The peak resident set size of this process (`VmHWM`), when the OS tells it.
+fn max_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn load(tasks: usize, reads_per_task: usize) -> LoadReport {
+    let clock = fixed_clock();
+    let sim = SimExchange::builder().products(HOT + COLD).clock(clock).start().await.unwrap();
+    let source = CoordinatedSource::coinbase(sim.client_builder().clock(clock).build().unwrap())
+        .clock(clock)
+        .cache_capacity(CAPACITY)
+        .build()
+        .unwrap();
+    let products: Arc<Vec<ProductId>> = Arc::new(sim.products());
+    let cold_reads = Arc::new(AtomicU64::new(0));
+    let cold_seen: Arc<Mutex<HashSet<usize>>> = Arc::default();
+    let wall = WallInstant::now();
+    let start = tokio::time::Instant::now();
+    let mut handles = Vec::with_capacity(tasks);
+    for task in 0..tasks {
+        let (source, products, sim, cold_reads, cold_seen) = (
+            source.clone(),
+            Arc::clone(&products),
+            sim.handle(),
+            Arc::clone(&cold_reads),
+            Arc::clone(&cold_seen),
+        );
+        handles.push(tokio::spawn(async move {
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (task as u64 + 1);
+            for i in 0..reads_per_task {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let p = if rng % 100 == 0 {
+                    cold_reads.fetch_add(1, Ordering::Relaxed);
+                    let i = HOT + (rng >> 8) as usize % COLD;
+                    cold_seen.lock().unwrap().insert(i);
+                    &products[i]
+                } else {
+                    &products[(rng >> 8) as usize % HOT]
+                };
+                let t = source.ticker(p).await.unwrap_or_else(|e| panic!("read of {p} failed: {e}"));
+                if i % 97 == 0 {
+                    assert_eq!(sim.price_at(p, t.time), Some(t.price), "wrong price for {p}");
+                }
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    let all = async {
+        for h in handles {
+            h.await.unwrap();
+        }
+    };
+    // Simulated time: a deadlock makes the paused clock jump straight to this limit.
+    tokio::time::timeout(Duration::from_secs(600), all).await.expect("the load did not finish: deadlock?");
+    let st = source.stats();
+    let sim_stats = sim.stats();
+    LoadReport {
+        reads: (tasks * reads_per_task) as u64,
+        cold_reads: cold_reads.load(Ordering::Relaxed),
+        distinct_products: (HOT + cold_seen.lock().unwrap().len()) as u64,
+        upstream_calls: st.upstream_calls,
+        sim_calls: sim_stats.total_calls,
+        sim_429: sim_stats.rate_limited_429,
+        max_private_in_1s: sim_stats.max_requests_in_any_1s.private,
+        cache_entries: st.cache_entries,
+        hit_rate: st.hit_rate,
+        simulated: start.elapsed(),
+        wall: wall.elapsed(),
+        max_rss_kib: max_rss_kib(),
+    }
+}
+
+fn check(r: &LoadReport) {
+    eprintln!(
+        "load: {} reads ({} cold) over {} products in {:.2} s wall, {:.1} s simulated; {} upstream calls, \
+         hit rate {:.4}, {} cache entries (capacity {CAPACITY}), 429s {}, peak {}/s private, max RSS {} KiB",
+        r.reads,
+        r.cold_reads,
+        r.distinct_products,
+        r.wall.as_secs_f64(),
+        r.simulated.as_secs_f64(),
+        r.upstream_calls,
+        r.hit_rate,
+        r.cache_entries,
+        r.sim_429,
+        r.max_private_in_1s,
+        r.max_rss_kib.map_or_else(|| "?".to_string(), |k| k.to_string()),
+    );
+    assert_eq!(r.sim_429, 0, "{r:?}");
+    assert!(r.max_private_in_1s <= 30, "{r:?}");
+    assert_eq!(r.upstream_calls, r.sim_calls);
+    // The cold reads touched far more products than the cache may hold, and it held no more
+    // than its capacity (moka's count may lag a little behind the latest inserts).
+    assert!(r.distinct_products > CAPACITY + CAPACITY / 4, "{r:?}");
+    assert!(r.cache_entries <= CAPACITY + CAPACITY / 10, "{r:?}");
+    assert!(r.hit_rate > 0.9, "{r:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn short() {
+    let r = load(100, 1_000).await;
+    check(&r);
+    assert_eq!(r.reads, 100_000);
+}
+
+#[tokio::test(start_paused = true)]
+#[ignore = "long: cargo test --release --test it load::full -- --ignored --nocapture"]
+async fn full() {
+    let r = load(1_000, 1_000).await;
+    check(&r);
+    assert_eq!(r.reads, 1_000_000);
+}
