@@ -79,7 +79,7 @@ async fn load(tasks: usize, reads_per_task: usize) -> LoadReport {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
-                let p = if rng % 100 == 0 {
+                let p = if rng.is_multiple_of(100) {
                     cold_reads.fetch_add(1, Ordering::Relaxed);
                     let i = HOT + (rng >> 8) as usize % COLD;
                     cold_seen.lock().unwrap().insert(i);
@@ -88,10 +88,10 @@ async fn load(tasks: usize, reads_per_task: usize) -> LoadReport {
                     &products[(rng >> 8) as usize % HOT]
                 };
                 let t = source.ticker(p).await.unwrap_or_else(|e| panic!("read of {p} failed: {e}"));
-                if i % 97 == 0 {
+                if i.is_multiple_of(97) {
                     assert_eq!(sim.price_at(p, t.time), Some(t.price), "wrong price for {p}");
                 }
-                if i % 64 == 0 {
+                if i.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }

@@ -363,7 +363,7 @@ async fn a_server_echoing_the_token_does_not_get_it_into_errors() {
         .build()
         .unwrap();
     let btc: ProductId = "BTC-USD".parse().unwrap();
-    let errors = vec![
+    let errors = [
         client.accounts().await.unwrap_err(),
         client.best_bid_ask(std::slice::from_ref(&btc)).await.unwrap_err(),
         client.ticker(&btc).await.unwrap_err(),
