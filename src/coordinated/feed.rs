@@ -55,6 +55,13 @@ pub(crate) struct FeedMark {
     to: OffsetDateTime,
 }
 
+impl FeedMark {
+    /// The five-minute bucket in progress when the feed wrote.
+    pub(crate) fn bucket(&self) -> OffsetDateTime {
+        PUSHED.bucket_start(self.fetched_utc)
+    }
+}
+
 /// The outcome of merging pushed candles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Merge {
@@ -163,11 +170,16 @@ impl CoordinatedSource {
         Merge::Merged(FeedMark { fetched_utc, to })
     }
 
-    /// Re-derive the cached series of `product` at every granularity in [`DERIVED`] from its
-    /// five-minute series, for the buckets it covers in full; returns the granularities
-    /// written. Series nobody cached are not created, and a stale five-minute series derives
-    /// nothing.
-    pub(crate) async fn feed_derive(&self, product: &ProductId, grace: Duration) -> Vec<Granularity> {
+    /// Re-derive the cached series of `product` at the granularities `only` (default: every one
+    /// in [`DERIVED`]) from its five-minute series, for the buckets it covers in full; returns
+    /// the granularities written. Series nobody cached are not created, and a stale five-minute
+    /// series derives nothing.
+    pub(crate) async fn feed_derive(
+        &self,
+        product: &ProductId,
+        grace: Duration,
+        only: Option<&[Granularity]>,
+    ) -> Vec<Granularity> {
         let inner = &self.inner;
         let Some(five) = inner.series.get(&(product.clone(), PUSHED)).await else {
             return Vec::new();
@@ -178,7 +190,7 @@ impl CoordinatedSource {
         }
         let f = &five.value;
         let mut written = Vec::new();
-        for g in DERIVED {
+        for g in only.unwrap_or(&DERIVED).iter().copied().filter(|g| DERIVED.contains(g)) {
             let key = (product.clone(), g);
             let Some(e) = inner.series.get(&key).await else { continue };
             let s = &e.value;
@@ -452,7 +464,7 @@ mod tests {
                 panic!("merge at {t}")
             };
             mark = Some(m);
-            derived.push((t, s.feed_derive(&btc, GRACE).await));
+            derived.push((t, s.feed_derive(&btc, GRACE, None).await));
             if t == datetime!(2024-01-01 10:00 UTC) {
                 s.candles(&btc, h, lookback()).await.unwrap();
                 assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -482,7 +494,7 @@ mod tests {
         assert_eq!(read.value[0].open, Decimal::ONE);
         // A stale five-minute series derives nothing.
         s.feed_mark_stale(&btc, &[h]).await;
-        assert!(s.feed_derive(&btc, GRACE).await.is_empty());
+        assert!(s.feed_derive(&btc, GRACE, None).await.is_empty());
     }
 
     #[test]

@@ -363,13 +363,23 @@ impl<'a> Session<'a> {
                     if !desired.contains(&p) {
                         continue;
                     }
-                    let mark = lock(&shared.state).products.get(&p).and_then(|s| s.mark);
+                    let (mark, known) = {
+                        let st = lock(&shared.state);
+                        let s = st.products.get(&p);
+                        (s.and_then(|s| s.mark), s.map(|s| s.derived.iter().copied().collect::<Vec<_>>()))
+                    };
                     match shared.source.feed_candles(&p, &list, at, mark, grace).await {
                         Merge::Merged(m) => {
                             inc(&c.candle_merges);
                             self.delivered = true;
-                            let derived = if shared.cfg.aggregate {
-                                shared.source.feed_derive(&p, grace).await
+                            // Look for newly cached series to derive when a bucket closes (every
+                            // derived bucket closes with a five-minute one) or continuity was
+                            // just regained; in between, update only the series already derived.
+                            let rolled = mark.is_none_or(|old| old.bucket() != m.bucket());
+                            let only = if rolled { None } else { known.as_deref() };
+                            let skip = only.is_some_and(<[_]>::is_empty);
+                            let derived = if shared.cfg.aggregate && !skip {
+                                shared.source.feed_derive(&p, grace, only).await
                             } else {
                                 Vec::new()
                             };
@@ -437,7 +447,7 @@ fn spawn_repair(shared: &Arc<Shared>, product: ProductId) {
                     inc(&c.repairs);
                 }
                 if shared.cfg.aggregate {
-                    shared.source.feed_derive(&product, shared.cfg.candle_grace).await
+                    shared.source.feed_derive(&product, shared.cfg.candle_grace, None).await
                 } else {
                     Vec::new()
                 }

@@ -61,8 +61,11 @@ fn lookback(g: Granularity, n: u32, clock: Clock) -> CandleRange {
 
 #[tokio::test(start_paused = true)]
 async fn twenty_five_bots_make_no_market_data_rest_calls_after_warm_up() {
-    let clock = support::fixed_clock(); // 09:56:38
-    let sim = SimExchange::builder().products(5).clock(clock).start().await.unwrap();
+    let clock = Clock::starting_at(datetime!(2024-04-24 10:46:38 UTC));
+    // Candle updates every 5 s instead of every second: a fifth of the messages (this test
+    // counts REST calls, not the cadence), so it stays fast in debug builds.
+    let ws = WsConfig::default().candle_interval(Duration::from_secs(5));
+    let sim = SimExchange::builder().products(5).clock(clock).ws(ws).start().await.unwrap();
     let products = sim.products();
     let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(clock).build().unwrap();
     let stream =
@@ -83,8 +86,8 @@ async fn twenty_five_bots_make_no_market_data_rest_calls_after_warm_up() {
         .collect();
     let evaluator =
         BatchEvaluator::new(Arc::new(source.clone())).clock(clock).meter(Arc::new(source.clone()));
-    // Warm-up: 09:56:38 fetches each series' history. The five-minute history reaches back to
-    // 08:00, so the stream can derive the 09:00 hour at its close: 10:01:38 needs no call.
+    // Warm-up: 10:46:38 fetches each series' history; 10:51:38 needs no call. The five-minute
+    // history reaches back to 08:50, so the stream can derive the 10:00 hour at its close.
     for _ in 0..2 {
         let report = evaluator.evaluate_all(&bots).await;
         assert_eq!(report.errors().count(), 0);
@@ -93,8 +96,8 @@ async fn twenty_five_bots_make_no_market_data_rest_calls_after_warm_up() {
     let warm = sim.stats();
     assert_eq!(market_calls(&warm), 10, "5 five-minute histories, 5 hourly histories");
     assert_eq!(warm.calls(Endpoint::BestBidAsk), 0, "tickers came from the stream from the start");
-    // 13 ticks, 10:06:38 to 11:06:38: the 11:00 hourly close included.
-    for _ in 0..13 {
+    // Eight ticks, 10:56:38 to 11:31:38: the 11:00 hourly close included.
+    for _ in 0..8 {
         let report = evaluator.evaluate_all(&bots).await;
         assert_eq!(report.errors().count(), 0);
         assert_eq!(report.upstream_calls, 1, "accounts only");
@@ -102,7 +105,7 @@ async fn twenty_five_bots_make_no_market_data_rest_calls_after_warm_up() {
     }
     let s = sim.stats();
     assert_eq!(market_calls(&s), market_calls(&warm), "no ticker or candle REST call after the warm-up");
-    assert_eq!(s.calls(Endpoint::Accounts) - warm.calls(Endpoint::Accounts), 13);
+    assert_eq!(s.calls(Endpoint::Accounts) - warm.calls(Endpoint::Accounts), 8);
     assert_eq!(s.rate_limited_429, 0);
     let st = stream.stats();
     assert_eq!((st.reconnects, st.sequence_gaps, st.silences, st.repairs), (0, 0, 0, 0));
