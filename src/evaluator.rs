@@ -1,8 +1,9 @@
 //! [`BatchEvaluator`]: one market snapshot per tick, every bot evaluated on it.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
+    hash::{BuildHasherDefault, Hasher},
     sync::Arc,
     time::Duration,
 };
@@ -18,7 +19,7 @@ use crate::{
     flags::Route,
     model::{Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
     selector::SourceSelector,
-    source::{MarketDataSource, distinct},
+    source::MarketDataSource,
     stats::UpstreamMeter,
     strategy::{Decision, MarketView, Signal, Strategy},
 };
@@ -93,36 +94,16 @@ impl MarketSnapshot {
     /// Fetch what `bots` need from `source`: one batched tickers call, each distinct candle
     /// series once (at the longest lookback), accounts once — all concurrently.
     pub async fn fetch(source: &dyn MarketDataSource, bots: &[&Bot], now: OffsetDateTime) -> Self {
-        let products = distinct(&bots.iter().map(|b| b.product.clone()).collect::<Vec<_>>());
-        let mut series: BTreeMap<(ProductId, Granularity), u32> = BTreeMap::new();
-        for b in bots {
-            let e = series.entry((b.product.clone(), b.granularity)).or_default();
-            *e = (*e).max(b.lookback);
+        let plan = Plan::new(bots.iter().copied());
+        let fetched = plan.fetch(source, now).await;
+        let candles =
+            plan.series.iter().zip(fetched.candles).map(|(s, c)| ((s.product.clone(), s.granularity), c));
+        MarketSnapshot {
+            taken_at: now,
+            tickers: fetched.tickers,
+            candles: candles.collect(),
+            balances: fetched.balances,
         }
-        let tickers_fut = async {
-            match source.tickers(&products).await {
-                Ok(list) => {
-                    let mut by: HashMap<ProductId, Result<Ticker>> =
-                        list.into_iter().map(|t| (t.product.clone(), Ok(t))).collect();
-                    for p in &products {
-                        by.entry(p.clone()).or_insert_with(|| Err(Error::NotFound(p.to_string())));
-                    }
-                    by
-                }
-                Err(e) => products.iter().map(|p| (p.clone(), Err(e.clone()))).collect(),
-            }
-        };
-        let candles_fut =
-            futures_util::future::join_all(series.iter().map(|((p, g), lookback)| async move {
-                let r = match CandleRange::lookback(*g, *lookback, now) {
-                    Ok(range) => source.candles(p, *g, range).await.map(Arc::new),
-                    Err(e) => Err(e),
-                };
-                ((p.clone(), *g), r)
-            }));
-        let accounts_fut = async { source.accounts().await.map(|a| Balances::from_accounts(&a)) };
-        let (tickers, candles, balances) = tokio::join!(tickers_fut, candles_fut, accounts_fut);
-        MarketSnapshot { taken_at: now, tickers, candles: candles.into_iter().collect(), balances }
     }
 
     /// Evaluate one bot on the snapshot.
@@ -150,6 +131,146 @@ impl MarketSnapshot {
         };
         Ok(bot.strategy.evaluate(&view))
     }
+}
+
+/// One distinct candle series a tick needs, at the longest lookback any of its bots asks.
+struct SeriesNeed<'a> {
+    product: &'a ProductId,
+    granularity: Granularity,
+    lookback: u32,
+}
+
+/// What a tick fetches: the distinct series of its bots (in first-seen order) and, per bot,
+/// the index of its series. Built with one hash lookup per bot, no allocation per bot.
+struct Plan<'a> {
+    series: Vec<SeriesNeed<'a>>,
+    of_bot: Vec<usize>,
+}
+
+/// What a [`Plan`] fetched: tickers by product, candles by series (aligned with
+/// `Plan::series`), balances.
+struct Fetched {
+    tickers: HashMap<ProductId, Result<Ticker>>,
+    candles: Vec<Result<Arc<Vec<Candle>>>>,
+    balances: Result<Balances>,
+}
+
+/// rustc's FxHash: one multiply and rotate per word, several times cheaper than the default
+/// SipHash on short keys. Only for the tick's own index of series, whose keys come from the
+/// host's bot list rather than from the network, so resistance to hash flooding buys nothing.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn write_isize(&mut self, i: isize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        // The multiply leaves the best-mixed bits on top; hashbrown indexes with the low ones.
+        self.0.rotate_left(26)
+    }
+}
+
+type FxBuild = BuildHasherDefault<FxHasher>;
+
+impl<'a> Plan<'a> {
+    fn new(bots: impl Iterator<Item = &'a Bot>) -> Self {
+        let (lower, _) = bots.size_hint();
+        let mut index: HashMap<(&'a ProductId, Granularity), usize, FxBuild> = HashMap::default();
+        let mut series: Vec<SeriesNeed<'a>> = Vec::new();
+        let mut of_bot = Vec::with_capacity(lower);
+        for b in bots {
+            let i = *index.entry((&b.product, b.granularity)).or_insert_with(|| {
+                series.push(SeriesNeed { product: &b.product, granularity: b.granularity, lookback: 0 });
+                series.len() - 1
+            });
+            series[i].lookback = series[i].lookback.max(b.lookback);
+            of_bot.push(i);
+        }
+        Plan { series, of_bot }
+    }
+
+    /// One batched tickers call, each series once, accounts once — all concurrently.
+    async fn fetch(&self, source: &dyn MarketDataSource, now: OffsetDateTime) -> Fetched {
+        let mut seen: HashSet<&ProductId, FxBuild> = HashSet::default();
+        let products: Vec<ProductId> =
+            self.series.iter().filter(|s| seen.insert(s.product)).map(|s| s.product.clone()).collect();
+        let tickers_fut = async {
+            match source.tickers(&products).await {
+                Ok(list) => {
+                    let mut by: HashMap<ProductId, Result<Ticker>> =
+                        list.into_iter().map(|t| (t.product.clone(), Ok(t))).collect();
+                    for p in &products {
+                        by.entry(p.clone()).or_insert_with(|| Err(Error::NotFound(p.to_string())));
+                    }
+                    by
+                }
+                Err(e) => products.iter().map(|p| (p.clone(), Err(e.clone()))).collect(),
+            }
+        };
+        let candles_fut = futures_util::future::join_all(self.series.iter().map(|s| async move {
+            match CandleRange::lookback(s.granularity, s.lookback, now) {
+                Ok(range) => source.candles(s.product, s.granularity, range).await.map(Arc::new),
+                Err(e) => Err(e),
+            }
+        }));
+        let accounts_fut = async { source.accounts().await.map(|a| Balances::from_accounts(&a)) };
+        let (tickers, candles, balances) = tokio::join!(tickers_fut, candles_fut, accounts_fut);
+        Fetched { tickers, candles, balances }
+    }
+}
+
+/// A series' data resolved once for all its bots: the ticker, the candles and the available
+/// balance of the quote currency, or the error every bot of the series gets (in the order
+/// [`MarketSnapshot::evaluate`] reports them: ticker, candles, balances).
+type Resolved<'f> = Result<(&'f Ticker, &'f [Candle], &'f Balances, Decimal)>;
+
+impl Fetched {
+    fn resolve<'f>(&'f self, s: &SeriesNeed<'_>, candles: &'f Result<Arc<Vec<Candle>>>) -> Resolved<'f> {
+        let ticker = match self.tickers.get(s.product) {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => return Err(e.clone()),
+            None => return Err(Error::NotFound(format!("{} is not in the snapshot", s.product))),
+        };
+        let candles = candles.as_ref().map_err(Clone::clone)?;
+        let balances = self.balances.as_ref().map_err(Clone::clone)?;
+        Ok((ticker, candles, balances, balances.get(s.product.quote()).available))
+    }
+}
+
+/// Evaluate `bot` on its resolved series (the same decision as [`MarketSnapshot::evaluate`]).
+fn decide(bot: &Bot, resolved: &Resolved<'_>) -> Result<Decision> {
+    let &(ticker, candles, balances, available) = resolved.as_ref().map_err(Clone::clone)?;
+    let n = (bot.lookback as usize).min(candles.len());
+    let view = MarketView {
+        ticker,
+        candles: &candles[candles.len() - n..],
+        balances,
+        can_afford: !bot.order_size.is_sign_negative() && available >= bot.order_size,
+    };
+    Ok(bot.strategy.evaluate(&view))
 }
 
 /// One bot's outcome in a tick.
@@ -216,6 +337,8 @@ impl TickReport {
         self.results.iter().filter(|r| r.outcome.is_err())
     }
 }
+
+type SharedSource = Arc<dyn MarketDataSource>;
 
 enum Routing {
     Single(Arc<dyn MarketDataSource>),
@@ -293,53 +416,77 @@ impl BatchEvaluator {
         let now = self.clock.now_utc();
         let (calls0, hits0, misses0) = self.read_meters();
 
-        // Resolve every bot's path under one view of the flags.
-        let plan: Vec<(Route, Arc<dyn MarketDataSource>)> = match &self.routing {
-            Routing::Single(s) => bots.iter().map(|_| (Route::Coordinated, Arc::clone(s))).collect(),
-            Routing::Selector(sel) => bots.iter().map(|b| sel.resolve(&b.id)).collect(),
-        };
+        // Resolve every bot's path under one view of the flags. A single source needs no
+        // per-bot work; a selector gives the legacy (and shadow) bots their own source.
+        let (routes_of, legacy, snapshot_source): (Vec<Route>, Vec<(usize, SharedSource)>, _) =
+            match &self.routing {
+                Routing::Single(s) => (vec![Route::Coordinated; bots.len()], Vec::new(), Some(Arc::clone(s))),
+                Routing::Selector(sel) => {
+                    let (mut routes, mut legacy, mut snapshot) =
+                        (Vec::with_capacity(bots.len()), Vec::new(), None);
+                    for (i, b) in bots.iter().enumerate() {
+                        let (route, source) = sel.resolve(&b.id);
+                        if route == Route::Coordinated {
+                            snapshot.get_or_insert(source);
+                        } else {
+                            legacy.push((i, source));
+                        }
+                        routes.push(route);
+                    }
+                    (routes, legacy, snapshot)
+                }
+            };
 
-        let snapshot_bots: Vec<&Bot> =
-            bots.iter().zip(&plan).filter(|(_, (r, _))| *r == Route::Coordinated).map(|(b, _)| b).collect();
-        let snapshot_source = plan.iter().find(|(r, _)| *r == Route::Coordinated).map(|(_, s)| Arc::clone(s));
+        // The snapshot bots' data, fetched once; each series resolved once for all its bots.
+        let plan =
+            Plan::new(bots.iter().zip(&routes_of).filter(|(_, r)| **r == Route::Coordinated).map(|(b, _)| b));
         let snapshot_fut = async {
             match &snapshot_source {
-                Some(s) if !snapshot_bots.is_empty() => {
-                    Some(MarketSnapshot::fetch(s.as_ref(), &snapshot_bots, now).await)
-                }
+                Some(s) if !plan.of_bot.is_empty() => Some(plan.fetch(s.as_ref(), now).await),
                 _ => None,
             }
         };
         let legacy_fut = futures_util::future::join_all(
-            bots.iter()
-                .zip(&plan)
-                .enumerate()
-                .filter(|(_, (_, (r, _)))| *r != Route::Coordinated)
-                .map(|(i, (b, (_, s)))| async move { (i, legacy_evaluate(b, s.as_ref(), now).await) }),
+            legacy
+                .iter()
+                .map(|(i, s)| async move { (*i, legacy_evaluate(&bots[*i], s.as_ref(), now).await) }),
         );
-        let (snapshot, legacy) = tokio::join!(snapshot_fut, legacy_fut);
+        let (fetched, legacy) = tokio::join!(snapshot_fut, legacy_fut);
+        let resolved: Vec<Resolved<'_>> = match &fetched {
+            Some(f) => plan.series.iter().zip(&f.candles).map(|(s, c)| f.resolve(s, c)).collect(),
+            None => Vec::new(),
+        };
 
-        let mut outcomes: Vec<Option<Result<Decision>>> = vec![None; bots.len()];
-        for (i, r) in legacy {
-            outcomes[i] = Some(r);
-        }
         let mut results = Vec::with_capacity(bots.len());
-        let mut routes: BTreeMap<String, u64> = BTreeMap::new();
-        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-        for (i, (bot, (route, _))) in bots.iter().zip(&plan).enumerate() {
-            let outcome = match outcomes[i].take() {
-                Some(r) => r,
-                None => match &snapshot {
-                    Some(s) => s.evaluate(bot),
+        let mut route_counts: Vec<(Route, u64)> = Vec::new();
+        // Buy, sell, hold, error.
+        let mut signal_counts = [0u64; 4];
+        let mut legacy = legacy.into_iter().peekable();
+        let mut of_bot = plan.of_bot.iter();
+        for (i, (bot, route)) in bots.iter().zip(&routes_of).enumerate() {
+            let outcome = if *route == Route::Coordinated {
+                match of_bot.next().and_then(|g| resolved.get(*g)) {
+                    Some(r) => decide(bot, r),
                     None => Err(Error::Closed("no snapshot was taken".into())),
+                }
+            } else {
+                match legacy.next_if(|(j, _)| *j == i) {
+                    Some((_, r)) => r,
+                    None => Err(Error::Closed("the legacy evaluation did not run".into())),
+                }
+            };
+            match route_counts.iter_mut().find(|(r, _)| r == route) {
+                Some((_, n)) => *n += 1,
+                None => route_counts.push((*route, 1)),
+            }
+            signal_counts[match &outcome {
+                Ok(d) => match d.signal {
+                    Signal::Buy => 0,
+                    Signal::Sell => 1,
+                    Signal::Hold => 2,
                 },
-            };
-            *routes.entry(route.as_str().to_string()).or_default() += 1;
-            let key = match &outcome {
-                Ok(d) => signal_name(d.signal),
-                Err(_) => "error",
-            };
-            *counts.entry(key.to_string()).or_default() += 1;
+                Err(_) => 3,
+            }] += 1;
             results.push(BotResult {
                 bot_id: bot.id.clone(),
                 product: bot.product.clone(),
@@ -347,6 +494,14 @@ impl BatchEvaluator {
                 outcome,
             });
         }
+        let routes = route_counts.into_iter().map(|(r, n)| (r.as_str().to_string(), n)).collect();
+        let counts =
+            [signal_name(Signal::Buy), signal_name(Signal::Sell), signal_name(Signal::Hold), "error"]
+                .into_iter()
+                .zip(signal_counts)
+                .filter(|(_, n)| *n > 0)
+                .map(|(k, n)| (k.to_string(), n))
+                .collect();
 
         let (calls1, hits1, misses1) = self.read_meters();
         let (hits, misses) = (hits1.saturating_sub(hits0), misses1.saturating_sub(misses0));

@@ -134,3 +134,109 @@ fn snapshot_slices_each_bots_lookback() {
         .order_size(Decimal::from(5000));
     assert_eq!(snap.evaluate(&poor).unwrap().signal, Signal::Hold);
 }
+
+fn same(a: &Result<Decision>, b: &Result<Decision>) -> bool {
+    match (a, b) {
+        (Ok(x), Ok(y)) => x == y,
+        (Err(x), Err(y)) => x.to_string() == y.to_string(),
+        _ => false,
+    }
+}
+
+fn market_mock() -> MockMarketDataSource {
+    let mut mock = MockMarketDataSource::new();
+    mock.expect_tickers().returning(|ps| Ok(ps.iter().filter(|p| p.base() != "NOPE").map(ticker).collect()));
+    mock.expect_candles().returning(|p, g, r| {
+        if p.base() == "NOPE" { Err(Error::NotFound(p.to_string())) } else { Ok(series(r, g)) }
+    });
+    mock.expect_accounts().returning(|| Ok(usd()));
+    mock
+}
+
+/// A tick resolves each series once for all its bots; every bot's decision must still be the
+/// one `MarketSnapshot::evaluate` gives it: lookbacks, granularities and order sizes differ
+/// within a product, one product is unknown, one quote currency has no balance.
+#[tokio::test]
+async fn tick_decisions_match_snapshot_evaluate() {
+    let products = [pid("BTC-USD"), pid("NOPE-USD"), pid("ETH-EUR")];
+    let lookbacks = [3, 24, 30, 2];
+    let sizes = [Decimal::from(10), Decimal::from(5000), Decimal::from(-1)];
+    let bots: Vec<Bot> = (0..36)
+        .map(|i| {
+            let strategy: Arc<dyn Strategy> = if i % 2 == 0 {
+                Arc::new(MovingAverageCrossover { fast: 2, slow: 3 })
+            } else {
+                Arc::new(RsiThreshold { period: 2, ..Default::default() })
+            };
+            let g = if i % 5 == 0 { Granularity::FifteenMinute } else { Granularity::OneHour };
+            Bot::new(format!("bot-{i}"), products[i % 3].clone(), strategy)
+                .granularity(g)
+                .lookback(lookbacks[i % 4])
+                .order_size(sizes[i % 3])
+        })
+        .collect();
+    let clock = Clock::starting_at(datetime!(2024-01-01 10:30 UTC));
+    let report = BatchEvaluator::new(Arc::new(market_mock())).clock(clock).evaluate_all(&bots).await;
+    let refs: Vec<&Bot> = bots.iter().collect();
+    let snap = MarketSnapshot::fetch(&market_mock(), &refs, report.started_at).await;
+    assert_eq!(report.results.len(), bots.len());
+    for (bot, r) in bots.iter().zip(&report.results) {
+        assert_eq!(r.bot_id, bot.id);
+        assert!(
+            same(&r.outcome, &snap.evaluate(bot)),
+            "{}: {:?} vs {:?}",
+            bot.id,
+            r.outcome,
+            snap.evaluate(bot)
+        );
+    }
+    let errors = report.errors().count() as u64;
+    assert_eq!(errors, 12, "the NOPE-USD bots");
+    assert_eq!(report.outcomes["error"], errors);
+    assert_eq!(report.outcomes.values().sum::<u64>(), 36);
+    assert!(report.outcomes.values().all(|n| *n > 0), "only signals that occurred are listed");
+}
+
+/// With a selector, legacy bots keep their own outcome and every result stays in the bots'
+/// order.
+#[tokio::test]
+async fn mixed_routes_keep_the_bots_order() {
+    let mut legacy = MockMarketDataSource::new();
+    legacy.expect_ticker().returning(|p| Err(Error::NotFound(format!("legacy {p}"))));
+    legacy.expect_candles().returning(|_, g, r| Ok(series(r, g)));
+    legacy.expect_accounts().returning(|| Ok(usd()));
+    legacy.expect_validate_trade_balance().returning(|_, _| Ok(true));
+    let migrated: std::collections::BTreeSet<String> = ["bot-1", "bot-2", "bot-5"].map(String::from).into();
+    let flags = crate::MigrationFlags { enabled: true, bot_ids: migrated.clone(), ..Default::default() };
+    let selector = SourceSelector::new(Arc::new(legacy), Arc::new(market_mock()), flags);
+    let bots = bots(7, &[pid("BTC-USD")]);
+    let report = BatchEvaluator::with_selector(selector).evaluate_all(&bots).await;
+    for (bot, r) in bots.iter().zip(&report.results) {
+        assert_eq!(r.bot_id, bot.id);
+        if migrated.contains(&bot.id) {
+            assert_eq!(r.route, Route::Coordinated);
+            assert!(r.outcome.is_ok(), "{:?}", r.outcome);
+        } else {
+            assert_eq!(r.route, Route::Legacy);
+            assert!(
+                matches!(&r.outcome, Err(Error::NotFound(m)) if m.starts_with("legacy")),
+                "{:?}",
+                r.outcome
+            );
+        }
+    }
+    assert_eq!((report.routes["coordinated"], report.routes["legacy"]), (3, 4));
+}
+
+#[test]
+fn fx_hashes_of_product_ids_are_distinct() {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let build = BuildHasherDefault::<FxHasher>::default();
+    let hashes: HashSet<u64> =
+        (0..10_000).map(|i| build.hash_one((&pid(&format!("P{i}-USD")), Granularity::OneHour))).collect();
+    assert_eq!(hashes.len(), 10_000);
+    assert_ne!(
+        build.hash_one((&pid("BTC-USD"), Granularity::OneHour)),
+        build.hash_one((&pid("BTC-USD"), Granularity::OneDay))
+    );
+}
