@@ -422,6 +422,11 @@ impl CoordinatedSource {
         stats
     }
 
+    /// The live counters, for cheap reads ([`UpstreamMeter`](crate::UpstreamMeter)).
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
     /// Forget the cached accounts, e.g. after placing an order.
     pub fn invalidate_accounts(&self) {
         *lock(&self.inner.accounts) = None;
@@ -437,14 +442,16 @@ impl CoordinatedSource {
     /// Cancel safe: the upstream fetch runs in its own task and still serves other callers.
     pub async fn ticker_with(&self, product: &ProductId, opts: ReadOptions) -> Result<Fresh<Ticker>> {
         let inner = &self.inner;
-        inner.check_negative(product).await?;
         let now = Instant::now();
+        // A hit needs no negative-cache lookup (the most expensive part of a hit before):
+        // remembering a product as unknown drops its cached data (`remember_unknown`).
         let cached = inner.tickers.get(product).await;
         if let Some(e) = &cached
             && let Some(hit) = inner.serve_cached(e, now, opts, || self.spawn_ticker_refresh(product.clone()))
         {
             return Ok(hit.map(|t| t.clone()));
         }
+        inner.check_negative(product).await?;
         Counters::inc(&inner.counters.cache_misses);
         let (result, role) = self.ticker_flight(product.clone()).await;
         inner.note_role(role);
@@ -487,10 +494,10 @@ impl CoordinatedSource {
         opts: ReadOptions,
     ) -> Result<Fresh<Vec<Candle>>> {
         let inner = &self.inner;
-        inner.check_negative(product).await?;
         let range = range.aligned(granularity);
         let key = (product.clone(), granularity);
         let now = Instant::now();
+        // As in `ticker_with`: the negative cache is consulted on a miss only.
         let cached = inner.series.get(&key).await;
         if let Some(e) = &cached
             && inner.series_covers(e, range, granularity, now)
@@ -500,6 +507,7 @@ impl CoordinatedSource {
                 return Ok(hit.map(|s| s.slice(range)));
             }
         }
+        inner.check_negative(product).await?;
         Counters::inc(&inner.counters.cache_misses);
         // Up to two rounds: a joined fetch may have been for a narrower range.
         let mut result = Err(Error::Closed("no fetch was made".into()));
@@ -718,8 +726,14 @@ impl Inner {
         }
     }
 
+    /// Remember `product` as unknown for `negative_ttl`, and drop its cached data: reads serve
+    /// a cache hit without consulting the negative cache, so no hit may outlive this.
     async fn remember_unknown(&self, product: &ProductId) {
         self.negative.insert(product.clone(), Instant::now() + self.cfg.negative_ttl).await;
+        self.tickers.invalidate(product).await;
+        for g in Granularity::ALL {
+            self.series.invalidate(&(product.clone(), g)).await;
+        }
     }
 
     fn ticker_entry(&self, t: Ticker, now: Instant) -> Entry<Ticker> {

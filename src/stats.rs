@@ -93,6 +93,11 @@ impl Counters {
         c.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Upstream calls of every operation: `snapshot().upstream_calls` without the snapshot.
+    pub(crate) fn upstream_total(&self) -> u64 {
+        self.upstream.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
     pub(crate) fn upstream_call(&self, op: Op, latency: Duration) {
         Self::inc(&self.upstream[op as usize]);
         let mut l = lock(&self.latencies_us);
@@ -240,13 +245,15 @@ pub trait UpstreamMeter: Send + Sync {
     }
 }
 
+/// Read straight from the counters: a full [`CoordinatedStats`] snapshot sorts the latency
+/// samples and builds maps, and the evaluator reads its meters twice per tick.
 impl UpstreamMeter for crate::CoordinatedSource {
     fn upstream_calls(&self) -> u64 {
-        self.stats().upstream_calls
+        self.counters().upstream_total()
     }
     fn cache_reads(&self) -> (u64, u64) {
-        let s = self.stats();
-        (s.cache_hits, s.cache_misses)
+        let c = self.counters();
+        (c.cache_hits.load(Ordering::Relaxed), c.cache_misses.load(Ordering::Relaxed))
     }
 }
 

@@ -405,3 +405,40 @@ fn config_validation_and_serde() {
     assert_eq!(back.ticker_ttl, Duration::from_secs(2));
     assert_eq!(back.batch_size, 100);
 }
+
+/// A cache hit does not consult the negative cache (issue #6: that lookup was a third of a
+/// warm read), so remembering a product as unknown must drop its cached data: a product the
+/// exchange stops knowing is not served from cache.
+#[tokio::test(start_paused = true)]
+async fn a_product_found_unknown_is_no_longer_served_from_cache() {
+    let p = pid("GONE-USD");
+    let mut mock = MockMarketDataSource::new();
+    mock.expect_tickers().times(1).returning(|ps| Ok(ps.iter().map(|p| ticker(p, 5)).collect()));
+    mock.expect_candles().times(1).returning(|p, _, _| Err(Error::NotFound(p.to_string())));
+    let src = CoordinatedSource::builder_arc(Arc::new(mock)).build().unwrap();
+    assert_eq!(src.ticker(&p).await.unwrap().price, Decimal::new(5, 0));
+    assert_eq!(src.ticker(&p).await.unwrap().price, Decimal::new(5, 0), "a fresh hit");
+    let range = CandleRange::lookback(Granularity::OneHour, 3, datetime!(2024-01-01 10:30 UTC)).unwrap();
+    assert!(matches!(src.candles(&p, Granularity::OneHour, range).await, Err(Error::NotFound(_))));
+    // The ticker is still within its TTL, but the product is now unknown.
+    assert!(matches!(src.ticker(&p).await, Err(Error::NotFound(_))));
+    assert!(matches!(src.candles(&p, Granularity::OneHour, range).await, Err(Error::NotFound(_))));
+    assert_eq!(src.stats().negative_cache_hits, 2);
+}
+
+/// The evaluator's meter reads the counters directly; it must agree with the stats.
+#[tokio::test(start_paused = true)]
+async fn the_meter_reads_what_the_stats_report() {
+    use crate::UpstreamMeter;
+    let fake = Arc::new(Fake::default());
+    let src = source(fake.clone());
+    let btc = pid("BTC-USD");
+    for _ in 0..3 {
+        src.ticker(&btc).await.unwrap();
+        src.accounts().await.unwrap();
+    }
+    let s = src.stats();
+    assert_eq!((s.upstream_calls, s.cache_hits, s.cache_misses), (2, 4, 2));
+    assert_eq!(UpstreamMeter::upstream_calls(&src), s.upstream_calls);
+    assert_eq!(src.cache_reads(), (s.cache_hits, s.cache_misses));
+}
