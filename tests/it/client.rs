@@ -211,3 +211,53 @@ async fn errors_never_leak_the_query_or_the_token() {
     assert!(!msg.contains("granularity=") && !msg.contains("start=") && !msg.contains("Bearer"), "{msg}");
     assert!(e.is_retryable());
 }
+
+/// `MarketDataPath::Balanced` (issue #6): a cold burst of 25 candle requests draws on both
+/// classes' budgets and finishes sooner than on the private class alone, with no 429 and no
+/// one-second window over either limit; a lone request stays private.
+#[tokio::test(start_paused = true)]
+async fn balanced_market_data_spreads_a_burst_over_both_classes() {
+    let sim = SimExchange::builder().products(25).latency(Duration::from_millis(30)).start().await.unwrap();
+    let products = sim.products();
+    let now = sim.clock().now_utc();
+    let range = CandleRange::lookback(Granularity::OneHour, 24, now).unwrap();
+    let mut elapsed = Vec::new();
+    for path in [MarketDataPath::Private, MarketDataPath::Balanced] {
+        let client = sim.client_builder().market_data(path).build().unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        sim.reset_stats();
+        let t0 = tokio::time::Instant::now();
+        let all = futures_util::future::join_all(
+            products.iter().map(|p| client.candles(p, Granularity::OneHour, range)),
+        )
+        .await;
+        elapsed.push(t0.elapsed());
+        assert!(all.iter().all(|r| r.as_ref().is_ok_and(|c| c.len() == 24)), "{path:?}");
+        let s = sim.stats();
+        assert_eq!(s.rate_limited_429, 0, "{path:?}");
+        assert!(s.max_requests_in_any_1s.public < 10 && s.max_requests_in_any_1s.private < 30, "{s:?}");
+        let (public, private) = (s.calls_by_endpoint["market/candles"], s.calls_by_endpoint["candles"]);
+        assert_eq!(public + private, 25);
+        if path == MarketDataPath::Balanced {
+            assert!(public >= 4 && private >= 15, "{public} public, {private} private");
+        } else {
+            assert_eq!(public, 0);
+        }
+    }
+    // Private alone: 5 at once, then 20 at 24/s (~0.86 s); both classes: ~32/s (~0.65 s).
+    assert!(elapsed[0] > Duration::from_millis(800), "{elapsed:?}");
+    assert!(elapsed[1] < Duration::from_millis(720), "{elapsed:?}");
+
+    // An idle limiter admits a lone request on the private class at once.
+    let client = sim.client_builder().market_data(MarketDataPath::Balanced).build().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sim.reset_stats();
+    client.candles(&products[0], Granularity::OneHour, range).await.unwrap();
+    client.ticker(&products[0]).await.unwrap();
+    let s = sim.stats();
+    assert_eq!((s.calls_by_endpoint["candles"], s.calls_by_endpoint["ticker"]), (1, 1));
+    assert!(matches!(
+        CoinbaseClient::builder().market_data(MarketDataPath::Balanced).build(),
+        Err(Error::Config(_))
+    ));
+}
