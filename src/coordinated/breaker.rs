@@ -492,6 +492,22 @@ mod tests {
     }
 
     #[test]
+    fn coordinated_config_carries_and_validates_the_breaker() {
+        use crate::coordinated::CoordinatedConfig;
+        let parsed: CoordinatedConfig =
+            serde_json::from_str(r#"{"breaker":{"failure_threshold":2}}"#).unwrap();
+        assert_eq!(parsed.breaker, cfg(2));
+        assert!(parsed.validate().is_ok());
+        let bad: CoordinatedConfig = serde_json::from_str(r#"{"breaker":{"failure_threshold":0}}"#).unwrap();
+        assert!(matches!(bad.validate(), Err(Error::Config(m)) if m.contains("breaker.failure_threshold")));
+        // Turned off, its other settings are not checked.
+        let off: CoordinatedConfig =
+            serde_json::from_str(r#"{"breaker":{"enabled":false,"failure_threshold":0}}"#).unwrap();
+        assert!(off.validate().is_ok());
+        assert_eq!(CoordinatedConfig::default().breaker, BreakerConfig::default());
+    }
+
+    #[test]
     fn disabled_never_opens() {
         let b = Breakers::new(BreakerConfig::disabled());
         for _ in 0..100 {

@@ -422,3 +422,32 @@ async fn without_the_breaker_the_exchange_gets_every_retry() {
     run.recover(Duration::from_secs(2)).await;
     run.assert_within_limits();
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_open_circuit_fails_fast_and_sends_nothing() {
+    let mut run = Run::start(SimBuilder::default(), &["upstream", "circuit_open"], |c| c, |s| s).await;
+    expire().await;
+    run.sim.add_fault(Fault::status(500));
+    // Two rounds of failed calls (with retries) open the circuit.
+    run.round().await;
+    run.round().await;
+    assert_eq!(run.source.stats().breaker.private.state, BreakerState::Open);
+    let calls = run.sim.stats().total_calls;
+    // A product never read before: no stale data to fall back on, so the typed error, at once.
+    let t0 = tokio::time::Instant::now();
+    let accounts = run.source.accounts_with(ReadOptions::max_age(Duration::ZERO)).await;
+    let e = run.source.ticker_with(&"NOPE-USD".parse().unwrap(), ReadOptions::default()).await.unwrap_err();
+    // At once: the ticker only waited for its batch window (5 ms) to close.
+    assert!(t0.elapsed() <= Duration::from_millis(5), "{:?}", t0.elapsed());
+    assert!(
+        matches!(e, Error::CircuitOpen { class: "private", retry_in } if retry_in <= Duration::from_secs(2)),
+        "{e:?}"
+    );
+    assert!(e.is_retryable() && e.retry_after().is_some());
+    // Cached accounts were served stale instead.
+    assert!(accounts.unwrap().is_stale());
+    assert_eq!(run.sim.stats().total_calls, calls, "nothing reached the exchange");
+    assert!(run.source.stats().breaker.private.rejected >= 2);
+    run.sim.clear_faults();
+    run.recover(Duration::from_secs(3)).await;
+}

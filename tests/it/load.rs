@@ -162,3 +162,52 @@ async fn full() {
     check(&r);
     assert_eq!(r.reads, 1_000_000);
 }
+
+/// With a queue at the rate limiter (a candle backfill of 60 products), a balance read is
+/// served first and a ticker read next, instead of after the backfill.
+#[tokio::test(start_paused = true)]
+async fn balance_reads_jump_the_backfill_queue() {
+    use tickshare::{CandleRange, Granularity};
+    let clock = fixed_clock();
+    let sim = SimExchange::builder().products(61).clock(clock).start().await.unwrap();
+    let client = sim.client_builder().clock(clock).build().unwrap();
+    let products = sim.products();
+    let range = CandleRange::lookback(Granularity::OneHour, 24, clock.now_utc()).unwrap();
+    let start = tokio::time::Instant::now();
+    let backfill: Vec<_> = products[1..]
+        .iter()
+        .map(|p| {
+            let (c, p) = (client.clone(), p.clone());
+            tokio::spawn(async move {
+                c.candles(&p, Granularity::OneHour, range).await.unwrap();
+                start.elapsed()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (accounts, ticker) = tokio::join!(
+        async {
+            client.accounts().await.unwrap();
+            start.elapsed()
+        },
+        async {
+            client.ticker(&products[0]).await.unwrap();
+            start.elapsed()
+        }
+    );
+    let mut candles = Vec::new();
+    for h in backfill {
+        candles.push(h.await.unwrap());
+    }
+    candles.sort();
+    let last = *candles.last().unwrap();
+    // 60 requests at 24/s after a burst of 5 take about 2.3 s; the balance read came out
+    // within two admission intervals of asking, the ticker right after it.
+    assert!(last >= Duration::from_secs(2), "{last:?}");
+    assert!(accounts <= Duration::from_millis(100 + 2 * 42), "accounts at {accounts:?}");
+    assert!(ticker <= Duration::from_millis(100 + 3 * 42), "ticker at {ticker:?}");
+    assert!(accounts < ticker);
+    let before_ticker = candles.iter().filter(|t| **t < ticker).count();
+    assert!(before_ticker <= 8, "{before_ticker} candle requests went before the ticker");
+    assert_eq!(sim.stats().rate_limited_429, 0);
+}
