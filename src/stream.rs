@@ -189,6 +189,20 @@ impl StreamConfig {
                 "stream ticker_hold, subscribe_timeout and connect_timeout must be greater than zero",
             );
         }
+        let day = Duration::from_secs(86_400);
+        let all = [
+            self.silence_timeout,
+            self.ticker_hold,
+            self.candle_grace,
+            self.reconnect_min,
+            self.reconnect_max,
+            self.subscribe_timeout,
+            self.repair_interval,
+            self.connect_timeout,
+        ];
+        if all.iter().any(|d| *d > day) {
+            return bad("stream durations must be at most 24 hours");
+        }
         if self.reconnect_min < Duration::from_millis(125) || self.reconnect_max < self.reconnect_min {
             return bad(
                 "stream reconnect_min must be at least 125 ms (Coinbase allows 8 connections per second) and reconnect_max at least reconnect_min",
@@ -533,8 +547,10 @@ impl Shared {
         let now = Instant::now();
         let desired = self.desired.borrow().clone();
         let st = lock(&self.state);
-        let connected_ms = ms(st.connected_total + st.connected_since.map_or(Duration::ZERO, |s| now - s));
-        let total_ms = ms(now - st.started);
+        let connected_ms = ms(st
+            .connected_total
+            .saturating_add(st.connected_since.map_or(Duration::ZERO, |s| now.saturating_duration_since(s))));
+        let total_ms = ms(now.saturating_duration_since(st.started));
         let products: BTreeMap<String, ProductLiveness> = desired
             .iter()
             .map(|p| {
@@ -543,8 +559,12 @@ impl Shared {
                     p.to_string(),
                     ProductLiveness {
                         live: s.is_some_and(ProductState::is_live),
-                        ticker_age_ms: s.and_then(|s| s.ticker_at).map(|t| ms(now - t)),
-                        candle_age_ms: s.and_then(|s| s.candle_at).map(|t| ms(now - t)),
+                        ticker_age_ms: s
+                            .and_then(|s| s.ticker_at)
+                            .map(|t| ms(now.saturating_duration_since(t))),
+                        candle_age_ms: s
+                            .and_then(|s| s.candle_at)
+                            .map(|t| ms(now.saturating_duration_since(t))),
                     },
                 )
             })
@@ -601,6 +621,7 @@ mod tests {
             StreamConfig { silence_timeout: Duration::from_secs(1), ..StreamConfig::default() },
             StreamConfig { reconnect_min: Duration::from_millis(10), ..StreamConfig::default() },
             StreamConfig { reconnect_max: Duration::from_millis(200), ..StreamConfig::default() },
+            StreamConfig { ticker_hold: Duration::MAX, ..StreamConfig::default() },
         ] {
             assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
         }

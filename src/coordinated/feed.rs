@@ -83,8 +83,8 @@ impl CoordinatedSource {
     /// it was stored at, for [`feed_touch_ticker`](Self::feed_touch_ticker).
     pub(crate) async fn feed_ticker(&self, ticker: Ticker, hold: Duration) -> Instant {
         let now = Instant::now();
-        let hold = hold.max(self.inner.cfg.ticker_ttl);
-        self.inner.tickers.insert(ticker.product.clone(), Entry::new(ticker, now, now + hold)).await;
+        let until = later(now, hold.max(self.inner.cfg.ticker_ttl));
+        self.inner.tickers.insert(ticker.product.clone(), Entry::new(ticker, now, until)).await;
         now
     }
 
@@ -101,7 +101,7 @@ impl CoordinatedSource {
         let now = Instant::now();
         match self.inner.tickers.get(product).await {
             Some(e) if e.fetched_at == pushed_at => {
-                let until = (now + hold.max(self.inner.cfg.ticker_ttl)).max(e.fresh_until);
+                let until = later(now, hold.max(self.inner.cfg.ticker_ttl)).max(e.fresh_until);
                 self.inner.tickers.insert(product.clone(), Entry::new(e.value, e.fetched_at, until)).await;
                 true
             }
@@ -164,7 +164,7 @@ impl CoordinatedSource {
         };
         trim(&mut candles, &mut from, inner.cfg.max_candles_per_series);
         let now = Instant::now();
-        let fresh_until = (inner.clock.instant_at(g.next_close(fetched_utc)) + grace).max(now);
+        let fresh_until = later(inner.clock.instant_at(g.next_close(fetched_utc)), grace).max(now);
         let series = Series { candles, from, to, fetched_utc };
         inner.series.insert(key, Entry::new(Arc::new(series), now, fresh_until)).await;
         Merge::Merged(FeedMark { fetched_utc, to })
@@ -212,7 +212,7 @@ impl CoordinatedSource {
             trim(&mut candles, &mut from, inner.cfg.max_candles_per_series);
             let fetched_utc = s.fetched_utc.max(f.fetched_utc);
             let to = s.to.max(cb + step);
-            let fresh_until = (inner.clock.instant_at(g.next_close(fetched_utc)) + grace).max(now);
+            let fresh_until = later(inner.clock.instant_at(g.next_close(fetched_utc)), grace).max(now);
             let series = Series { candles, from, to, fetched_utc };
             inner.series.insert(key, Entry::new(Arc::new(series), now, fresh_until)).await;
             written.push(g);
@@ -257,6 +257,11 @@ impl CoordinatedSource {
         let (r, _) = self.series_flight(key, range).await;
         r.map(|_| true)
     }
+}
+
+/// `at + d`, saturating at a year past `at` for durations too long to add.
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d).or_else(|| at.checked_add(Duration::from_secs(86_400 * 365))).unwrap_or(at)
 }
 
 /// Drop the oldest candles beyond `max`, moving `from` up with them.

@@ -144,9 +144,10 @@ impl WsConfig {
     fn validate(&self) -> Result<()> {
         let periods =
             [self.heartbeat_interval, self.candle_interval, self.ticker_interval, self.ticker_batch_interval];
-        if periods.iter().any(|d| d.is_zero()) || self.subscribe_deadline.is_zero() {
+        let day = Duration::from_secs(86_400);
+        if periods.iter().chain([&self.subscribe_deadline]).any(|d| d.is_zero() || *d > day) {
             return Err(Error::Config(
-                "sim websocket intervals and subscribe_deadline must be greater than zero".into(),
+                "sim websocket intervals and subscribe_deadline must be greater than zero and at most 24 hours".into(),
             ));
         }
         if self.message_limit == 0 || self.connection_limit == 0 {
@@ -477,7 +478,8 @@ impl Conn {
                         continue;
                     }
                     Ok(ConnFault::Silence(d)) => {
-                        self.silent_until = Some(Instant::now() + d);
+                        // A silence too long to represent lasts as long as the connection.
+                        self.silent_until = Some(Instant::now().checked_add(d).unwrap_or_else(far_future));
                         continue;
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
@@ -760,4 +762,10 @@ fn go_time(t: OffsetDateTime) -> String {
         t.second(),
         t.nanosecond()
     )
+}
+
+/// An instant no connection outlives (for durations too long to add to now).
+fn far_future() -> Instant {
+    let now = Instant::now();
+    now.checked_add(Duration::from_secs(86_400 * 365 * 30)).unwrap_or(now)
 }

@@ -474,7 +474,7 @@ impl Shared {
         match (connected, st.connected_since) {
             (true, None) => st.connected_since = Some(now),
             (false, Some(since)) => {
-                st.connected_total += now.saturating_duration_since(since);
+                st.connected_total = st.connected_total.saturating_add(now.saturating_duration_since(since));
                 st.connected_since = None;
             }
             _ => {}

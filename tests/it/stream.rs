@@ -288,8 +288,13 @@ async fn products_follow_the_bots_within_the_message_limit() {
     let products = sim.products();
     let (btc, eth) = (products[0].clone(), products[1].clone());
     let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(clock).build().unwrap();
-    let stream =
-        MarketStream::builder(source.clone()).url(sim.ws_url()).products([btc.clone()]).start().unwrap();
+    // With credentials, every message carries a fresh JWT (none of these channels needs one).
+    let stream = MarketStream::builder(source.clone())
+        .url(sim.ws_url())
+        .credentials(tickshare::Credentials::generate("organizations/sim/apiKeys/sim"))
+        .products([btc.clone()])
+        .start()
+        .unwrap();
     until("live", Duration::from_secs(10), || stream.is_live()).await;
     // A product added at runtime is subscribed; a refused subscription is sent again.
     sim.ws_fault(WsFault::RefuseSubscriptions(1));
@@ -313,6 +318,7 @@ async fn products_follow_the_bots_within_the_message_limit() {
     assert!(ws.max_client_messages_in_any_1s <= 8, "{ws:?}");
     assert_eq!(ws.refused_messages, 1, "only the injected refusal");
     assert!(ws.unsubscribe_messages >= 2);
+    assert_eq!(ws.authenticated_messages, ws.subscribe_messages + ws.unsubscribe_messages);
     // BTC is no longer followed: its pushed ticker went stale and REST serves it.
     assert_eq!(source.ticker_with(&btc, ReadOptions::default()).await.unwrap().origin, Origin::Upstream);
     assert_eq!(source.ticker_with(&eth, ReadOptions::default()).await.unwrap().origin, Origin::Cache);
