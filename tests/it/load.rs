@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant as WallInstant},
 };
 
-use tickshare::{CoordinatedSource, MarketDataSource, ProductId, sim::SimExchange};
+use tickshare::{CoordinatedSource, Error, MarketDataSource, ProductId, sim::SimExchange};
 
 use crate::support::fixed_clock;
 
@@ -31,6 +31,7 @@ const CAPACITY: u64 = 1_000;
 #[derive(Debug)]
 struct LoadReport {
     reads: u64,
+    refused: u64,
     cold_reads: u64,
     distinct_products: u64,
     upstream_calls: u64,
@@ -51,7 +52,10 @@ fn max_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-async fn load(tasks: usize, reads_per_task: usize) -> LoadReport {
+/// Run the load. On the paused clock every read must succeed; on the real clock
+/// (`refusals_allowed`) a read may also be refused locally by the rate limiter (typed, nothing
+/// sent), since real time passes while the reads are served.
+async fn load(tasks: usize, reads_per_task: usize, refusals_allowed: bool) -> LoadReport {
     let clock = fixed_clock();
     let sim = SimExchange::builder().products(HOT + COLD).clock(clock).start().await.unwrap();
     let source = CoordinatedSource::coinbase(sim.client_builder().clock(clock).build().unwrap())
@@ -61,17 +65,19 @@ async fn load(tasks: usize, reads_per_task: usize) -> LoadReport {
         .unwrap();
     let products: Arc<Vec<ProductId>> = Arc::new(sim.products());
     let cold_reads = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
     let cold_seen: Arc<Mutex<HashSet<usize>>> = Arc::default();
     let wall = WallInstant::now();
     let start = tokio::time::Instant::now();
     let mut handles = Vec::with_capacity(tasks);
     for task in 0..tasks {
-        let (source, products, sim, cold_reads, cold_seen) = (
+        let (source, products, sim, cold_reads, cold_seen, refused) = (
             source.clone(),
             Arc::clone(&products),
             sim.handle(),
             Arc::clone(&cold_reads),
             Arc::clone(&cold_seen),
+            Arc::clone(&refused),
         );
         handles.push(tokio::spawn(async move {
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (task as u64 + 1);
@@ -87,7 +93,16 @@ async fn load(tasks: usize, reads_per_task: usize) -> LoadReport {
                 } else {
                     &products[(rng >> 8) as usize % HOT]
                 };
-                let t = source.ticker(p).await.unwrap_or_else(|e| panic!("read of {p} failed: {e}"));
+                let t = match source.ticker(p).await {
+                    Ok(t) => t,
+                    Err(Error::RateLimited { local: true, .. } | Error::Overloaded(_))
+                        if refusals_allowed =>
+                    {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) => panic!("read of {p} failed: {e}"),
+                };
                 if i.is_multiple_of(97) {
                     assert_eq!(sim.price_at(p, t.time), Some(t.price), "wrong price for {p}");
                 }
@@ -102,12 +117,13 @@ async fn load(tasks: usize, reads_per_task: usize) -> LoadReport {
             h.await.unwrap();
         }
     };
-    // Simulated time: a deadlock makes the paused clock jump straight to this limit.
+    // On the paused clock a deadlock makes time jump straight to this limit.
     tokio::time::timeout(Duration::from_secs(600), all).await.expect("the load did not finish: deadlock?");
     let st = source.stats();
     let sim_stats = sim.stats();
     LoadReport {
         reads: (tasks * reads_per_task) as u64,
+        refused: refused.load(Ordering::Relaxed),
         cold_reads: cold_reads.load(Ordering::Relaxed),
         distinct_products: (HOT + cold_seen.lock().unwrap().len()) as u64,
         upstream_calls: st.upstream_calls,
@@ -124,9 +140,10 @@ async fn load(tasks: usize, reads_per_task: usize) -> LoadReport {
 
 fn check(r: &LoadReport) {
     eprintln!(
-        "load: {} reads ({} cold) over {} products in {:.2} s wall, {:.1} s simulated; {} upstream calls, \
+        "load: {} reads ({} refused, {} cold) over {} products in {:.2} s wall, {:.1} s simulated; {} upstream calls, \
          hit rate {:.4}, {} cache entries (capacity {CAPACITY}), 429s {}, peak {}/s private, max RSS {} KiB",
         r.reads,
+        r.refused,
         r.cold_reads,
         r.distinct_products,
         r.wall.as_secs_f64(),
@@ -150,17 +167,28 @@ fn check(r: &LoadReport) {
 
 #[tokio::test(start_paused = true)]
 async fn short() {
-    let r = load(100, 1_000).await;
+    let r = load(100, 1_000, false).await;
     check(&r);
     assert_eq!(r.reads, 100_000);
+}
+
+/// The full form on a multi-threaded runtime and the real clock: the same checks, with reads
+/// refused locally allowed (and counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: cargo test --release --test it load::full_multi_thread -- --ignored --nocapture"]
+async fn full_multi_thread() {
+    let r = load(1_000, 1_000, true).await;
+    check(&r);
+    assert_eq!(r.reads, 1_000_000);
 }
 
 #[tokio::test(start_paused = true)]
 #[ignore = "long: cargo test --release --test it load::full -- --ignored --nocapture"]
 async fn full() {
-    let r = load(1_000, 1_000).await;
+    let r = load(1_000, 1_000, false).await;
     check(&r);
     assert_eq!(r.reads, 1_000_000);
+    assert_eq!(r.refused, 0);
 }
 
 /// With a queue at the rate limiter (a candle backfill of 60 products), a balance read is
