@@ -11,19 +11,21 @@
 //! Phases: `legacy` (flags off: 4 calls per bot per tick, no client-side limit, as the seed
 //! system did), `mixed` (half the bots migrated by percentage rollout; legacy bots draw from
 //! the coordinated rate limiter so they cannot cause 429s for everyone), `coordinated` (every
-//! bot migrated). Each phase runs `--ticks` ticks five simulated minutes apart. Time is
+//! bot migrated), `streaming` (every bot migrated, and the coordinated source kept hot by
+//! the simulated exchange's WebSocket feed: after a warm-up through the first hourly close,
+//! only accounts go to REST). Each phase runs `--ticks` ticks five simulated minutes apart. Time is
 //! tokio's paused clock, so an hour of ticks runs in a moment and every figure is
 //! reproducible; latencies and tick times are on that simulated clock.
 //!
-//! Exits non-zero if the coordinated phase drew any 429 from the exchange.
+//! Exits non-zero if the coordinated or streaming phase drew any 429 from the exchange.
 
 use std::{error::Error, sync::Arc, time::Duration};
 
 use serde_json::json;
 use tickshare::{
-    BatchEvaluator, Bot, CoordinatedSource, DirectSource, Granularity, MarketDataSource, MigrationFlags,
-    MovingAverageCrossover, RateLimiter, RsiThreshold, SourceSelector, Strategy,
-    sim::{SimExchange, SimStats},
+    BatchEvaluator, Bot, CoordinatedSource, DirectSource, Granularity, MarketDataSource, MarketStream,
+    MigrationFlags, MovingAverageCrossover, RateLimiter, RsiThreshold, SourceSelector, Strategy, StreamStats,
+    sim::{SimExchange, SimStats, WsConfig},
 };
 
 struct Args {
@@ -71,6 +73,7 @@ struct Phase {
     bot_errors: u64,
     max_in_1s: (u64, u64),
     sim: SimStats,
+    stream: Option<StreamStats>,
 }
 
 impl Phase {
@@ -91,9 +94,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     // The embedded simulated exchange: Coinbase's limits (10/s public, 30/s private), a
     // latency per request, on this runtime and its paused clock.
+    // Its WebSocket side pushes candles every 5 s rather than Coinbase's every second, which
+    // keeps the streaming phase quick in debug builds and changes none of its REST counts.
     let sim = SimExchange::builder()
         .products(args.products)
         .latency(Duration::from_millis(args.latency_ms))
+        .ws(WsConfig::default().candle_interval(Duration::from_secs(5)))
         .start()
         .await?;
     let products = sim.products();
@@ -128,7 +134,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let mut phases = Vec::new();
     let mut final_stats = serde_json::Value::Null;
     let mut shadow_stats = serde_json::Value::Null;
-    for (name, percent) in [("legacy", 0u8), ("mixed", 50), ("coordinated", 100)] {
+    for (name, percent) in [("legacy", 0u8), ("mixed", 50), ("coordinated", 100), ("streaming", 100)] {
         // Fresh sources per phase, so each phase starts cold like a fresh deployment.
         let limiter = RateLimiter::coinbase();
         let coordinated_client = sim.client_builder().rate_limiter(limiter.clone()).build()?;
@@ -157,6 +163,24 @@ async fn main() -> Result<(), Box<dyn Error>> {
             .meter(Arc::new(coordinated.clone()))
             .meter(Arc::new(legacy.clone()));
 
+        // The streaming phase: the WebSocket feed keeps the source hot. Warm-up: each series'
+        // history once, then through the first hourly close (the feed joined that hour late,
+        // so its candle comes from REST once); then only accounts should reach REST.
+        let stream = if name == "streaming" {
+            let stream = MarketStream::builder(coordinated.clone())
+                .url(sim.ws_url())
+                .products(products.clone())
+                .start()?;
+            let warm_until =
+                Granularity::OneHour.next_close(sim.clock().now_utc()) + Duration::from_secs(300);
+            while sim.clock().now_utc() < warm_until {
+                evaluator.evaluate_all(&bots).await;
+                tokio::time::sleep(Duration::from_secs(300)).await;
+            }
+            Some(stream)
+        } else {
+            None
+        };
         sim.reset_stats();
         let mut tick_ms = Vec::new();
         let mut bot_errors = 0;
@@ -182,7 +206,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
             bot_errors,
             max_in_1s: (s.max_requests_in_any_1s.public, s.max_requests_in_any_1s.private),
             sim: s,
+            stream: stream.as_ref().map(MarketStream::stats),
         });
+        if let Some(stream) = stream {
+            stream.shutdown().await;
+        }
         if name == "mixed" {
             selector.shadow().wait_idle().await;
             shadow_stats = serde_json::to_value(selector.stats().shadow)?;
@@ -221,6 +249,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 "bot_errors": p.bot_errors,
                 "max_requests_in_any_1s": {"public": p.max_in_1s.0, "private": p.max_in_1s.1},
                 "calls_by_endpoint": p.sim.calls_by_endpoint.iter().filter(|(_, n)| **n > 0).collect::<std::collections::BTreeMap<_, _>>(),
+                "stream": p.stream,
             });
             println!("{line}");
         }
@@ -254,7 +283,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 p.max_in_1s.1,
             );
         }
-        if let (Some(l), Some(c)) = (phases.first(), phases.last()) {
+        let phase = |n: &str| phases.iter().find(|p| p.name == n);
+        if let (Some(l), Some(c)) = (phase("legacy"), phase("coordinated")) {
             println!(
                 "\ncoordinated vs legacy: {:.1}x fewer upstream calls, {} vs {} 429s, {} vs {} failed bot evaluations",
                 l.upstream_calls as f64 / c.upstream_calls.max(1) as f64,
@@ -264,12 +294,24 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 l.bot_errors
             );
         }
+        if let (Some(c), Some(st)) = (phase("coordinated"), phase("streaming")) {
+            let hours = args.ticks as f64 / 12.0;
+            println!(
+                "streaming: {:.1} REST calls per simulated hour after warm-up (coordinated: {:.1}), {} of them for market data; {} reconnects, {} gaps",
+                st.upstream_calls as f64 / hours,
+                c.upstream_calls as f64 / hours,
+                st.upstream_calls - st.sim.calls(tickshare::sim::Endpoint::Accounts),
+                st.stream.as_ref().map_or(0, |s| s.reconnects),
+                st.stream.as_ref().map_or(0, |s| s.sequence_gaps),
+            );
+        }
         println!("\nfinal migration stats (what a host serves at /migration/stats):");
         println!("{}", serde_json::to_string_pretty(&final_stats)?);
         println!("\n(real time taken: {:.2} s)", wall.elapsed().as_secs_f64());
     }
 
-    let coordinated_429 = phases.last().map(|p| p.rate_limited_429).unwrap_or(0);
+    let coordinated_429: u64 =
+        phases.iter().filter(|p| p.migrated_percent == 100).map(|p| p.rate_limited_429).sum();
     if coordinated_429 > 0 {
         eprintln!("FAIL: the coordinated phase drew {coordinated_429} 429s from the exchange");
         std::process::exit(1);

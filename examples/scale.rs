@@ -18,6 +18,11 @@
 //! - `seed_kpi`: 25 bots, five-minute ticks, one-hour candles, REST only; after a warm-up
 //!   hour, the upstream calls of one simulated hour. Goal: at most 49 (one batched ticker call
 //!   and one accounts call per tick, one incremental candle call per product per hour).
+//! - `seed_kpi_streaming`: the same fleet with the coordinated source kept hot by the
+//!   simulated exchange's WebSocket feed (`MarketStream`: pushed tickers, five-minute candles
+//!   aggregated into the one-hour series). Two warm-up hours (the feed joins the first hour
+//!   late, so that hour's candle comes from REST once), then one measured hour. Goal: at most
+//!   15 (accounts and gap repair only).
 //! - `large`: 10,000 bots over 500 products, five-minute ticks for a simulated day (the first
 //!   hour is the warm-up). Goals: no 429, peak RSS under 100 MiB. The 500 series refresh at
 //!   once after each hourly close (their data changes then), which takes about 16 s at both
@@ -36,8 +41,8 @@ use std::{collections::BTreeMap, error::Error, sync::Arc, time::Duration};
 
 use serde::Serialize;
 use tickshare::{
-    BatchEvaluator, Bot, CoordinatedSource, Granularity, MarketDataPath, MovingAverageCrossover, RateLimiter,
-    RateLimiterConfig, RsiThreshold, Strategy,
+    BatchEvaluator, Bot, CoordinatedSource, Granularity, MarketDataPath, MarketStream,
+    MovingAverageCrossover, RateLimiter, RateLimiterConfig, RsiThreshold, Strategy,
     sim::{PerClass, SimExchange, SimStats},
 };
 
@@ -128,6 +133,11 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
     let client =
         sim.client_builder().rate_limiter(limiter).market_data(s.market_data).clock(sim.clock()).build()?;
     let source = CoordinatedSource::coinbase(client).clock(sim.clock()).build()?;
+    let _stream = if s.name == "seed_kpi_streaming" {
+        Some(MarketStream::builder(source.clone()).url(sim.ws_url()).products(sim.products()).start()?)
+    } else {
+        None
+    };
     let evaluator = BatchEvaluator::new(Arc::new(source.clone())).clock(sim.clock()).meter(Arc::new(source));
     let bots = fleet(s.bots, &sim.products());
 
@@ -225,6 +235,10 @@ fn judge(o: &mut Outcome) {
         "seed_kpi" => {
             ("calls/hour <= 49, no 429".to_string(), o.calls_per_hour.is_some_and(|c| c <= 49.0) && clean)
         }
+        "seed_kpi_streaming" => (
+            "calls/hour <= 15 (accounts and gap repair only), no 429".to_string(),
+            o.calls_per_hour.is_some_and(|c| c <= 15.0) && clean,
+        ),
         "large" => (
             "no 429, no bot error, peak RSS < 100 MiB".to_string(),
             clean && o.peak_rss_mib.is_some_and(|m| m < 100.0),
@@ -254,7 +268,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: scale [--json] [--scenario cold_private_only|cold|seed_kpi|large]... [--hours H (large's measured hours, default 23)]"
+                    "usage: scale [--json] [--scenario cold_private_only|cold|seed_kpi|seed_kpi_streaming|large]... [--hours H (large's measured hours, default 23)]"
                 );
                 std::process::exit(0);
             }
@@ -291,6 +305,15 @@ fn main() -> Result<(), Box<dyn Error>> {
             bots: 25,
             products: 25,
             warmup_hours: 1,
+            hours: 1,
+            market_data: MarketDataPath::Auto,
+            max_wait: default_wait,
+        },
+        Scenario {
+            name: "seed_kpi_streaming",
+            bots: 25,
+            products: 25,
+            warmup_hours: 2,
             hours: 1,
             market_data: MarketDataPath::Auto,
             max_wait: default_wait,

@@ -11,6 +11,8 @@ mod batch;
 mod breaker;
 mod cache;
 mod coalesce;
+#[cfg(feature = "stream")]
+pub(crate) mod feed;
 
 use std::{
     collections::HashMap,

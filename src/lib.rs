@@ -40,6 +40,8 @@
 //! |---|---|---|
 //! | `sim` | off | [`sim`]: the simulated Coinbase exchange on loopback, for tests, examples, benches |
 //! | `mock` | off | `MockMarketDataSource` (mockall) for host applications' unit tests |
+//! | `stream` | off (on with `sim`) | [`MarketStream`]: Coinbase's market-data WebSocket feed keeping a [`CoordinatedSource`] hot |
+//! | `redis` | off | [`SharedTier`]: a shared tier on Redis so that many worker processes on one API key act as one client |
 //!
 //! # Testing with time
 //!
@@ -69,6 +71,9 @@ mod evaluator;
 mod flags;
 mod limiter;
 mod model;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod selector;
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
@@ -76,7 +81,16 @@ pub mod sim;
 mod source;
 mod stats;
 mod strategy;
+#[cfg(feature = "stream")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stream")))]
+pub mod stream;
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{
+    CallProfile, SharedLimiterStats, SharedTier, SharedTierBuilder, SharedTierConfig, SharedTierStats,
+    TierMode,
+};
 pub use clock::Clock;
 pub use coinbase::{ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath};
 pub use coordinated::{
@@ -106,6 +120,9 @@ pub use source::MarketDataSource;
 pub use source::MockMarketDataSource;
 pub use stats::{CoordinatedStats, LatencyStats, UpstreamMeter};
 pub use strategy::{Decision, MarketView, MovingAverageCrossover, RsiThreshold, Signal, Strategy, rsi};
+#[cfg(feature = "stream")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stream")))]
+pub use stream::{MarketStream, ProductLiveness, StreamBuilder, StreamConfig, StreamStats, TickerChannel};
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

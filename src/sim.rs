@@ -96,6 +96,7 @@ mod limits;
 mod market;
 mod routes;
 mod stats;
+mod ws;
 
 use std::{
     fmt, io,
@@ -132,6 +133,7 @@ use tokio::{
 pub use crate::limiter::EndpointClass;
 pub use faults::{Fault, FaultId, FaultTarget};
 pub use stats::{CANDLE_LOG_CAPACITY, CandleRequest, PerClass, SimStats};
+pub use ws::{WsConfig, WsFault, WsStats};
 
 use crate::{
     clock::Clock,
@@ -423,6 +425,7 @@ pub struct SimBuilder {
     accounts: Vec<SimAccount>,
     port: u16,
     shutdown_grace: Duration,
+    ws: ws::WsConfig,
 }
 
 impl Default for SimBuilder {
@@ -442,6 +445,7 @@ impl Default for SimBuilder {
             accounts: SimAccount::defaults(),
             port: 0,
             shutdown_grace: Duration::from_secs(1),
+            ws: ws::WsConfig::default(),
         }
     }
 }
@@ -572,6 +576,7 @@ impl SimBuilder {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Config(format!("could not read the bound address: {e}")))?;
+        let (ws_listener, ws) = ws::bind(self.ws.clone()).await?;
         let limits = |l: u32| self.enforce_limits.then_some(l);
         let shared = Arc::new(Shared {
             base_url: format!("http://{addr}"),
@@ -591,8 +596,10 @@ impl SimBuilder {
                 retry_after: self.retry_after,
             }),
             down: watch::Sender::new(false),
+            ws,
         });
         let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(ws::serve(ws_listener, Arc::clone(&shared), stop_rx.clone()));
         let task = tokio::spawn(serve(listener, Arc::clone(&shared), stop_rx, self.shutdown_grace));
         tracing::debug!(%addr, "simulated exchange listening");
         Ok(SimExchange { handle: SimHandle { shared }, stop, task: Some(task) })
@@ -764,6 +771,7 @@ impl SimHandle {
     pub fn reset_stats(&self) {
         *lock(&self.shared.counters) = Counters::default();
         lock(&self.shared.limiter).reset_stats();
+        self.shared.ws.reset_stats();
     }
 
     /// Install a fault (effective immediately, or after [`Fault::after`]).
@@ -841,6 +849,7 @@ struct Shared {
     faults: Mutex<FaultBook>,
     settings: Mutex<Settings>,
     down: watch::Sender<bool>,
+    ws: ws::WsShared,
 }
 
 /// Lock a std mutex (never held across `.await`), ignoring poisoning: every critical section
