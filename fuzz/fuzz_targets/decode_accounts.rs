@@ -1,11 +1,15 @@
-//! `wire::decode_accounts` on arbitrary bytes: never panics; a next-page cursor is never empty.
+//! `wire::decode_accounts` on arbitrary bytes, then the balance sums a balance check makes:
+//! never panics; a next-page cursor is never empty.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tickshare::coinbase::wire;
+use tickshare::{Balances, coinbase::wire};
 
 fuzz_target!(|body: &[u8]| {
-    if let Ok((_accounts, Some(cursor))) = wire::decode_accounts(body) {
-        assert!(!cursor.is_empty());
+    if let Ok((accounts, next)) = wire::decode_accounts(body) {
+        assert!(next.is_none_or(|c| !c.is_empty()));
+        for (_, b) in Balances::from_accounts(&accounts).iter() {
+            let _ = b.total();
+        }
     }
 });

@@ -1,5 +1,5 @@
-//! `wire::decode_ticker` on arbitrary bytes: never panics; a decoded ticker is for the product
-//! asked about.
+//! `wire::decode_ticker` on arbitrary bytes: never panics (nor does `Ticker::mid` on what it
+//! decodes); a decoded ticker is for the product asked about.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,5 +9,6 @@ fuzz_target!(|body: &[u8]| {
     let Ok(product) = ProductId::new("BTC-USD") else { return };
     if let Ok(t) = wire::decode_ticker(&product, body) {
         assert_eq!(t.product, product);
+        let _ = t.mid();
     }
 });
