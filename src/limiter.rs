@@ -197,7 +197,7 @@ pub struct RateLimiterConfig {
     #[serde(with = "crate::config::duration_ms")]
     pub max_wait: Duration,
     /// At most this many requests may wait per class; more are shed with
-    /// [`Error::Overloaded`]. Default 10,000.
+    /// [`Error::Overloaded`], lowest [`Priority`] first (see there). Default 10,000.
     pub max_waiters: usize,
     /// First pause after a 429 without `Retry-After`; doubles on each consecutive 429.
     /// Default 1 s.
@@ -338,7 +338,8 @@ pub struct ClassLimiterStats {
     pub total_wait_ms: u64,
     /// Requests refused locally because they would have waited longer than `max_wait`.
     pub rejected_local: u64,
-    /// Requests shed because too many were waiting.
+    /// Requests shed because too many were waiting (new arrivals refused, and waiters evicted
+    /// by a higher-priority arrival).
     pub shed: u64,
     /// 429s reported by the exchange that paused this class.
     pub rate_limit_pauses: u64,
