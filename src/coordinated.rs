@@ -455,21 +455,29 @@ impl CoordinatedSource {
         }
         inner.check_negative(product).await?;
         Counters::inc(&inner.counters.cache_misses);
-        let (result, role) = self.ticker_flight(product.clone()).await;
+        // `now` was read before the cache: a flight that ended between that read and this join
+        // wrote a value at least as recent.
+        let (result, role) = self.ticker_flight(product.clone(), now, opts.max_age).await;
         inner.note_role(role);
         inner.settle(result, cached.as_ref(), Instant::now())
     }
 
+    /// Join or lead the flight for `product`. `missed_at` is when the caller began the cache
+    /// read that missed and `max_age` what it asked: a value fetched since then, or fresh for
+    /// it, is reused rather than fetched again.
     fn ticker_flight(
         &self,
         product: ProductId,
+        missed_at: Instant,
+        max_age: Option<Duration>,
     ) -> impl Future<Output = (Result<Entry<Ticker>>, Role)> + Send + '_ {
         let inner = Arc::clone(&self.inner);
         let flight = Arc::clone(&self.inner.ticker_flight);
-        let missed_at = Instant::now();
         async move {
             let p = product.clone();
-            flight.run(product, move || async move { Inner::fetch_ticker(inner, p, missed_at).await }).await
+            flight
+                .run(product, move || async move { Inner::fetch_ticker(inner, p, missed_at, max_age).await })
+                .await
         }
     }
 
@@ -477,7 +485,7 @@ impl CoordinatedSource {
         Counters::inc(&self.inner.counters.revalidations);
         let this = self.clone();
         tokio::spawn(async move {
-            let _ = this.ticker_flight(product).await;
+            let _ = this.ticker_flight(product, Instant::now(), None).await;
         });
     }
 
@@ -742,11 +750,19 @@ impl Inner {
         Entry::new(t, now, now + self.cfg.ticker_ttl)
     }
 
-    async fn fetch_ticker(this: Arc<Inner>, product: ProductId, missed_at: Instant) -> Result<Entry<Ticker>> {
+    async fn fetch_ticker(
+        this: Arc<Inner>,
+        product: ProductId,
+        missed_at: Instant,
+        max_age: Option<Duration>,
+    ) -> Result<Entry<Ticker>> {
         // Another fetch may have filled the cache after our miss (its flight ended between our
-        // cache read and this flight): that value is as fresh as a new fetch would be.
+        // cache read and this flight): that value is as fresh as a new fetch would be. Its
+        // `fetched_at` is taken just before its insert, which may land after our read began,
+        // so a value that is simply fresh for this read (the policy and `max_age`) counts too;
+        // without that, 1,000 concurrent cold reads on a running clock made two upstream calls.
         if let Some(e) = this.tickers.get(&product).await
-            && e.fetched_at >= missed_at
+            && (e.fetched_at >= missed_at || e.is_fresh(Instant::now(), max_age))
         {
             return Ok(e);
         }
