@@ -12,7 +12,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     error::{Error, Result},
-    model::{Account, Candle, ProductId, Ticker, from_unix, mid_price},
+    model::{Account, Candle, ProductId, Ticker, mid_price},
 };
 
 /// `GET /market/products/{id}/ticker` and `GET /products/{id}/ticker`.
@@ -453,7 +453,8 @@ pub fn decode_server_time(body: &[u8]) -> Result<OffsetDateTime> {
     if !w.epoch_millis.trim().is_empty()
         && let Ok(ms) = w.epoch_millis.trim().parse::<i64>()
     {
-        return Ok(from_unix(ms.div_euclid(1000)) + time::Duration::milliseconds(ms.rem_euclid(1000)));
+        return OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .map_err(|_| Error::decode("epochMillis is out of range"));
     }
     if !w.epoch_seconds.trim().is_empty() {
         return parse_unix(&w.epoch_seconds, "epochSeconds");

@@ -442,3 +442,18 @@ async fn the_meter_reads_what_the_stats_report() {
     assert_eq!(UpstreamMeter::upstream_calls(&src), s.upstream_calls);
     assert_eq!(src.cache_reads(), (s.cache_hits, s.cache_misses));
 }
+
+#[tokio::test(start_paused = true)]
+async fn max_age_also_bounds_the_stale_fallback() {
+    let fake = Arc::new(Fake::default());
+    let src = CoordinatedSource::builder_arc(fake.clone()).max_retries(0).build().unwrap();
+    let p = pid("BTC-USD");
+    src.ticker(&p).await.unwrap();
+    fake.failing(Some(Error::Timeout));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // Within max_stale, but older than this caller accepts: the error, not stale data.
+    let r = src.ticker_with(&p, ReadOptions::max_age(Duration::from_secs(2))).await;
+    assert_eq!(r, Err(Error::Timeout));
+    // A caller without a bound gets the flagged stale value.
+    assert!(src.ticker_with(&p, ReadOptions::default()).await.unwrap().is_stale());
+}

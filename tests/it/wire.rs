@@ -179,3 +179,9 @@ fn empty_string_numbers_are_decode_errors() {
     let body = br#"{"accounts":[{"uuid":"u","currency":"USD","available_balance":{"value":"","currency":"USD"}}],"has_next":false,"cursor":""}"#;
     assert!(matches!(wire::decode_accounts(body), Err(Error::Decode(_))));
 }
+
+#[test]
+fn out_of_range_server_time_is_an_error_not_1970() {
+    let body = br#"{"iso":"","epochSeconds":"","epochMillis":"9223372036854775807"}"#;
+    assert!(matches!(wire::decode_server_time(body), Err(Error::Decode(_))));
+}
