@@ -459,7 +459,7 @@ impl CoordinatedSource {
         // wrote a value at least as recent.
         let (result, role) = self.ticker_flight(product.clone(), now, opts.max_age).await;
         inner.note_role(role);
-        inner.settle(result, cached.as_ref(), Instant::now(), opts)
+        inner.settle(result, cached.as_ref(), Instant::now())
     }
 
     /// Join or lead the flight for `product`. `missed_at` is when the caller began the cache
@@ -531,7 +531,7 @@ impl CoordinatedSource {
             }
         }
         let cached = cached.filter(|e| e.value.covers(range));
-        inner.settle(result, cached.as_ref(), Instant::now(), opts).map(|f| f.map(|s| s.slice(range)))
+        inner.settle(result, cached.as_ref(), Instant::now()).map(|f| f.map(|s| s.slice(range)))
     }
 
     fn series_flight(
@@ -574,7 +574,7 @@ impl CoordinatedSource {
         Counters::inc(&inner.counters.cache_misses);
         let (result, role) = self.accounts_flight().await;
         inner.note_role(role);
-        inner.settle(result, cached.as_ref(), Instant::now(), opts)
+        inner.settle(result, cached.as_ref(), Instant::now())
     }
 
     fn accounts_flight(&self) -> impl Future<Output = (Result<Entry<Arc<Vec<Account>>>>, Role)> + Send + '_ {
@@ -654,15 +654,10 @@ impl Inner {
     }
 
     /// Turn a fetch result into a read result, falling back to `cached` within `max_stale`.
-    /// A caller's `max_age` bounds the stale fallback too: data older than the caller asked for
-    /// is never served, even flagged.
-    fn settle<T>(
-        &self,
-        result: Result<Entry<T>>,
-        cached: Option<&Entry<T>>,
-        now: Instant,
-        opts: ReadOptions,
-    ) -> Result<Fresh<T>>
+    /// A caller's `max_age` decides what counts as a cache hit; when the upstream then fails,
+    /// the stale fallback is bounded by `max_stale` only and flagged `Origin::Stale` with its
+    /// age, so the caller can still refuse it.
+    fn settle<T>(&self, result: Result<Entry<T>>, cached: Option<&Entry<T>>, now: Instant) -> Result<Fresh<T>>
     where
         T: Clone,
     {
@@ -671,8 +666,7 @@ impl Inner {
             Err(err) => match cached {
                 Some(c)
                     if !matches!(err, Error::NotFound(_) | Error::InvalidInput(_))
-                        && c.age(now) <= self.cfg.max_stale
-                        && opts.max_age.is_none_or(|m| c.age(now) <= m) =>
+                        && c.age(now) <= self.cfg.max_stale =>
                 {
                     Counters::inc(&self.counters.stale_serves);
                     tracing::debug!(error = %err, age_ms = c.age(now).as_millis() as u64, "serving stale data");
