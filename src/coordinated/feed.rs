@@ -37,15 +37,7 @@ use crate::{
 pub(crate) const PUSHED: Granularity = Granularity::FiveMinute;
 
 /// Granularities derivable from five-minute candles: every whole multiple of five minutes.
-pub(crate) const DERIVED: [Granularity; 7] = [
-    Granularity::FifteenMinute,
-    Granularity::ThirtyMinute,
-    Granularity::OneHour,
-    Granularity::TwoHour,
-    Granularity::FourHour,
-    Granularity::SixHour,
-    Granularity::OneDay,
-];
+pub(crate) const DERIVED: &[Granularity] = Granularity::ALL.split_at(2).1;
 
 /// What the feed last wrote to a five-minute series. If the cached series still carries it,
 /// nothing else (a REST refresh) wrote in between.
@@ -190,7 +182,7 @@ impl CoordinatedSource {
         }
         let f = &five.value;
         let mut written = Vec::new();
-        for g in only.unwrap_or(&DERIVED).iter().copied().filter(|g| DERIVED.contains(g)) {
+        for g in only.unwrap_or(DERIVED).iter().copied().filter(|g| DERIVED.contains(g)) {
             let key = (product.clone(), g);
             let Some(e) = inner.series.get(&key).await else { continue };
             let s = &e.value;
