@@ -10,6 +10,11 @@
 //! - `coordinated_5min`: a tick as the scheduler sees it every five minutes: tickers and
 //!   balances have expired and are fetched again (one `best_bid_ask` call, one `accounts`
 //!   call), the candle series are warm (refreshed once an hour).
+//! - `coordinated_refresh_ahead`: the five-minute tick driven by a [`TickSchedule`] with
+//!   refresh-ahead, timed as the bots see it, from the tick's due time to every decision: the
+//!   same two calls are made `LEAD` before the tick (tickers and balances have expired since
+//!   the previous tick, as at five-minute ticks), so the tick reads the cache. The time
+//!   includes the scheduler's own timer wake-up.
 //! - `coordinated_warm`: a tick within the ticker TTL: everything from cache.
 //!
 //! Ticks that call the exchange are spaced by 100 ms (not timed) so that back-to-back
@@ -27,7 +32,7 @@ use std::{
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use tickshare::{
     BatchEvaluator, Bot, CoordinatedSource, DirectSource, MarketDataSource, MigrationFlags, RateLimiter,
-    SourceSelector, TickReport,
+    SourceSelector, TickReport, TickSchedule,
     sim::{SimExchange, SimHandle},
 };
 
@@ -38,6 +43,16 @@ use crate::support::{current_thread, fleet};
 const BOTS: usize = 25;
 const LATENCY: Duration = Duration::from_millis(30);
 const GAP: Duration = Duration::from_millis(100);
+/// Refresh-ahead: ticks every `PERIOD`, prefetched `LEAD` before; tickers and balances live
+/// `AHEAD_TTL`, longer than the lead and shorter than the period, so each prefetch fetches
+/// them again (as at five-minute ticks) and each tick finds them fresh.
+const PERIOD: Duration = Duration::from_millis(250);
+const LEAD: Duration = Duration::from_millis(100);
+const AHEAD_TTL: Duration = Duration::from_millis(180);
+
+fn refresh_ahead() -> TickSchedule {
+    TickSchedule::every(PERIOD).aligned(false).refresh_ahead(LEAD)
+}
 
 struct Path {
     name: &'static str,
@@ -84,6 +99,7 @@ fn build(sim: &SimExchange) -> tickshare::Result<Vec<Path>> {
         },
         // Tickers and balances expired at every tick, as at five-minute ticks.
         Path { name: "coordinated_5min", evaluator: coordinated(Duration::from_millis(1))? },
+        Path { name: "coordinated_refresh_ahead", evaluator: coordinated(AHEAD_TTL)? },
         Path { name: "coordinated_warm", evaluator: coordinated(Duration::from_secs(3600))? },
     ])
 }
@@ -115,6 +131,23 @@ fn setup(rt: &Runtime) -> Setup {
             }
             // Let the exchange's one-second windows empty between paths.
             tokio::time::sleep(Duration::from_millis(1_100)).await;
+            if p.name == "coordinated_refresh_ahead" {
+                let mut ticks = p.evaluator.schedule(refresh_ahead()).unwrap_or_else(|e| panic!("{e}"));
+                ticks.tick(&bots).await;
+                handle.reset_stats();
+                let t = ticks.tick(&bots).await;
+                let s = handle.stats();
+                let prefetch = t.prefetch.as_ref().map(|p| (p.upstream_calls, p.duration));
+                eprintln!(
+                    "legacy_vs_coordinated: {}: bots waited {:?} after the tick, {} upstream calls \
+                     at it; prefetch {prefetch:?} (calls, time) {LEAD:?} ahead; {} answered 429",
+                    p.name, t.latency, t.report.upstream_calls, s.rate_limited_429
+                );
+                assert_eq!(prefetch.map(|p| p.0), Some(2), "the prefetch refreshed tickers and balances");
+                assert_eq!((t.report.upstream_calls, s.total_calls, s.rate_limited_429), (0, 2, 0));
+                assert_eq!(t.report.errors().count(), 0);
+                continue;
+            }
             let (t, r, calls, r429) = tick(&handle, &p.evaluator, &bots).await;
             let errors = r.errors().count();
             eprintln!(
@@ -140,14 +173,34 @@ pub(crate) fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("legacy_vs_coordinated");
     g.sample_size(10).sampling_mode(SamplingMode::Flat);
     g.throughput(Throughput::Elements(BOTS as u64));
-    for (i, name) in
-        ["legacy_unlimited", "legacy_limited", "coordinated_5min", "coordinated_warm"].into_iter().enumerate()
+    for (i, name) in [
+        "legacy_unlimited",
+        "legacy_limited",
+        "coordinated_5min",
+        "coordinated_refresh_ahead",
+        "coordinated_warm",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let gap = if name == "coordinated_warm" { Duration::ZERO } else { GAP };
         g.bench_function(BenchmarkId::new("tick_25_bots_30ms", name), |b| {
             let s = state.get_or_init(|| setup(&rt));
             let (handle, p, bots) = (s.sim.handle(), &s.paths[i], &s.bots);
             assert_eq!(p.name, name);
+            if name == "coordinated_refresh_ahead" {
+                b.to_async(&rt).iter_custom(|iters| async move {
+                    let mut ticks = p.evaluator.schedule(refresh_ahead()).unwrap_or_else(|e| panic!("{e}"));
+                    // The first tick is due at once, too late to prefetch: not timed.
+                    ticks.tick(bots).await;
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += ticks.tick(bots).await.latency;
+                    }
+                    total
+                });
+                return;
+            }
             b.to_async(&rt).iter_custom(|iters| {
                 let handle = handle.clone();
                 async move {

@@ -1,21 +1,27 @@
-//! Evaluate every bot on a fixed interval until Ctrl-C (the seed's Celery beat task, in Rust).
+//! Evaluate every bot on a fixed schedule until Ctrl-C (the seed's Celery beat task, in Rust),
+//! with refresh-ahead: each tick's data is fetched `--lead-ms` before it, so the bots decide
+//! without waiting for the exchange.
 //!
 //! ```text
-//! cargo run --example scheduler -- --every-secs 5 --ticks 3
+//! cargo run --example scheduler -- --every-secs 5 --lead-ms 200 --ticks 3
 //! ```
 //!
-//! Runs against the simulated exchange in real time. On Ctrl-C (or SIGTERM) the tick in
-//! progress finishes, the final stats are printed, and the process exits cleanly. `--ticks N`
-//! stops after N ticks (for scripted runs).
+//! Runs against the simulated exchange (30 ms latency) in real time; ticks fall on the wall
+//! clock's multiples of the period. On Ctrl-C (or SIGTERM) the wait or the tick in progress is
+//! abandoned (cancel safe: fetches already started still fill the cache), the final stats are
+//! printed, and the process exits cleanly. `--ticks N` stops after N ticks (for scripted
+//! runs); `--lead-ms 0` turns refresh-ahead off, to compare.
 
 use std::{error::Error, sync::Arc, time::Duration};
 
-use tickshare::{BatchEvaluator, Bot, CoordinatedSource, MovingAverageCrossover, sim::SimExchange};
-use tokio::time::MissedTickBehavior;
+use tickshare::{
+    BatchEvaluator, Bot, CoordinatedSource, MovingAverageCrossover, TickSchedule, sim::SimExchange,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let mut every = Duration::from_secs(5);
+    let mut lead = Duration::from_millis(200);
     let mut max_ticks: Option<u64> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -23,6 +29,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             "--every-secs" => {
                 every = Duration::from_secs(it.next().ok_or("--every-secs needs a value")?.parse()?)
             }
+            "--lead-ms" => lead = Duration::from_millis(it.next().ok_or("--lead-ms needs a value")?.parse()?),
             "--ticks" => max_ticks = Some(it.next().ok_or("--ticks needs a value")?.parse()?),
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -39,9 +46,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .collect();
     let evaluator = BatchEvaluator::new(Arc::new(source.clone())).meter(Arc::new(source.clone()));
 
-    let mut interval = tokio::time::interval(every);
-    // A slow tick must not cause a burst of catch-up ticks.
-    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // A tick whose time has passed is run once, at once; older missed ones are skipped.
+    let mut schedule = evaluator.schedule(TickSchedule::every(every).refresh_ahead(lead))?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut ticks = 0u64;
@@ -51,13 +57,19 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 println!("shutdown requested; stopping after {ticks} ticks");
                 break;
             }
-            _ = interval.tick() => {
-                let report = evaluator.evaluate_all(&bots).await;
+            tick = schedule.tick(&bots) => {
                 ticks += 1;
+                let prefetch = tick.prefetch.as_ref().map_or_else(
+                    || "no prefetch".to_string(),
+                    |p| format!("prefetch {} calls in {:.1} ms", p.upstream_calls, p.duration.as_secs_f64() * 1000.0),
+                );
+                let report = &tick.report;
                 println!(
-                    "tick {ticks}: {} bots in {:.1} ms, {} upstream calls, hit rate {:.0} %, outcomes {:?}",
+                    "tick {ticks} due {}: {prefetch}; {} bots decided {:.2} ms after the tick, {} upstream calls at it, \
+                     hit rate {:.0} %, outcomes {:?}",
+                    tick.due,
                     report.results.len(),
-                    report.duration.as_secs_f64() * 1000.0,
+                    tick.latency.as_secs_f64() * 1000.0,
                     report.upstream_calls,
                     report.cache_hit_rate * 100.0,
                     report.outcomes

@@ -38,7 +38,7 @@ use crate::{
     error::{Error, Result},
     limiter::{EndpointClass, RateLimiter, lock},
     model::{Account, Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
-    source::{MarketDataSource, distinct},
+    source::{MarketDataSource, PrefetchRequest, distinct},
     stats::{CoordinatedStats, Counters, Op},
 };
 
@@ -103,6 +103,13 @@ pub struct CoordinatedConfig {
     /// [`CoordinatedSource::invalidate_accounts`] after placing an order.
     #[serde(with = "crate::config::duration_ms")]
     pub accounts_ttl: Duration,
+    /// Refresh-ahead of tickers and accounts: a read that finds one fresh but due to expire
+    /// within this time is served from the cache and refreshes it in the background (one
+    /// upstream call however many readers), so that steady readers never wait for a miss.
+    /// Zero (the default) turns it off. Must be shorter than both TTLs. Candle series are not
+    /// refreshed ahead: their expiry is a candle's close, and nothing newer exists before it.
+    #[serde(with = "crate::config::duration_ms")]
+    pub refresh_before_expiry: Duration,
     /// A candle series is fresh until the candle in progress closes, plus this grace (so the
     /// exchange has finished the candle). Default 500 ms.
     #[serde(with = "crate::config::duration_ms")]
@@ -154,6 +161,7 @@ impl Default for CoordinatedConfig {
         CoordinatedConfig {
             ticker_ttl: Duration::from_secs(5),
             accounts_ttl: Duration::from_secs(10),
+            refresh_before_expiry: Duration::ZERO,
             candle_grace: Duration::from_millis(500),
             candle_jitter: Duration::from_millis(500),
             negative_ttl: Duration::from_secs(60),
@@ -182,6 +190,9 @@ impl CoordinatedConfig {
         let bad = |m: &str| Err(Error::Config(m.to_string()));
         if self.ticker_ttl.is_zero() || self.accounts_ttl.is_zero() {
             return bad("ticker_ttl and accounts_ttl must be greater than zero");
+        }
+        if self.refresh_before_expiry >= self.ticker_ttl.min(self.accounts_ttl) {
+            return bad("refresh_before_expiry must be shorter than ticker_ttl and accounts_ttl");
         }
         if self.batch_size == 0 {
             return bad("batch_size must be at least 1");
@@ -227,6 +238,8 @@ impl CoordinatedBuilder {
         ticker_ttl: Duration,
         /// See [`CoordinatedConfig::accounts_ttl`].
         accounts_ttl: Duration,
+        /// See [`CoordinatedConfig::refresh_before_expiry`].
+        refresh_before_expiry: Duration,
         /// See [`CoordinatedConfig::candle_grace`].
         candle_grace: Duration,
         /// See [`CoordinatedConfig::candle_jitter`].
@@ -449,8 +462,12 @@ impl CoordinatedSource {
         // remembering a product as unknown drops its cached data (`remember_unknown`).
         let cached = inner.tickers.get(product).await;
         if let Some(e) = &cached
-            && let Some(hit) = inner.serve_cached(e, now, opts, || self.spawn_ticker_refresh(product.clone()))
+            && let Some(hit) =
+                inner.serve_cached(e, now, opts, || self.spawn_ticker_refresh(product.clone(), now))
         {
+            if inner.expires_soon(e, now) {
+                self.spawn_ticker_refresh(product.clone(), now);
+            }
             return Ok(hit.map(|t| t.clone()));
         }
         inner.check_negative(product).await?;
@@ -481,11 +498,14 @@ impl CoordinatedSource {
         }
     }
 
-    fn spawn_ticker_refresh(&self, product: ProductId) {
+    /// Refresh `product` in the background, unless a fetch since `read_at` (when the caller
+    /// read the entry it found expired or expiring) already did.
+    fn spawn_ticker_refresh(&self, product: ProductId, read_at: Instant) {
         Counters::inc(&self.inner.counters.revalidations);
         let this = self.clone();
         tokio::spawn(async move {
-            let _ = this.ticker_flight(product, Instant::now(), None).await;
+            // A zero `max_age`: the entry the caller read does not count as fresh.
+            let _ = this.ticker_flight(product, read_at, Some(Duration::ZERO)).await;
         });
     }
 
@@ -567,27 +587,35 @@ impl CoordinatedSource {
         let now = Instant::now();
         let cached = lock(&inner.accounts).clone();
         if let Some(e) = &cached
-            && let Some(hit) = inner.serve_cached(e, now, opts, || self.spawn_accounts_refresh())
+            && let Some(hit) = inner.serve_cached(e, now, opts, || self.spawn_accounts_refresh(now))
         {
+            if inner.expires_soon(e, now) {
+                self.spawn_accounts_refresh(now);
+            }
             return Ok(hit.map(Arc::clone));
         }
         Counters::inc(&inner.counters.cache_misses);
-        let (result, role) = self.accounts_flight().await;
+        let (result, role) = self.accounts_flight(now).await;
         inner.note_role(role);
         inner.settle(result, cached.as_ref(), Instant::now())
     }
 
-    fn accounts_flight(&self) -> impl Future<Output = (Result<Entry<Arc<Vec<Account>>>>, Role)> + Send + '_ {
+    /// Join or lead the accounts flight; `read_at` is when the caller read the cache (a value
+    /// fetched since is reused).
+    fn accounts_flight(
+        &self,
+        read_at: Instant,
+    ) -> impl Future<Output = (Result<Entry<Arc<Vec<Account>>>>, Role)> + Send + '_ {
         let inner = Arc::clone(&self.inner);
         let flight = Arc::clone(&self.inner.accounts_flight);
-        async move { flight.run((), move || async move { Inner::fetch_accounts(inner).await }).await }
+        async move { flight.run((), move || async move { Inner::fetch_accounts(inner, read_at).await }).await }
     }
 
-    fn spawn_accounts_refresh(&self) {
+    fn spawn_accounts_refresh(&self, read_at: Instant) {
         Counters::inc(&self.inner.counters.revalidations);
         let this = self.clone();
         tokio::spawn(async move {
-            let _ = this.accounts_flight().await;
+            let _ = this.accounts_flight(read_at).await;
         });
     }
 
@@ -629,6 +657,12 @@ impl Inner {
         if role == Role::Joined {
             Counters::inc(&self.counters.coalesced);
         }
+    }
+
+    /// Whether a fresh `e` is due to expire within `refresh_before_expiry` (refresh-ahead).
+    fn expires_soon<T>(&self, e: &Entry<T>, now: Instant) -> bool {
+        let ahead = self.cfg.refresh_before_expiry;
+        !ahead.is_zero() && now < e.fresh_until && e.fresh_until.saturating_duration_since(now) <= ahead
     }
 
     /// Serve `e` from cache if it is fresh, or, with stale-while-revalidate, if it is within
@@ -954,7 +988,14 @@ impl Inner {
         Ok(entry)
     }
 
-    async fn fetch_accounts(this: Arc<Inner>) -> Result<Entry<Arc<Vec<Account>>>> {
+    async fn fetch_accounts(this: Arc<Inner>, read_at: Instant) -> Result<Entry<Arc<Vec<Account>>>> {
+        // As for tickers: a flight that ended after the caller's cache read (between that read
+        // and this flight) fetched a value as recent as a new call would.
+        if let Some(e) = lock(&this.accounts).clone()
+            && e.fetched_at >= read_at
+        {
+            return Ok(e);
+        }
         let r = this.call(Op::Accounts, EndpointClass::Private, || this.upstream.accounts()).await?;
         let now = Instant::now();
         let e = Entry::new(Arc::new(r), now, now + this.cfg.accounts_ttl);
@@ -998,6 +1039,26 @@ impl MarketDataSource for CoordinatedSource {
     async fn validate_trade_balance(&self, currency: &str, amount: Decimal) -> Result<bool> {
         let accounts = self.accounts_with(ReadOptions::default()).await?.value;
         Ok(Balances::from_accounts(&accounts).can_afford(currency, amount))
+    }
+
+    /// Tickers and accounts that would no longer be fresh `request.horizon` from now are
+    /// fetched again (batched, coalesced with other readers); candle series are read as usual
+    /// (their expiry is a candle's close, and nothing newer exists before it).
+    async fn prefetch(&self, request: &PrefetchRequest) -> Option<Vec<Error>> {
+        let cfg = &self.inner.cfg;
+        let within = |ttl: Duration| ReadOptions::max_age(ttl.saturating_sub(request.horizon));
+        let tickers = self.tickers_with(&request.tickers, within(cfg.ticker_ttl));
+        let candles = futures_util::future::join_all(
+            request.candles.iter().map(|(p, g, r)| self.candles_with(p, *g, *r, ReadOptions::default())),
+        );
+        let accounts = async {
+            if request.accounts { Some(self.accounts_with(within(cfg.accounts_ttl)).await) } else { None }
+        };
+        let (tickers, candles, accounts) = tokio::join!(tickers, candles, accounts);
+        let mut errors: Vec<Error> = tickers.into_iter().filter_map(|(_, r)| r.err()).collect();
+        errors.extend(candles.into_iter().filter_map(Result::err));
+        errors.extend(accounts.and_then(Result::err));
+        Some(errors)
     }
 }
 

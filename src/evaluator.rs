@@ -19,7 +19,7 @@ use crate::{
     flags::Route,
     model::{Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
     selector::SourceSelector,
-    source::MarketDataSource,
+    source::{MarketDataSource, PrefetchRequest},
     stats::UpstreamMeter,
     strategy::{Decision, MarketView, Signal, Strategy},
 };
@@ -399,11 +399,78 @@ impl BatchEvaluator {
         self
     }
 
+    pub(crate) fn clock_ref(&self) -> Clock {
+        self.clock
+    }
+
     fn read_meters(&self) -> (u64, u64, u64) {
         self.meters.iter().fold((0, 0, 0), |(c, h, m), meter| {
             let (hits, misses) = meter.cache_reads();
             (c + meter.upstream_calls(), h + hits, m + misses)
         })
+    }
+
+    /// Refresh-ahead: fetch now what the snapshot bots of a coming tick will read, so that an
+    /// [`evaluate_all`](Self::evaluate_all) within `horizon` reads only the cache and its bots
+    /// decide without waiting for the exchange. [`TickSchedule::refresh_ahead`] calls this a
+    /// set lead before each tick. Tickers and balances that would expire within `horizon` are
+    /// fetched again even if fresh now.
+    ///
+    /// Only the bots the flags route to the coordinated source are prefetched (routing is not
+    /// counted in the selector's stats): legacy and shadow bots fetch their own data at the
+    /// tick, as the legacy code did. A source without a cache
+    /// ([`MarketDataSource::prefetch`] returns `None`, as a
+    /// [`DirectSource`](crate::DirectSource)'s does) is left alone: the report says
+    /// `supported: false`.
+    ///
+    /// A candle that closes at the tick itself cannot be fetched before it: the series is
+    /// served as it is within the source's close grace and refreshed at a later read.
+    ///
+    /// [`TickSchedule::refresh_ahead`]: crate::TickSchedule::refresh_ahead
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future leaves started fetches to complete for later readers.
+    pub async fn prefetch(&self, bots: &[Bot], horizon: Duration) -> PrefetchReport {
+        let t0 = Instant::now();
+        let now = self.clock.now_utc();
+        let (calls0, _, _) = self.read_meters();
+        let (source, snapshot_bots): (SharedSource, Vec<&Bot>) = match &self.routing {
+            Routing::Single(s) => (Arc::clone(s), bots.iter().collect()),
+            Routing::Selector(sel) => {
+                let flags = sel.flags();
+                let bots: Vec<&Bot> =
+                    bots.iter().filter(|b| flags.route(&b.id) == Route::Coordinated).collect();
+                (sel.coordinated_source(), bots)
+            }
+        };
+        let plan = Plan::new(snapshot_bots.iter().copied());
+        let (mut supported, mut failed_reads) = (true, 0);
+        if !plan.of_bot.is_empty() {
+            let mut seen: HashSet<&ProductId, FxBuild> = HashSet::default();
+            let mut request = PrefetchRequest::new(horizon)
+                .tickers(plan.series.iter().filter(|s| seen.insert(s.product)).map(|s| s.product.clone()))
+                .accounts();
+            let mut invalid = 0;
+            for s in &plan.series {
+                match CandleRange::lookback(s.granularity, s.lookback, now) {
+                    Ok(range) => request = request.candles(s.product.clone(), s.granularity, range),
+                    Err(_) => invalid += 1,
+                }
+            }
+            match source.prefetch(&request).await {
+                Some(errors) => failed_reads = errors.len() + invalid,
+                None => supported = false,
+            }
+        }
+        let (calls1, _, _) = self.read_meters();
+        PrefetchReport {
+            started_at: now,
+            duration: t0.elapsed(),
+            supported,
+            bots: if supported { plan.of_bot.len() } else { 0 },
+            upstream_calls: calls1.saturating_sub(calls0),
+            failed_reads: failed_reads as u64,
+        }
     }
 
     /// Evaluate every bot once.
@@ -416,16 +483,17 @@ impl BatchEvaluator {
         let now = self.clock.now_utc();
         let (calls0, hits0, misses0) = self.read_meters();
 
-        // Resolve every bot's path under one view of the flags. A single source needs no
-        // per-bot work; a selector gives the legacy (and shadow) bots their own source.
+        // Resolve every bot's path under one view of the flags (a hot reload during this
+        // loop cannot split the tick). A single source needs no per-bot work; a selector gives
+        // the legacy (and shadow) bots their own source.
         let (routes_of, legacy, snapshot_source): (Vec<Route>, Vec<(usize, SharedSource)>, _) =
             match &self.routing {
                 Routing::Single(s) => (vec![Route::Coordinated; bots.len()], Vec::new(), Some(Arc::clone(s))),
                 Routing::Selector(sel) => {
                     let (mut routes, mut legacy, mut snapshot) =
                         (Vec::with_capacity(bots.len()), Vec::new(), None);
-                    for (i, b) in bots.iter().enumerate() {
-                        let (route, source) = sel.resolve(&b.id);
+                    let resolved = sel.resolve_all(bots.iter().map(|b| b.id.as_str()));
+                    for (i, (route, source)) in resolved.into_iter().enumerate() {
                         if route == Route::Coordinated {
                             snapshot.get_or_insert(source);
                         } else {
@@ -548,6 +616,26 @@ async fn legacy_evaluate(bot: &Bot, source: &dyn MarketDataSource, now: OffsetDa
         can_afford,
     };
     Ok(bot.strategy.evaluate(&view))
+}
+
+/// What a [`BatchEvaluator::prefetch`] did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct PrefetchReport {
+    /// Wall time the prefetch started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// How long it took.
+    #[serde(with = "crate::config::duration_ms")]
+    pub duration: Duration,
+    /// Whether the source keeps a cache to warm ([`MarketDataSource::prefetch`] answered).
+    pub supported: bool,
+    /// Bots whose data was fetched (those the flags route to the coordinated source).
+    pub bots: usize,
+    /// Upstream calls made meanwhile (by the meters given to the evaluator).
+    pub upstream_calls: u64,
+    /// Reads that failed (a ticker, a candle series, the accounts): the tick will try again.
+    pub failed_reads: u64,
 }
 
 /// Serde form of a tick summary without per-bot results, for logs and dashboards.

@@ -74,6 +74,7 @@ mod model;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+mod schedule;
 mod selector;
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
@@ -99,7 +100,9 @@ pub use coordinated::{
 };
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};
-pub use evaluator::{BatchEvaluator, Bot, BotResult, MarketSnapshot, TickReport, TickSummary};
+pub use evaluator::{
+    BatchEvaluator, Bot, BotResult, MarketSnapshot, PrefetchReport, TickReport, TickSummary,
+};
 pub use flags::{MigrationFlags, Route, rollout_bucket};
 pub use limiter::{
     ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, Priority, RateLimiter, RateLimiterConfig,
@@ -108,6 +111,7 @@ pub use model::{
     Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, ProductId, Ticker,
 };
 pub use rust_decimal::Decimal;
+pub use schedule::{ScheduledTick, TickLoop, TickSchedule};
 pub use selector::{
     FlagsWatcher, MethodShadowStats, MigrationProgress, PathLatency, SelectorStats, ShadowSource,
     ShadowStats, SourceSelector,
@@ -115,9 +119,9 @@ pub use selector::{
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub use sim::{SimBuilder, SimExchange, SimHandle, SimStats};
-pub use source::MarketDataSource;
 #[cfg(any(test, feature = "mock"))]
 pub use source::MockMarketDataSource;
+pub use source::{MarketDataSource, PrefetchRequest};
 pub use stats::{CoordinatedStats, LatencyStats, UpstreamMeter};
 pub use strategy::{Decision, MarketView, MovingAverageCrossover, RsiThreshold, Signal, Strategy, rsi};
 #[cfg(feature = "stream")]

@@ -230,6 +230,11 @@ impl SourceSelector {
         bot_ids.into_iter().map(|id| self.source_by_route(flags.route(id))).collect()
     }
 
+    /// The coordinated source, without counting a routing decision (for prefetching).
+    pub(crate) fn coordinated_source(&self) -> Arc<dyn MarketDataSource> {
+        Arc::clone(&self.inner.coordinated)
+    }
+
     fn source_by_route(&self, route: Route) -> (Route, Arc<dyn MarketDataSource>) {
         inc(&self.inner.counters.routed[route_index(route)]);
         let source: Arc<dyn MarketDataSource> = match route {

@@ -1,12 +1,12 @@
 //! The [`MarketDataSource`] trait: what a bot needs from the exchange.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
 
 use crate::{
-    error::Result,
+    error::{Error, Result},
     model::{Account, Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
 };
 
@@ -69,6 +69,62 @@ pub trait MarketDataSource: Send + Sync {
         let accounts = self.accounts().await?;
         Ok(Balances::from_accounts(&accounts).can_afford(currency, amount))
     }
+
+    /// Refresh-ahead: fetch now what `request` names, so that reading it during the next
+    /// `request.horizon` is served from this source's cache. What is already cached and stays
+    /// fresh that long is not fetched again. A scheduler calls this shortly before a tick
+    /// ([`BatchEvaluator::prefetch`](crate::BatchEvaluator::prefetch)).
+    ///
+    /// Returns `None` when the source keeps no cache, so there is nothing to warm: the
+    /// default, right for [`DirectSource`](crate::DirectSource) and the client, which would
+    /// only make the calls twice. Otherwise the errors of the reads that failed (empty when
+    /// every read succeeded); the reads will be tried again when made.
+    async fn prefetch(&self, request: &PrefetchRequest) -> Option<Vec<Error>> {
+        let _ = request;
+        None
+    }
+}
+
+/// What a refresh-ahead fetch should keep warm ([`MarketDataSource::prefetch`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct PrefetchRequest {
+    /// Products whose tickers will be read.
+    pub tickers: Vec<ProductId>,
+    /// Candle series that will be read: product, granularity, range.
+    pub candles: Vec<(ProductId, Granularity, CandleRange)>,
+    /// Whether the accounts will be read.
+    pub accounts: bool,
+    /// How long from now the reads must be served from the cache.
+    pub horizon: Duration,
+}
+
+impl PrefetchRequest {
+    /// A request for nothing yet, to be kept warm for `horizon`.
+    pub fn new(horizon: Duration) -> Self {
+        PrefetchRequest { horizon, ..Default::default() }
+    }
+
+    /// Add tickers.
+    #[must_use]
+    pub fn tickers(mut self, products: impl IntoIterator<Item = ProductId>) -> Self {
+        self.tickers.extend(products);
+        self
+    }
+
+    /// Add a candle series.
+    #[must_use]
+    pub fn candles(mut self, product: ProductId, granularity: Granularity, range: CandleRange) -> Self {
+        self.candles.push((product, granularity, range));
+        self
+    }
+
+    /// Ask for the accounts.
+    #[must_use]
+    pub fn accounts(mut self) -> Self {
+        self.accounts = true;
+        self
+    }
 }
 
 macro_rules! forward_source {
@@ -94,6 +150,9 @@ macro_rules! forward_source {
             }
             async fn validate_trade_balance(&self, currency: &str, amount: Decimal) -> Result<bool> {
                 (**self).validate_trade_balance(currency, amount).await
+            }
+            async fn prefetch(&self, request: &PrefetchRequest) -> Option<Vec<Error>> {
+                (**self).prefetch(request).await
             }
         }
     };

@@ -458,3 +458,56 @@ async fn max_age_forces_a_fetch_and_a_failure_falls_back_to_flagged_stale_data()
     assert!(f.age >= Duration::from_secs(2));
     assert_eq!(fake.tickers_calls.load(Ordering::SeqCst), 2);
 }
+
+/// Refresh-ahead: reads in the last second before expiry are hits that refresh the entry once
+/// in the background, so a reader right after the old expiry still hits; outside that window
+/// nothing is refreshed early, and a zero setting keeps the plain expiry.
+#[tokio::test(start_paused = true)]
+async fn refresh_before_expiry_refreshes_once_and_readers_never_miss() {
+    let fake = Arc::new(Fake { delay: Duration::from_millis(30), ..Default::default() });
+    let src = CoordinatedSource::builder_arc(fake.clone())
+        .refresh_before_expiry(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let p = pid("BTC-USD");
+    src.ticker(&p).await.unwrap();
+    src.accounts().await.unwrap();
+    let base = (fake.tickers_calls.load(Ordering::SeqCst), fake.account_calls.load(Ordering::SeqCst));
+    assert_eq!(base, (1, 1));
+    // 3.5 s: fresh, not expiring soon: no refresh.
+    tokio::time::advance(Duration::from_millis(3_500)).await;
+    assert_eq!(src.ticker_with(&p, ReadOptions::default()).await.unwrap().origin, Origin::Cache);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.tickers_calls.load(Ordering::SeqCst), 1);
+    // 4.5 s (0.5 s before the 5 s expiry): 100 readers are served from the cache and one
+    // background call refreshes the ticker.
+    tokio::time::advance(Duration::from_millis(900)).await;
+    for _ in 0..100 {
+        let f = src.ticker_with(&p, ReadOptions::default()).await.unwrap();
+        assert_eq!(f.origin, Origin::Cache);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.tickers_calls.load(Ordering::SeqCst), 2);
+    // Past the first entry's expiry the refreshed one serves.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let f = src.ticker_with(&p, ReadOptions::default()).await.unwrap();
+    assert_eq!(f.origin, Origin::Cache);
+    assert_eq!(fake.tickers_calls.load(Ordering::SeqCst), 2);
+
+    // Accounts likewise (10 s TTL): read at 9.5 s, refreshed once, served after 10 s.
+    tokio::time::advance(Duration::from_millis(3_900)).await;
+    for _ in 0..10 {
+        src.accounts().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fake.account_calls.load(Ordering::SeqCst), 2);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(src.accounts_with(ReadOptions::default()).await.unwrap().origin, Origin::Cache);
+    assert_eq!(fake.account_calls.load(Ordering::SeqCst), 2);
+    assert_eq!(src.stats().cache_misses, 2, "only the two cold reads missed");
+
+    // The setting is checked against the TTLs.
+    let too_long =
+        CoordinatedSource::builder_arc(fake.clone()).refresh_before_expiry(Duration::from_secs(5)).build();
+    assert!(matches!(too_long, Err(Error::Config(_))));
+}

@@ -5,9 +5,12 @@ use std::{sync::Arc, time::Duration};
 
 use tickshare::{
     BatchEvaluator, Bot, CoordinatedSource, DirectSource, MarketDataSource, MigrationFlags,
-    MovingAverageCrossover, RateLimiter, Route, SourceSelector,
+    MovingAverageCrossover, RateLimiter, Route, SourceSelector, TickSchedule,
     sim::{SimExchange, SimHandle},
 };
+use time::macros::datetime;
+
+use crate::support::fixed_clock;
 
 fn bots(sim: &SimHandle, n: usize) -> Vec<Bot> {
     let products = sim.products();
@@ -146,4 +149,139 @@ async fn hot_reload_under_concurrent_evaluation() {
     }
     assert!(selector.is_killed());
     assert!(bots.iter().all(|b| selector.route(&b.id) == Route::Legacy));
+}
+
+/// Refresh-ahead on five-minute ticks at 30 ms latency: the snapshot is fetched 1.5 s before
+/// each tick, so every tick reads only the cache and its bots wait for nothing; an overrun
+/// runs the latest due tick at once and skips the older ones.
+#[tokio::test(start_paused = true)]
+async fn refresh_ahead_ticks_read_the_cache() {
+    let sim = SimExchange::builder()
+        .products(25)
+        .latency(Duration::from_millis(30))
+        .clock(fixed_clock())
+        .start()
+        .await
+        .unwrap();
+    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(sim.clock()).build().unwrap();
+    let eval =
+        BatchEvaluator::new(Arc::new(source.clone())).clock(sim.clock()).meter(Arc::new(source.clone()));
+    let bots = bots(&sim.handle(), 25);
+    // Long enough for the hourly candle refresh of 25 series at the private limit (30/s).
+    let lead = Duration::from_millis(1500);
+    let mut ticks = eval.schedule(TickSchedule::every(Duration::from_secs(300)).refresh_ahead(lead)).unwrap();
+
+    // A cold tick at 09:56:38 fills the cache. Then every tick is prefetched 1.5 s ahead and
+    // makes no call itself: at 10:00 the tickers and balances (expired since 09:56) are
+    // refreshed ahead, and the hourly candles are served within the close's grace; at 10:05 the
+    // prefetch also brings each series' final 09:00 candle (one incremental call per product).
+    assert_eq!(eval.evaluate_all(&bots).await.upstream_calls, 27);
+    for (due, calls) in [
+        (datetime!(2024-04-24 10:00:00 UTC), 2),
+        (datetime!(2024-04-24 10:05:00 UTC), 27),
+        (datetime!(2024-04-24 10:10:00 UTC), 2),
+    ] {
+        sim.reset_stats();
+        let t = ticks.tick(&bots).await;
+        assert_eq!((t.due, t.missed), (due, 0));
+        let p = t.prefetch.as_ref().expect("prefetched");
+        assert_eq!(p.started_at, due - lead);
+        assert_eq!((p.bots, p.upstream_calls, p.failed_reads), (25, calls, 0), "{due}");
+        assert!(p.duration >= Duration::from_millis(30), "one round trip at least: {:?}", p.duration);
+        assert!(p.duration < lead, "{due}: {:?}", p.duration);
+        assert_eq!(t.report.upstream_calls, 0, "{due}");
+        assert_eq!(t.report.cache_hit_rate, 1.0);
+        assert_eq!(t.report.errors().count(), 0);
+        assert_eq!(t.latency, Duration::ZERO, "{due}: the bots waited for nothing");
+        assert_eq!(sim.stats().total_calls, calls, "{:?}", sim.stats().calls_by_endpoint);
+    }
+
+    // The caller overran past 10:15: that tick runs at once (late, without prefetch) and
+    // 10:10's successor at 10:15 is not run twice.
+    tokio::time::sleep_until(sim.clock().instant_at(datetime!(2024-04-24 10:16:00 UTC))).await;
+    let late = ticks.tick(&bots).await;
+    assert_eq!((late.due, late.missed), (datetime!(2024-04-24 10:15:00 UTC), 0));
+    assert!(late.prefetch.is_none());
+    assert!(late.latency >= Duration::from_secs(60), "{:?}", late.latency);
+    tokio::time::sleep_until(sim.clock().instant_at(datetime!(2024-04-24 10:31:00 UTC))).await;
+    let skipped = ticks.tick(&bots).await;
+    assert_eq!((skipped.due, skipped.missed), (datetime!(2024-04-24 10:30:00 UTC), 2));
+    let next = ticks.tick(&bots).await;
+    assert_eq!(next.due, datetime!(2024-04-24 10:35:00 UTC));
+    assert!(next.prefetch.is_some());
+    assert_eq!(next.report.upstream_calls, 0);
+    assert_eq!(sim.stats().rate_limited_429, 0);
+}
+
+/// Under a selector only the migrated bots are prefetched; legacy bots still make their own
+/// four calls at the tick.
+#[tokio::test(start_paused = true)]
+async fn refresh_ahead_prefetches_the_migrated_bots_only() {
+    let sim = SimExchange::builder().products(25).clock(fixed_clock()).start().await.unwrap();
+    let limiter = RateLimiter::coinbase();
+    let coordinated =
+        CoordinatedSource::coinbase(sim.client_builder().rate_limiter(limiter.clone()).build().unwrap())
+            .clock(sim.clock())
+            .build()
+            .unwrap();
+    let legacy = DirectSource::new(sim.client_builder().rate_limiter(limiter).build().unwrap());
+    let half = MigrationFlags { enabled: true, rollout_percent: 50, ..Default::default() };
+    let selector = SourceSelector::new(
+        Arc::new(legacy) as Arc<dyn MarketDataSource>,
+        Arc::new(coordinated.clone()) as Arc<dyn MarketDataSource>,
+        half,
+    );
+    let eval =
+        BatchEvaluator::with_selector(selector.clone()).clock(sim.clock()).meter(Arc::new(coordinated));
+    let bots = bots(&sim.handle(), 25);
+    let migrated = bots.iter().filter(|b| selector.route(&b.id) == Route::Coordinated).count();
+    assert!(migrated > 0 && migrated < 25, "{migrated}");
+
+    let routed_before = selector.stats().routed_coordinated;
+    let p = eval.prefetch(&bots, Duration::from_secs(1)).await;
+    assert_eq!(p.bots, migrated);
+    assert_eq!(selector.stats().routed_coordinated, routed_before, "prefetching routes nobody");
+    let legacy_bots = (25 - migrated) as u64;
+    sim.reset_stats();
+    let report = eval.evaluate_all(&bots).await;
+    assert_eq!(report.errors().count(), 0);
+    assert_eq!(report.upstream_calls, 0, "the coordinated source made no call at the tick");
+    assert_eq!(sim.stats().total_calls, 4 * legacy_bots, "legacy bots fetch their own data");
+}
+
+/// Ticks as often as the ticker TTL (5 s): data fetched by one prefetch is still fresh at the
+/// next prefetch but would expire before its tick, so the prefetch fetches it again (it keeps
+/// it fresh for twice the lead) and no tick waits. Over a `DirectSource` there is no cache to
+/// warm: the prefetch makes no call and says so.
+#[tokio::test(start_paused = true)]
+async fn refresh_ahead_when_the_period_equals_the_ttl_and_over_a_direct_source() {
+    let sim = SimExchange::builder()
+        .products(5)
+        .latency(Duration::from_millis(30))
+        .clock(fixed_clock())
+        .start()
+        .await
+        .unwrap();
+    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(sim.clock()).build().unwrap();
+    assert_eq!(source.config().ticker_ttl, Duration::from_secs(5));
+    let eval =
+        BatchEvaluator::new(Arc::new(source.clone())).clock(sim.clock()).meter(Arc::new(source.clone()));
+    let bots = bots(&sim.handle(), 5);
+    let schedule = TickSchedule::every(Duration::from_secs(5)).refresh_ahead(Duration::from_millis(200));
+    let mut ticks = eval.schedule(schedule).unwrap();
+    ticks.tick(&bots).await;
+    for _ in 0..24 {
+        let t = ticks.tick(&bots).await;
+        let p = t.prefetch.as_ref().expect("prefetched");
+        assert!(p.supported);
+        assert!(p.upstream_calls >= 1, "tickers refreshed ahead: {p:?}");
+        assert_eq!(t.report.upstream_calls, 0, "{}: the tick waited for the exchange", t.due);
+        assert_eq!(t.latency, Duration::ZERO);
+    }
+
+    let direct = BatchEvaluator::new(Arc::new(DirectSource::new(sim.client().unwrap()))).clock(sim.clock());
+    sim.reset_stats();
+    let p = direct.prefetch(&bots, Duration::from_secs(1)).await;
+    assert_eq!((p.supported, p.bots, p.failed_reads), (false, 0, 0));
+    assert_eq!(sim.stats().total_calls, 0);
 }
