@@ -1011,7 +1011,7 @@ impl ClassLimitExt {
 
 impl Counters {
     fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+        crate::stats::inc(c);
     }
 
     fn add(c: &AtomicU64, n: u64) {

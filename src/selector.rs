@@ -28,6 +28,7 @@ use crate::{
     error::Result,
     flags::{MigrationFlags, Route},
     source::MarketDataSource,
+    stats::inc,
 };
 
 /// The shortest polling interval of [`SourceSelector::watch_file`].
@@ -92,10 +93,6 @@ struct Counters {
     file_reload_errors: AtomicU64,
     kill_switch_activations: AtomicU64,
     resumes: AtomicU64,
-}
-
-fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 fn route_index(route: Route) -> usize {

@@ -84,9 +84,14 @@ pub(crate) struct Counters {
     latencies_us: Mutex<VecDeque<u64>>,
 }
 
+/// Count one event (relaxed: counters are read as statistics, never to synchronise).
+pub(crate) fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 impl Counters {
     pub(crate) fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+        inc(c);
     }
 
     pub(crate) fn add(c: &AtomicU64, n: u64) {

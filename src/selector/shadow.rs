@@ -117,7 +117,7 @@ struct Recorder {
 
 impl Recorder {
     fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+        crate::stats::inc(c);
     }
 
     fn price_delta(&self, legacy: Decimal, coordinated: Decimal) -> bool {

@@ -21,10 +21,10 @@ use tokio::{
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 
 use super::{
-    ProductState, Shared, inc,
+    ProductState, Shared,
     wire::{self, Body, Frame, SubscribeMessage, channel},
 };
-use crate::{coordinated::feed::Merge, limiter::lock, model::ProductId};
+use crate::{coordinated::feed::Merge, limiter::lock, model::ProductId, stats::inc};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
