@@ -29,7 +29,9 @@ const MAX_PERIOD: Duration = Duration::from_secs(366 * 86_400);
 /// lead above the time a prefetch takes: one round trip at most ticks, more at the tick after a
 /// candle close, when every series gets its incremental call (25 series at Coinbase's 30/s
 /// private limit take about a second). A prefetch that runs past the tick delays it, and
-/// [`ScheduledTick::latency`] shows by how much.
+/// [`ScheduledTick::latency`] shows by how much. Keep the lead well below the source's
+/// `ticker_ttl` and `accounts_ttl` (5 s and 10 s by default): data already older than its TTL
+/// at the tick is fetched again there.
 ///
 /// ```
 /// use std::time::Duration;
