@@ -163,8 +163,8 @@ impl TickLoop<'_> {
     }
 
     /// Wait for the next tick and evaluate `bots` at it. With refresh-ahead, their snapshot is
-    /// fetched `lead` before the tick (when the loop is called early enough: a call made after
-    /// that point ticks without prefetching).
+    /// fetched `lead` before the tick (at once when the call comes later than that but before
+    /// the tick; not at all for a tick already due).
     ///
     /// A tick whose time has passed by a whole period or more (the previous tick or the caller
     /// overran) is skipped, never run late in a burst; [`ScheduledTick::missed`] counts them.
@@ -193,18 +193,18 @@ impl TickLoop<'_> {
         self.next = Some((due, due_utc));
 
         let lead = self.schedule.lead;
-        let prefetch = match due.checked_sub(lead) {
-            Some(at) if !lead.is_zero() && at >= now => {
-                sleep_until(at).await;
-                // Fresh through the tick, and through a tick that starts up to a lead late.
-                let horizon = lead.saturating_mul(2);
-                let (report, ()) = tokio::join!(self.evaluator.prefetch(bots, horizon), sleep_until(due));
-                Some(report)
-            }
-            _ => {
-                sleep_until(due).await;
-                None
-            }
+        // A call made within the lead prefetches at once; one made at or after the due time
+        // (a late tick) evaluates at once.
+        let prefetch_at = due.checked_sub(lead).map_or(now, |at| at.max(now));
+        let prefetch = if !lead.is_zero() && prefetch_at < due {
+            sleep_until(prefetch_at).await;
+            // Fresh through the tick, and through a tick that starts up to a lead late.
+            let horizon = lead.saturating_mul(2);
+            let (report, ()) = tokio::join!(self.evaluator.prefetch(bots, horizon), sleep_until(due));
+            Some(report)
+        } else {
+            sleep_until(due).await;
+            None
         };
         let report = self.evaluator.evaluate_all(bots).await;
         self.next = Some((due + period, due_utc + period));

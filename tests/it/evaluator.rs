@@ -285,3 +285,35 @@ async fn refresh_ahead_when_the_period_equals_the_ttl_and_over_a_direct_source()
     assert_eq!((p.supported, p.bots, p.failed_reads), (false, 0, 0));
     assert_eq!(sim.stats().total_calls, 0);
 }
+
+/// `TickLoop::tick` is cancel safe: dropped while it waits (as `tokio::select!` with a shutdown
+/// signal does), the next call waits for the same tick; a bad schedule is a typed error.
+#[tokio::test(start_paused = true)]
+async fn tick_loop_cancel_safety_and_validation() {
+    let sim = SimExchange::builder().products(3).clock(fixed_clock()).start().await.unwrap();
+    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(sim.clock()).build().unwrap();
+    let eval = BatchEvaluator::new(Arc::new(source)).clock(sim.clock());
+    let bots = bots(&sim.handle(), 3);
+    let five = Duration::from_secs(300);
+    assert!(matches!(
+        eval.schedule(TickSchedule::every(five).refresh_ahead(five)),
+        Err(tickshare::Error::Config(_))
+    ));
+    assert!(matches!(eval.schedule(TickSchedule::every(Duration::ZERO)), Err(tickshare::Error::Config(_))));
+
+    let mut ticks = eval.schedule(TickSchedule::every(five).refresh_ahead(Duration::from_secs(1))).unwrap();
+    // 09:56:38: the 10:00 tick is 3 min 22 s away; give up after one minute, and again inside
+    // the prefetch window.
+    assert!(tokio::time::timeout(Duration::from_secs(60), ticks.tick(&bots)).await.is_err());
+    tokio::time::sleep_until(sim.clock().instant_at(datetime!(2024-04-24 09:59:59.5 UTC))).await;
+    assert!(tokio::time::timeout(Duration::from_millis(1), ticks.tick(&bots)).await.is_err());
+    let t = ticks.tick(&bots).await;
+    assert_eq!((t.due, t.missed), (datetime!(2024-04-24 10:00:00 UTC), 0));
+    // Called within the lead, the loop prefetched at once.
+    let p = t.prefetch.as_ref().expect("prefetched");
+    assert_eq!(p.started_at, datetime!(2024-04-24 09:59:59.501 UTC));
+    assert_eq!(t.report.errors().count(), 0);
+    let next = ticks.tick(&bots).await;
+    assert_eq!(next.due, datetime!(2024-04-24 10:05:00 UTC));
+    assert!(next.prefetch.is_some());
+}
