@@ -431,7 +431,13 @@ impl Balances {
 
     /// The balance of `currency` (case-insensitive); zero when there is no account.
     pub fn get(&self, currency: &str) -> Balance {
-        self.0.get(&currency.to_ascii_uppercase()).copied().unwrap_or_default()
+        // Currencies are stored upper case; allocate an upper-case copy only when needed.
+        let found = if currency.bytes().any(|b| b.is_ascii_lowercase()) {
+            self.0.get(&currency.to_ascii_uppercase())
+        } else {
+            self.0.get(currency)
+        };
+        found.copied().unwrap_or_default()
     }
 
     /// Whether `amount` of `currency` is available to trade. A negative amount is never
@@ -561,5 +567,8 @@ mod tests {
         assert!(!b.can_afford("USD", Decimal::new(151, 2)));
         assert!(!b.can_afford("USD", Decimal::new(-1, 0)));
         assert!(!b.can_afford("BTC", Decimal::new(1, 2)), "inactive accounts do not count");
+        assert_eq!(b.get("usd"), b.get("USD"), "lookups ignore case");
+        assert_eq!(b.get("Usd").available, Decimal::new(150, 2));
+        assert_eq!(b.get("EUR"), Balance::default());
     }
 }
