@@ -112,8 +112,15 @@ impl TickSchedule {
             return now;
         }
         // `period - into` is below the period, which is a `Duration`.
-        now + Duration::from_nanos(u64::try_from(period - into).unwrap_or(u64::MAX))
+        later(now, Duration::from_nanos(u64::try_from(period - into).unwrap_or(u64::MAX)))
     }
+}
+
+/// `t + d`, saturating at the end of the representable range (a clock started near year 9999
+/// must not panic).
+fn later(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
+    let d = time::Duration::try_from(d).unwrap_or(time::Duration::MAX);
+    t.saturating_add(d)
 }
 
 impl BatchEvaluator {
@@ -188,7 +195,7 @@ impl TickLoop<'_> {
             // At most the time elapsed since `due`, so it fits.
             let skip = Duration::from_nanos(u64::try_from(missed * period.as_nanos()).unwrap_or(u64::MAX));
             due += skip;
-            due_utc += skip;
+            due_utc = later(due_utc, skip);
         }
         self.next = Some((due, due_utc));
 
@@ -207,7 +214,7 @@ impl TickLoop<'_> {
             None
         };
         let report = self.evaluator.evaluate_all(bots).await;
-        self.next = Some((due + period, due_utc + period));
+        self.next = Some((due + period, later(due_utc, period)));
         let latency = Instant::now().saturating_duration_since(due);
         ScheduledTick {
             due: due_utc,
@@ -257,6 +264,14 @@ mod tests {
         assert_eq!(s.first_due(datetime!(1969-12-31 23:58:00 UTC)), datetime!(1970-01-01 00:00:00 UTC));
         let t = datetime!(2024-04-24 09:56:38.5 UTC);
         assert_eq!(s.aligned(false).first_due(t), t);
+    }
+
+    #[test]
+    fn the_end_of_time_saturates() {
+        let end = time::PrimitiveDateTime::MAX.assume_utc();
+        let s = TickSchedule::every(Duration::from_secs(300));
+        assert_eq!(later(end, Duration::from_secs(300)), end);
+        assert!(s.first_due(end - Duration::from_secs(1)) <= end);
     }
 
     #[test]
