@@ -46,12 +46,13 @@ pub struct TickSchedule {
     period: Duration,
     lead: Duration,
     aligned: bool,
+    offset: Duration,
 }
 
 impl TickSchedule {
     /// A tick every `period`, aligned to the wall clock, without refresh-ahead.
     pub fn every(period: Duration) -> Self {
-        TickSchedule { period, lead: Duration::ZERO, aligned: true }
+        TickSchedule { period, lead: Duration::ZERO, aligned: true, offset: Duration::ZERO }
     }
 
     /// Prefetch each tick's snapshot `lead` before it (zero turns it off).
@@ -69,6 +70,17 @@ impl TickSchedule {
         self
     }
 
+    /// Shift the aligned grid by `offset` (ticks at :00:03, :05:03, … with three seconds), so
+    /// that a tick right after a candle close comes once the exchange has finished the candle
+    /// and the source's `candle_grace` has passed: with a refresh-ahead lead shorter than the
+    /// offset minus the grace (and jitter), the prefetch brings the final candle and the bots
+    /// read it at the tick. Must be shorter than the period; ignored when not aligned.
+    #[must_use]
+    pub fn offset(mut self, offset: Duration) -> Self {
+        self.offset = offset;
+        self
+    }
+
     /// The period.
     pub fn period(&self) -> Duration {
         self.period
@@ -82,12 +94,18 @@ impl TickSchedule {
     /// Check the schedule.
     ///
     /// # Errors
-    /// [`Error::Config`] when the period is zero or over a year, or the lead is not shorter than the period.
+    /// [`Error::Config`] when the period is zero or over a year, or the offset or the lead is not shorter than the period.
     pub fn validate(&self) -> Result<()> {
         if self.period.is_zero() || self.period > MAX_PERIOD {
             return Err(Error::Config(format!(
                 "the tick period must be greater than zero and at most {} days",
                 MAX_PERIOD.as_secs() / 86_400
+            )));
+        }
+        if self.offset >= self.period {
+            return Err(Error::Config(format!(
+                "the tick offset ({:?}) must be shorter than the tick period ({:?})",
+                self.offset, self.period
             )));
         }
         if self.lead >= self.period {
@@ -106,7 +124,7 @@ impl TickSchedule {
             return now;
         }
         let period = self.period.as_nanos();
-        let since_epoch = now.unix_timestamp_nanos();
+        let since_epoch = now.unix_timestamp_nanos() - self.offset.as_nanos() as i128;
         let into = since_epoch.rem_euclid(period as i128) as u128;
         if into == 0 {
             return now;
@@ -264,6 +282,10 @@ mod tests {
         assert_eq!(s.first_due(datetime!(1969-12-31 23:58:00 UTC)), datetime!(1970-01-01 00:00:00 UTC));
         let t = datetime!(2024-04-24 09:56:38.5 UTC);
         assert_eq!(s.aligned(false).first_due(t), t);
+        let shifted = s.offset(Duration::from_secs(3));
+        assert_eq!(shifted.first_due(datetime!(2024-04-24 09:56:38 UTC)), datetime!(2024-04-24 10:00:03 UTC));
+        assert_eq!(shifted.first_due(datetime!(2024-04-24 10:00:02 UTC)), datetime!(2024-04-24 10:00:03 UTC));
+        assert_eq!(shifted.first_due(datetime!(2024-04-24 10:00:04 UTC)), datetime!(2024-04-24 10:05:03 UTC));
     }
 
     #[test]
@@ -282,5 +304,7 @@ mod tests {
         assert!(TickSchedule::every(five).refresh_ahead(Duration::from_secs(299)).validate().is_ok());
         assert!(TickSchedule::every(Duration::from_nanos(1)).validate().is_ok());
         assert!(TickSchedule::every(Duration::MAX).validate().is_err());
+        assert!(TickSchedule::every(five).offset(five).validate().is_err());
+        assert!(TickSchedule::every(five).offset(Duration::from_secs(3)).validate().is_ok());
     }
 }

@@ -317,3 +317,52 @@ async fn tick_loop_cancel_safety_and_validation() {
     assert_eq!(next.due, datetime!(2024-04-24 10:05:00 UTC));
     assert!(next.prefetch.is_some());
 }
+
+/// With ticks three seconds past the grid and a 1.5 s lead, the prefetch of the tick after an
+/// hourly close comes after the source's close grace: it brings every series' final candle, so
+/// the bots read the closed hour at that tick (not at the next one) and still wait for nothing.
+#[tokio::test(start_paused = true)]
+async fn an_offset_grid_reads_the_closed_candle_at_the_hour() {
+    let sim = SimExchange::builder()
+        .products(25)
+        .latency(Duration::from_millis(30))
+        .clock(fixed_clock())
+        .start()
+        .await
+        .unwrap();
+    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(sim.clock()).build().unwrap();
+    let eval =
+        BatchEvaluator::new(Arc::new(source.clone())).clock(sim.clock()).meter(Arc::new(source.clone()));
+    let bots = bots(&sim.handle(), 25);
+    let schedule = TickSchedule::every(Duration::from_secs(300))
+        .offset(Duration::from_secs(3))
+        .refresh_ahead(Duration::from_millis(1_500));
+    let mut ticks = eval.schedule(schedule).unwrap();
+    assert_eq!(eval.evaluate_all(&bots).await.upstream_calls, 27, "cold at 09:56:38");
+    let hour = ticks.tick(&bots).await;
+    assert_eq!(hour.due, datetime!(2024-04-24 10:00:03 UTC));
+    let p = hour.prefetch.as_ref().expect("prefetched");
+    assert_eq!((p.upstream_calls, p.failed_reads), (27, 0), "tickers, accounts and 25 final candles");
+    assert_eq!((hour.report.upstream_calls, hour.latency), (0, Duration::ZERO));
+    // The series read at 10:00:03 held the 09:00 candle as the exchange closed it.
+    let product = &bots[0].product;
+    let range =
+        tickshare::CandleRange::lookback(tickshare::Granularity::OneHour, 2, sim.clock().now_utc()).unwrap();
+    let cached = source
+        .candles_with(product, tickshare::Granularity::OneHour, range, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(cached.origin, tickshare::Origin::Cache);
+    let nine =
+        cached.value.iter().find(|c| c.start == datetime!(2024-04-24 09:00:00 UTC)).expect("09:00 candle");
+    let closed = sim
+        .handle()
+        .candle_at(product, tickshare::Granularity::OneHour, datetime!(2024-04-24 09:00:00 UTC))
+        .expect("sim candle");
+    assert_eq!(nine, &closed);
+
+    let next = ticks.tick(&bots).await;
+    assert_eq!(next.due, datetime!(2024-04-24 10:05:03 UTC));
+    assert_eq!(next.prefetch.as_ref().map(|p| p.upstream_calls), Some(2));
+    assert_eq!((next.report.upstream_calls, next.latency), (0, Duration::ZERO));
+}
