@@ -39,7 +39,7 @@ use crate::{
     limiter::{EndpointClass, RateLimiter, lock},
     model::{Account, Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
     source::{MarketDataSource, PrefetchRequest, distinct},
-    stats::{CoordinatedStats, Counters, Op},
+    stats::{CoordinatedStats, Counters, Op, add, inc},
 };
 
 pub use self::breaker::{BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats};
@@ -471,7 +471,7 @@ impl CoordinatedSource {
             return Ok(hit.map(|t| t.clone()));
         }
         inner.check_negative(product).await?;
-        Counters::inc(&inner.counters.cache_misses);
+        inc(&inner.counters.cache_misses);
         // `now` was read before the cache: a flight that ended between that read and this join
         // wrote a value at least as recent.
         let (result, role) = self.ticker_flight(product.clone(), now, opts.max_age).await;
@@ -501,7 +501,7 @@ impl CoordinatedSource {
     /// Refresh `product` in the background, unless a fetch since `read_at` (when the caller
     /// read the entry it found expired or expiring) already did.
     fn spawn_ticker_refresh(&self, product: ProductId, read_at: Instant) {
-        Counters::inc(&self.inner.counters.revalidations);
+        inc(&self.inner.counters.revalidations);
         let this = self.clone();
         tokio::spawn(async move {
             // A zero `max_age`: the entry the caller read does not count as fresh.
@@ -538,7 +538,7 @@ impl CoordinatedSource {
             }
         }
         inner.check_negative(product).await?;
-        Counters::inc(&inner.counters.cache_misses);
+        inc(&inner.counters.cache_misses);
         // Up to two rounds: a joined fetch may have been for a narrower range.
         let mut result = Err(Error::Closed("no fetch was made".into()));
         for _ in 0..2 {
@@ -568,7 +568,7 @@ impl CoordinatedSource {
     }
 
     fn spawn_series_refresh(&self, key: (ProductId, Granularity), range: CandleRange) {
-        Counters::inc(&self.inner.counters.revalidations);
+        inc(&self.inner.counters.revalidations);
         let this = self.clone();
         tokio::spawn(async move {
             let _ = this.series_flight(key, range).await;
@@ -594,7 +594,7 @@ impl CoordinatedSource {
             }
             return Ok(hit.map(Arc::clone));
         }
-        Counters::inc(&inner.counters.cache_misses);
+        inc(&inner.counters.cache_misses);
         let (result, role) = self.accounts_flight(now).await;
         inner.note_role(role);
         inner.settle(result, cached.as_ref(), Instant::now())
@@ -612,7 +612,7 @@ impl CoordinatedSource {
     }
 
     fn spawn_accounts_refresh(&self, read_at: Instant) {
-        Counters::inc(&self.inner.counters.revalidations);
+        inc(&self.inner.counters.revalidations);
         let this = self.clone();
         tokio::spawn(async move {
             let _ = this.accounts_flight(read_at).await;
@@ -647,7 +647,7 @@ impl Inner {
         if let Some(until) = self.negative.get(product).await
             && Instant::now() < until
         {
-            Counters::inc(&self.counters.negative_hits);
+            inc(&self.counters.negative_hits);
             return Err(Error::NotFound(format!("{product} (remembered unknown product)")));
         }
         Ok(())
@@ -655,7 +655,7 @@ impl Inner {
 
     fn note_role(&self, role: Role) {
         if role == Role::Joined {
-            Counters::inc(&self.counters.coalesced);
+            inc(&self.counters.coalesced);
         }
     }
 
@@ -675,13 +675,13 @@ impl Inner {
         revalidate: impl FnOnce(),
     ) -> Option<Fresh<&'e T>> {
         if e.is_fresh(now, opts.max_age) {
-            Counters::inc(&self.counters.cache_hits);
+            inc(&self.counters.cache_hits);
             return Some(Fresh { value: &e.value, origin: Origin::Cache, age: e.age(now) });
         }
         if self.cfg.stale_while_revalidate && opts.max_age.is_none() && e.age(now) <= self.cfg.max_stale {
             revalidate();
-            Counters::inc(&self.counters.cache_hits);
-            Counters::inc(&self.counters.stale_serves);
+            inc(&self.counters.cache_hits);
+            inc(&self.counters.stale_serves);
             return Some(Fresh { value: &e.value, origin: Origin::Stale, age: e.age(now) });
         }
         None
@@ -702,7 +702,7 @@ impl Inner {
                     if !matches!(err, Error::NotFound(_) | Error::InvalidInput(_))
                         && c.age(now) <= self.cfg.max_stale =>
                 {
-                    Counters::inc(&self.counters.stale_serves);
+                    inc(&self.counters.stale_serves);
                     tracing::debug!(error = %err, age_ms = c.age(now).as_millis() as u64, "serving stale data");
                     Ok(Fresh { value: c.value.clone(), origin: Origin::Stale, age: c.age(now) })
                 }
@@ -767,7 +767,7 @@ impl Inner {
                 return Err(e);
             }
             attempt += 1;
-            Counters::inc(&self.counters.retries);
+            inc(&self.counters.retries);
             tracing::debug!(op = op.as_str(), attempt, error = %e, wait_ms = wait.as_millis() as u64, "retrying upstream call");
             tokio::time::sleep(wait).await;
         }
@@ -843,8 +843,8 @@ impl Inner {
     /// Send one batched call and answer every request in it.
     async fn flush(this: Arc<Inner>, items: Items) {
         let products: Vec<ProductId> = items.iter().map(|(p, _)| p.clone()).collect();
-        Counters::inc(&this.counters.batch_calls);
-        Counters::add(&this.counters.batched_products, products.len() as u64);
+        inc(&this.counters.batch_calls);
+        add(&this.counters.batched_products, products.len() as u64);
         let r = this.call(Op::Tickers, EndpointClass::Private, || this.upstream.tickers(&products)).await;
         let r = match r {
             // One bad id may fail a whole batch on some servers: ask for each product alone so
@@ -919,7 +919,7 @@ impl Inner {
             async move {
                 let out = this.call(Op::Candles, class, || this.upstream.candles(product, *g, r)).await;
                 if let Ok(c) = &out {
-                    Counters::add(&this.counters.candles_fetched, c.len() as u64);
+                    add(&this.counters.candles_fetched, c.len() as u64);
                 }
                 out
             }

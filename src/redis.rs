@@ -128,6 +128,7 @@ use crate::{
     limiter::{ClassLimit, EndpointClass, LimiterStats, RateLimiter, RateLimiterConfig, lock},
     model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
     source::{MarketDataSource, distinct},
+    stats::{add, inc},
 };
 
 /// The knobs of a [`SharedTier`]. Plain data, so it can be loaded from a file (durations in
@@ -817,7 +818,7 @@ impl Inner {
             Path::Degraded { quiet_until } => {
                 tokio::time::sleep_until(quiet_until).await;
                 if self.fallback_closed[class_index(class)] {
-                    Counters::inc(&self.counters.degraded_refused);
+                    inc(&self.counters.degraded_refused);
                     return Ok(Err(Error::RateLimited {
                         retry_after: Some(self.cfg.reconnect_interval),
                         local: true,
@@ -844,7 +845,7 @@ impl Inner {
         let start = Instant::now();
         let deadline = start + self.limits.max_wait;
         let refuse = |wait: Duration| {
-            Counters::inc(&c.shared_rejected_local);
+            inc(&c.shared_rejected_local);
             Ok(Err(Error::RateLimited { retry_after: Some(wait), local: true }))
         };
         let Ok(_turn) = tokio::time::timeout_at(deadline, self.queues[class_index(class)].lock()).await
@@ -867,13 +868,10 @@ impl Inner {
                 }
             }
         }
-        Counters::inc(&c.shared_acquired);
+        inc(&c.shared_acquired);
         if waited {
-            Counters::inc(&c.shared_waits);
-            Counters::add(
-                &c.shared_wait_nanos,
-                u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
-            );
+            inc(&c.shared_waits);
+            add(&c.shared_wait_nanos, u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
         }
         Ok(Ok(()))
     }
@@ -923,13 +921,13 @@ impl Inner {
             return Ok(Err(e));
         }
         let c = &self.counters;
-        Counters::inc(&c.upstream_calls);
+        inc(&c.upstream_calls);
         let r = send().await;
         match &r {
             Ok(_) => self.fallback.record_success(class),
             Err(Error::RateLimited { retry_after, local: false }) => {
-                Counters::inc(&c.upstream_errors);
-                Counters::inc(&c.rate_limited_429);
+                inc(&c.upstream_errors);
+                inc(&c.rate_limited_429);
                 // The local limiter pauses too, so that a fall-back right after keeps the pause.
                 self.fallback.penalize(class, *retry_after);
                 if let Path::Shared { .. } = path {
@@ -943,7 +941,7 @@ impl Inner {
                     if let Ok(pause) =
                         self.op(scripts::penalize(&mut conn, &keys, *retry_after, backoff)).await
                     {
-                        Counters::inc(&c.shared_pauses);
+                        inc(&c.shared_pauses);
                         tracing::warn!(
                             class = class.as_str(),
                             pause_ms = pause.as_millis() as u64,
@@ -953,7 +951,7 @@ impl Inner {
                 }
             }
             Err(e) => {
-                Counters::inc(&c.upstream_errors);
+                inc(&c.upstream_errors);
                 tracing::debug!(class = class.as_str(), error = %e, "upstream call failed");
             }
         }
@@ -972,7 +970,7 @@ impl Inner {
         }
         let missing: Vec<usize> = (0..keys.len()).filter(|&i| answers[i].is_none()).collect();
         if !missing.is_empty() {
-            Counters::inc(&self.counters.degraded_calls);
+            inc(&self.counters.degraded_calls);
             let path = self.degraded_path();
             // A degraded path never touches Redis, so this cannot fail; if it did, the
             // answers left empty become errors below.
@@ -1006,16 +1004,6 @@ struct ClassLimitExt(ClassLimit);
 impl ClassLimitExt {
     fn interval(&self) -> Duration {
         Duration::from_nanos(1_000_000_000 / u64::from(self.0.rate_per_second.get()))
-    }
-}
-
-impl Counters {
-    fn inc(c: &AtomicU64) {
-        crate::stats::inc(c);
-    }
-
-    fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
     }
 }
 

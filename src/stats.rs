@@ -89,22 +89,19 @@ pub(crate) fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Count `n` events (relaxed, as [`inc`]).
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
 impl Counters {
-    pub(crate) fn inc(c: &AtomicU64) {
-        inc(c);
-    }
-
-    pub(crate) fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
-    }
-
     /// Upstream calls of every operation: `snapshot().upstream_calls` without the snapshot.
     pub(crate) fn upstream_total(&self) -> u64 {
         self.upstream.iter().map(|a| a.load(Ordering::Relaxed)).sum()
     }
 
     pub(crate) fn upstream_call(&self, op: Op, latency: Duration) {
-        Self::inc(&self.upstream[op as usize]);
+        inc(&self.upstream[op as usize]);
         let mut l = lock(&self.latencies_us);
         if l.len() == LATENCY_SAMPLES {
             l.pop_front();
@@ -114,10 +111,10 @@ impl Counters {
 
     pub(crate) fn error(&self, e: &Error) {
         if let Some(i) = ERROR_KINDS.iter().position(|k| *k == e.kind()) {
-            Self::inc(&self.errors[i]);
+            inc(&self.errors[i]);
         }
         if matches!(e, Error::RateLimited { local: false, .. }) {
-            Self::inc(&self.rate_limit_errors);
+            inc(&self.rate_limit_errors);
         }
     }
 

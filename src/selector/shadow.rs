@@ -32,6 +32,7 @@ use crate::{
     limiter::lock,
     model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
     source::MarketDataSource,
+    stats::inc,
 };
 
 /// The trait methods, for per-method counters.
@@ -116,10 +117,6 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn inc(c: &AtomicU64) {
-        crate::stats::inc(c);
-    }
-
     fn price_delta(&self, legacy: Decimal, coordinated: Decimal) -> bool {
         let delta = (legacy - coordinated).abs();
         let mut p = lock(&self.prices);
@@ -131,7 +128,7 @@ impl Recorder {
         if delta.is_zero() {
             true
         } else {
-            Self::inc(&self.ticker_price_differences);
+            inc(&self.ticker_price_differences);
             false
         }
     }
@@ -144,26 +141,26 @@ impl Recorder {
         let m = &self.methods[method as usize];
         match (legacy, coordinated) {
             (Ok(l), Ok(c)) => {
-                Self::inc(&m.compared);
+                inc(&m.compared);
                 let same = T::agree(self, l, c);
                 if !same {
-                    Self::inc(&m.mismatches);
+                    inc(&m.mismatches);
                     tracing::debug!(method = method.as_str(), "shadow answers differ");
                 }
                 same
             }
             (Ok(_), Err(e)) => {
-                Self::inc(&m.coordinated_errors);
+                inc(&m.coordinated_errors);
                 tracing::debug!(method = method.as_str(), error = %e, "shadow: only the coordinated path failed");
                 false
             }
             (Err(e), Ok(_)) => {
-                Self::inc(&m.legacy_errors);
+                inc(&m.legacy_errors);
                 tracing::debug!(method = method.as_str(), error = %e, "shadow: only the legacy path failed");
                 false
             }
             (Err(_), Err(_)) => {
-                Self::inc(&m.both_errors);
+                inc(&m.both_errors);
                 true
             }
         }
@@ -265,7 +262,7 @@ impl Comparable for Vec<Ticker> {
 impl Comparable for Vec<Candle> {
     fn agree(rec: &Recorder, l: &Self, c: &Self) -> bool {
         let same = if l.len() != c.len() {
-            Recorder::inc(&rec.candle_count_mismatches);
+            inc(&rec.candle_count_mismatches);
             false
         } else {
             let by_start: BTreeMap<_, &Candle> = c.iter().map(|k| (k.start, k)).collect();
@@ -273,7 +270,7 @@ impl Comparable for Vec<Candle> {
             l.iter().all(|k| by_start.get(&k.start) == Some(&k))
         };
         if !same {
-            Recorder::inc(&rec.candle_mismatches);
+            inc(&rec.candle_mismatches);
         }
         same
     }
@@ -454,7 +451,7 @@ impl ShadowSource {
         C: Future<Output = Result<T>> + Send + 'static,
     {
         let rec = &self.recorder;
-        Recorder::inc(&rec.methods[method as usize].calls);
+        inc(&rec.methods[method as usize].calls);
         let (tx, rx) = oneshot::channel::<Result<T>>();
         let guard = InFlight::start(rec);
         let task_rec = Arc::clone(rec);
@@ -467,7 +464,7 @@ impl ShadowSource {
             let answer = match AssertUnwindSafe(coordinated).catch_unwind().await {
                 Ok(answer) => answer,
                 Err(_) => {
-                    Recorder::inc(&rec.coordinated_panics);
+                    inc(&rec.coordinated_panics);
                     tracing::warn!(method = method.as_str(), "coordinated path panicked in shadow mode");
                     Err(Error::Closed("coordinated path panicked".into()))
                 }
@@ -477,7 +474,7 @@ impl ShadowSource {
                 Ok(legacy) => {
                     rec.record(method, &legacy, &answer);
                 }
-                Err(_) => Recorder::inc(&rec.abandoned),
+                Err(_) => inc(&rec.abandoned),
             }
         });
         let served = legacy.await;
