@@ -153,30 +153,21 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
     let (mut tick_ms, mut cpu_ms) = (Vec::new(), Vec::new());
     let (mut cold_tick_ms, mut cold_tick_calls, mut bot_errors) = (0.0, 0, 0);
     let mut warmup: Option<SimStats> = None;
-    // Unaligned: the first tick is due now, then one every TICK, as in the plain loop below.
-    let schedule = TickSchedule::every(TICK).aligned(false).refresh_ahead(s.lead.unwrap_or_default());
-    let mut ticks = evaluator.schedule(schedule)?;
+    // Unaligned: the first tick is due now, then one every TICK. Each tick's window (the calls
+    // it causes) begins `lead` before it, at its prefetch when there is one.
+    let lead = s.lead.unwrap_or_default();
+    let mut ticks = evaluator.schedule(TickSchedule::every(TICK).aligned(false).refresh_ahead(lead))?;
     for i in 0..total_ticks {
+        let due = start + TICK * i as u32;
+        tokio::time::sleep_until(due.checked_sub(lead).unwrap_or(due)).await;
+        if i == warmup_ticks && i > 0 {
+            warmup = Some(sim.stats());
+            sim.reset_stats();
+        }
         let cpu = std::time::Instant::now();
-        let (report, ms) = if s.lead.is_some() {
-            // Refresh-ahead: the prefetch belongs to the tick window it precedes.
-            if i == warmup_ticks && i > 0 {
-                tokio::time::sleep_until(start + TICK * i as u32 - s.lead.unwrap_or_default()).await;
-                warmup = Some(sim.stats());
-                sim.reset_stats();
-            }
-            let t = ticks.tick(&bots).await;
-            (t.report, t.latency.as_secs_f64() * 1000.0)
-        } else {
-            tokio::time::sleep_until(start + TICK * i as u32).await;
-            if i == warmup_ticks && i > 0 {
-                warmup = Some(sim.stats());
-                sim.reset_stats();
-            }
-            let report = evaluator.evaluate_all(&bots).await;
-            let ms = report.duration.as_secs_f64() * 1000.0;
-            (report, ms)
-        };
+        let tick = ticks.tick(&bots).await;
+        // What the bots waited from the due time: the tick's own duration without refresh-ahead.
+        let (report, ms) = (tick.report, tick.latency.as_secs_f64() * 1000.0);
         bot_errors += report.errors().count() as u64;
         if i == 0 {
             cold_tick_ms = ms;
@@ -189,7 +180,7 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
     }
     // Close the measured window (and let the exchange's one-second windows end) where the next
     // tick's window would begin: at its prefetch with refresh-ahead.
-    tokio::time::sleep_until(start + TICK * total_ticks as u32 - s.lead.unwrap_or_default()).await;
+    tokio::time::sleep_until(start + TICK * total_ticks as u32 - lead).await;
     let measured = sim.stats();
     let hours = s.hours as f64;
     let per_hour = |n: u64| n as f64 / hours;

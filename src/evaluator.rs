@@ -212,11 +212,15 @@ impl<'a> Plan<'a> {
         Plan { series, of_bot }
     }
 
+    /// The distinct products of the series, in first-seen order.
+    fn products(&self) -> Vec<ProductId> {
+        let mut seen: HashSet<&ProductId, FxBuild> = HashSet::default();
+        self.series.iter().filter(|s| seen.insert(s.product)).map(|s| s.product.clone()).collect()
+    }
+
     /// One batched tickers call, each series once, accounts once — all concurrently.
     async fn fetch(&self, source: &dyn MarketDataSource, now: OffsetDateTime) -> Fetched {
-        let mut seen: HashSet<&ProductId, FxBuild> = HashSet::default();
-        let products: Vec<ProductId> =
-            self.series.iter().filter(|s| seen.insert(s.product)).map(|s| s.product.clone()).collect();
+        let products = self.products();
         let tickers_fut = async {
             match source.tickers(&products).await {
                 Ok(list) => {
@@ -446,10 +450,7 @@ impl BatchEvaluator {
         let plan = Plan::new(snapshot_bots.iter().copied());
         let (mut supported, mut failed_reads) = (true, 0);
         if !plan.of_bot.is_empty() {
-            let mut seen: HashSet<&ProductId, FxBuild> = HashSet::default();
-            let mut request = PrefetchRequest::new(horizon)
-                .tickers(plan.series.iter().filter(|s| seen.insert(s.product)).map(|s| s.product.clone()))
-                .accounts();
+            let mut request = PrefetchRequest::new(horizon).tickers(plan.products()).accounts();
             let mut invalid = 0;
             for s in &plan.series {
                 match CandleRange::lookback(s.granularity, s.lookback, now) {

@@ -25,6 +25,26 @@ fn bots(sim: &SimHandle, n: usize) -> Vec<Bot> {
         .collect()
 }
 
+/// An exchange on the fixed clock (09:56:38) with `products` products and `latency`, a
+/// coordinated source over it, an evaluator metering that source, and one bot per product.
+async fn coordinated_fleet(
+    products: usize,
+    latency: Duration,
+) -> (SimExchange, CoordinatedSource, BatchEvaluator, Vec<Bot>) {
+    let sim = SimExchange::builder()
+        .products(products)
+        .latency(latency)
+        .clock(fixed_clock())
+        .start()
+        .await
+        .unwrap();
+    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(sim.clock()).build().unwrap();
+    let eval =
+        BatchEvaluator::new(Arc::new(source.clone())).clock(sim.clock()).meter(Arc::new(source.clone()));
+    let bots = bots(&sim.handle(), products);
+    (sim, source, eval, bots)
+}
+
 /// One tick of 25 bots over 25 products under `flags`; returns (calls, 429s, bot errors).
 async fn one_tick(flags: MigrationFlags, shared_limiter: bool) -> (u64, u64, usize, Vec<Route>) {
     let sim = SimExchange::builder().products(25).latency(Duration::from_millis(30)).start().await.unwrap();
@@ -156,17 +176,7 @@ async fn hot_reload_under_concurrent_evaluation() {
 /// runs the latest due tick at once and skips the older ones.
 #[tokio::test(start_paused = true)]
 async fn refresh_ahead_ticks_read_the_cache() {
-    let sim = SimExchange::builder()
-        .products(25)
-        .latency(Duration::from_millis(30))
-        .clock(fixed_clock())
-        .start()
-        .await
-        .unwrap();
-    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(sim.clock()).build().unwrap();
-    let eval =
-        BatchEvaluator::new(Arc::new(source.clone())).clock(sim.clock()).meter(Arc::new(source.clone()));
-    let bots = bots(&sim.handle(), 25);
+    let (sim, _, eval, bots) = coordinated_fleet(25, Duration::from_millis(30)).await;
     // Long enough for the hourly candle refresh of 25 series at the private limit (30/s).
     let lead = Duration::from_millis(1500);
     let mut ticks = eval.schedule(TickSchedule::every(Duration::from_secs(300)).refresh_ahead(lead)).unwrap();
@@ -255,18 +265,8 @@ async fn refresh_ahead_prefetches_the_migrated_bots_only() {
 /// warm: the prefetch makes no call and says so.
 #[tokio::test(start_paused = true)]
 async fn refresh_ahead_when_the_period_equals_the_ttl_and_over_a_direct_source() {
-    let sim = SimExchange::builder()
-        .products(5)
-        .latency(Duration::from_millis(30))
-        .clock(fixed_clock())
-        .start()
-        .await
-        .unwrap();
-    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(sim.clock()).build().unwrap();
+    let (sim, source, eval, bots) = coordinated_fleet(5, Duration::from_millis(30)).await;
     assert_eq!(source.config().ticker_ttl, Duration::from_secs(5));
-    let eval =
-        BatchEvaluator::new(Arc::new(source.clone())).clock(sim.clock()).meter(Arc::new(source.clone()));
-    let bots = bots(&sim.handle(), 5);
     let schedule = TickSchedule::every(Duration::from_secs(5)).refresh_ahead(Duration::from_millis(200));
     let mut ticks = eval.schedule(schedule).unwrap();
     ticks.tick(&bots).await;
@@ -290,10 +290,7 @@ async fn refresh_ahead_when_the_period_equals_the_ttl_and_over_a_direct_source()
 /// signal does), the next call waits for the same tick; a bad schedule is a typed error.
 #[tokio::test(start_paused = true)]
 async fn tick_loop_cancel_safety_and_validation() {
-    let sim = SimExchange::builder().products(3).clock(fixed_clock()).start().await.unwrap();
-    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(sim.clock()).build().unwrap();
-    let eval = BatchEvaluator::new(Arc::new(source)).clock(sim.clock());
-    let bots = bots(&sim.handle(), 3);
+    let (sim, _, eval, bots) = coordinated_fleet(3, Duration::ZERO).await;
     let five = Duration::from_secs(300);
     assert!(matches!(
         eval.schedule(TickSchedule::every(five).refresh_ahead(five)),
@@ -323,17 +320,7 @@ async fn tick_loop_cancel_safety_and_validation() {
 /// the bots read the closed hour at that tick (not at the next one) and still wait for nothing.
 #[tokio::test(start_paused = true)]
 async fn an_offset_grid_reads_the_closed_candle_at_the_hour() {
-    let sim = SimExchange::builder()
-        .products(25)
-        .latency(Duration::from_millis(30))
-        .clock(fixed_clock())
-        .start()
-        .await
-        .unwrap();
-    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(sim.clock()).build().unwrap();
-    let eval =
-        BatchEvaluator::new(Arc::new(source.clone())).clock(sim.clock()).meter(Arc::new(source.clone()));
-    let bots = bots(&sim.handle(), 25);
+    let (sim, source, eval, bots) = coordinated_fleet(25, Duration::from_millis(30)).await;
     let schedule = TickSchedule::every(Duration::from_secs(300))
         .offset(Duration::from_secs(3))
         .refresh_ahead(Duration::from_millis(1_500));
