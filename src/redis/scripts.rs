@@ -49,24 +49,17 @@ end
 return n
 ";
 
-/// Drop the caller's leases. `KEYS`: lease keys. `ARGV`: owner token.
-const RELEASE: &str = r"
+/// Extend the caller's leases to a new time to live, or drop them. `KEYS`: lease keys.
+/// `ARGV`: owner token, then the lease ms (extend) or nothing (release).
+const RENEW: &str = r"
 local c = 0
 for i = 1, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('DEL', KEYS[i])
-    c = c + 1
-  end
-end
-return c
-";
-
-/// Extend the caller's leases. `KEYS`: lease keys. `ARGV`: owner token, lease ms.
-const EXTEND: &str = r"
-local c = 0
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    if ARGV[2] then
+      redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    else
+      redis.call('DEL', KEYS[i])
+    end
     c = c + 1
   end
 end
@@ -141,8 +134,7 @@ return pause
 
 static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
 static STORE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(STORE));
-static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
-static EXTEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(EXTEND));
+static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
 static ACQUIRE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE));
 static PENALIZE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PENALIZE));
 
@@ -213,32 +205,38 @@ pub(crate) async fn store(
     Ok(())
 }
 
-/// Run [`RELEASE`] on `leases`.
+/// Drop the caller's `leases` ([`RENEW`] without a time to live).
 pub(crate) async fn release(conn: &mut ConnectionManager, leases: &[String], owner: &str) -> RedisResult<()> {
-    if leases.is_empty() {
-        return Ok(());
-    }
-    let mut inv = RELEASE_SCRIPT.prepare_invoke();
-    for l in leases {
-        inv.key(l);
-    }
-    inv.arg(owner);
-    let _: i64 = inv.invoke_async(conn).await?;
-    Ok(())
+    renew(conn, leases, owner, None).await
 }
 
-/// Run [`EXTEND`] on `leases`.
+/// Extend the caller's `leases` to `lease_ttl` ([`RENEW`]).
 pub(crate) async fn extend(
     conn: &mut ConnectionManager,
     leases: &[String],
     owner: &str,
     lease_ttl: Duration,
 ) -> RedisResult<()> {
-    let mut inv = EXTEND_SCRIPT.prepare_invoke();
+    renew(conn, leases, owner, Some(lease_ttl)).await
+}
+
+async fn renew(
+    conn: &mut ConnectionManager,
+    leases: &[String],
+    owner: &str,
+    lease_ttl: Option<Duration>,
+) -> RedisResult<()> {
+    if leases.is_empty() {
+        return Ok(());
+    }
+    let mut inv = RENEW_SCRIPT.prepare_invoke();
     for l in leases {
         inv.key(l);
     }
-    inv.arg(owner).arg(ms(lease_ttl));
+    inv.arg(owner);
+    if let Some(ttl) = lease_ttl {
+        inv.arg(ms(ttl));
+    }
     let _: i64 = inv.invoke_async(conn).await?;
     Ok(())
 }
