@@ -859,7 +859,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The accept loop: one task per connection, until `stop`.
-async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>, grace: Duration) {
+async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: watch::Receiver<bool>, grace: Duration) {
+    let refused = |s: &Shared| lock(&s.counters).dropped_while_down();
+    let mut conns = accept_until_stopped(&listener, &shared, stop, refused, serve_connection).await;
+    drop(listener);
+    let drain = async { while conns.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(grace, drain).await;
+    conns.shutdown().await;
+    tracing::debug!("simulated exchange stopped");
+}
+
+/// Accept connections until `stop`, each served by its own `serve` task (given the stop flag);
+/// one arriving while the exchange is down is reset at once and counted by `refused`. Returns
+/// the connections still open.
+async fn accept_until_stopped<Fut>(
+    listener: &TcpListener,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    refused: impl Fn(&Shared),
+    serve: impl Fn(TcpStream, Arc<Shared>, watch::Receiver<bool>) -> Fut,
+) -> JoinSet<()>
+where
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let conn_stop = stop.clone();
     let mut conns = JoinSet::new();
     loop {
@@ -870,22 +892,17 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Rece
                     tokio::task::yield_now().await;
                     continue;
                 };
-                let down = *shared.down.borrow();
-                if down {
+                if *shared.down.borrow() {
                     let _ = stream.set_zero_linger();
-                    lock(&shared.counters).dropped_while_down();
+                    refused(shared);
                     continue;
                 }
-                conns.spawn(serve_connection(stream, Arc::clone(&shared), conn_stop.clone()));
+                conns.spawn(serve(stream, Arc::clone(shared), conn_stop.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
-    drop(listener);
-    let drain = async { while conns.join_next().await.is_some() {} };
-    let _ = tokio::time::timeout(grace, drain).await;
-    conns.shutdown().await;
-    tracing::debug!("simulated exchange stopped");
+    conns
 }
 
 /// Resolve once the watched flag is `true` or its sender is gone.

@@ -54,7 +54,6 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{broadcast, watch},
-    task::JoinSet,
     time::{Instant, MissedTickBehavior},
 };
 use tokio_tungstenite::{
@@ -334,27 +333,9 @@ impl SimHandle {
 }
 
 /// The accept loop, until `stop`.
-pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = until_true(&mut stop) => break,
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    tokio::task::yield_now().await;
-                    continue;
-                };
-                if *shared.down.borrow() {
-                    let _ = stream.set_zero_linger();
-                    lock(&shared.ws.stats).connections_refused += 1;
-                    continue;
-                }
-                conns.spawn(connection(stream, Arc::clone(&shared), stop.clone()));
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
-    conns.shutdown().await;
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    let refused = |s: &Shared| lock(&s.ws.stats).connections_refused += 1;
+    super::accept_until_stopped(&listener, &shared, stop, refused, connection).await.shutdown().await;
 }
 
 /// Counts an open connection while alive.
