@@ -45,9 +45,13 @@ async fn coordinated_fleet(
     (sim, source, eval, bots)
 }
 
-/// One tick of 25 bots over 25 products under `flags`; returns (calls, 429s, bot errors).
-async fn one_tick(flags: MigrationFlags, shared_limiter: bool) -> (u64, u64, usize, Vec<Route>) {
-    let sim = SimExchange::builder().products(25).latency(Duration::from_millis(30)).start().await.unwrap();
+/// A selector over a coordinated source and a legacy `DirectSource` on `sim`; the legacy client
+/// shares the coordinated rate limiter when `shared_limiter`, else it has none (the seed).
+fn migration(
+    sim: &SimExchange,
+    flags: MigrationFlags,
+    shared_limiter: bool,
+) -> (SourceSelector, CoordinatedSource) {
     let limiter = RateLimiter::coinbase();
     let coordinated =
         CoordinatedSource::coinbase(sim.client_builder().rate_limiter(limiter.clone()).build().unwrap())
@@ -62,9 +66,16 @@ async fn one_tick(flags: MigrationFlags, shared_limiter: bool) -> (u64, u64, usi
     let legacy = DirectSource::new(legacy_client.build().unwrap());
     let selector = SourceSelector::new(
         Arc::new(legacy) as Arc<dyn MarketDataSource>,
-        Arc::new(coordinated) as Arc<dyn MarketDataSource>,
+        Arc::new(coordinated.clone()) as Arc<dyn MarketDataSource>,
         flags,
     );
+    (selector, coordinated)
+}
+
+/// One tick of 25 bots over 25 products under `flags`; returns (calls, 429s, bot errors).
+async fn one_tick(flags: MigrationFlags, shared_limiter: bool) -> (u64, u64, usize, Vec<Route>) {
+    let sim = SimExchange::builder().products(25).latency(Duration::from_millis(30)).start().await.unwrap();
+    let (selector, _) = migration(&sim, flags, shared_limiter);
     let eval = BatchEvaluator::with_selector(selector).clock(sim.clock());
     let report = eval.evaluate_all(&bots(&sim, 25)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -228,19 +239,8 @@ async fn refresh_ahead_ticks_read_the_cache() {
 #[tokio::test(start_paused = true)]
 async fn refresh_ahead_prefetches_the_migrated_bots_only() {
     let sim = SimExchange::builder().products(25).clock(fixed_clock()).start().await.unwrap();
-    let limiter = RateLimiter::coinbase();
-    let coordinated =
-        CoordinatedSource::coinbase(sim.client_builder().rate_limiter(limiter.clone()).build().unwrap())
-            .clock(sim.clock())
-            .build()
-            .unwrap();
-    let legacy = DirectSource::new(sim.client_builder().rate_limiter(limiter).build().unwrap());
     let half = MigrationFlags { enabled: true, rollout_percent: 50, ..Default::default() };
-    let selector = SourceSelector::new(
-        Arc::new(legacy) as Arc<dyn MarketDataSource>,
-        Arc::new(coordinated.clone()) as Arc<dyn MarketDataSource>,
-        half,
-    );
+    let (selector, coordinated) = migration(&sim, half, true);
     let eval =
         BatchEvaluator::with_selector(selector.clone()).clock(sim.clock()).meter(Arc::new(coordinated));
     let bots = bots(&sim.handle(), 25);
