@@ -129,21 +129,43 @@ impl Error {
         }
     }
 
+    /// Every [`kind`](Error::kind) name, in [`kind_index`](Error::kind_index) order: the keys of
+    /// per-kind counters.
+    pub const KINDS: [&'static str; 12] = [
+        "invalid_input",
+        "not_found",
+        "rate_limited",
+        "unauthorized",
+        "upstream",
+        "decode",
+        "transport",
+        "timeout",
+        "config",
+        "circuit_open",
+        "overloaded",
+        "closed",
+    ];
+
     /// A short, stable name of the variant, for stats and logs (`"rate_limited"`, ...).
     pub fn kind(&self) -> &'static str {
+        Self::KINDS[self.kind_index()]
+    }
+
+    /// The position of [`kind`](Error::kind) in [`KINDS`](Error::KINDS).
+    pub(crate) const fn kind_index(&self) -> usize {
         match self {
-            Error::InvalidInput(_) => "invalid_input",
-            Error::NotFound(_) => "not_found",
-            Error::RateLimited { .. } => "rate_limited",
-            Error::Unauthorized(_) => "unauthorized",
-            Error::Upstream { .. } => "upstream",
-            Error::Decode(_) => "decode",
-            Error::Transport(_) => "transport",
-            Error::Timeout => "timeout",
-            Error::Config(_) => "config",
-            Error::CircuitOpen { .. } => "circuit_open",
-            Error::Overloaded(_) => "overloaded",
-            Error::Closed(_) => "closed",
+            Error::InvalidInput(_) => 0,
+            Error::NotFound(_) => 1,
+            Error::RateLimited { .. } => 2,
+            Error::Unauthorized(_) => 3,
+            Error::Upstream { .. } => 4,
+            Error::Decode(_) => 5,
+            Error::Transport(_) => 6,
+            Error::Timeout => 7,
+            Error::Config(_) => 8,
+            Error::CircuitOpen { .. } => 9,
+            Error::Overloaded(_) => 10,
+            Error::Closed(_) => 11,
         }
     }
 

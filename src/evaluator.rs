@@ -19,8 +19,8 @@ use crate::{
     flags::Route,
     model::{Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
     selector::SourceSelector,
+    source::UpstreamMeter,
     source::{MarketDataSource, PrefetchRequest},
-    stats::UpstreamMeter,
     strategy::{Decision, MarketView, Signal, Strategy},
 };
 
@@ -317,7 +317,7 @@ pub struct TickReport {
     #[serde(with = "time::serde::rfc3339")]
     pub started_at: OffsetDateTime,
     /// How long it took, fetching and evaluating.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub duration: Duration,
     /// Upstream calls made during the tick (by the meters given to the evaluator).
     pub upstream_calls: u64,
@@ -627,7 +627,7 @@ pub struct PrefetchReport {
     #[serde(with = "time::serde::rfc3339")]
     pub started_at: OffsetDateTime,
     /// How long it took.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub duration: Duration,
     /// Whether the source keeps a cache to warm ([`MarketDataSource::prefetch`] answered).
     pub supported: bool,

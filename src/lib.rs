@@ -63,7 +63,6 @@
 pub mod blocking;
 mod clock;
 pub mod coinbase;
-mod config;
 mod coordinated;
 mod direct;
 mod error;
@@ -80,7 +79,8 @@ mod selector;
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub mod sim;
 mod source;
-mod stats;
+mod util;
+
 mod strategy;
 #[cfg(feature = "stream")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stream")))]
@@ -96,7 +96,7 @@ pub use clock::Clock;
 pub use coinbase::{ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath};
 pub use coordinated::{
     BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats, CoordinatedBuilder, CoordinatedConfig,
-    CoordinatedSource, Fresh, Origin, ReadOptions,
+    CoordinatedSource, CoordinatedStats, Fresh, LatencyStats, Origin, ReadOptions,
 };
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};
@@ -121,8 +121,8 @@ pub use selector::{
 pub use sim::{SimBuilder, SimExchange, SimHandle, SimStats};
 #[cfg(any(test, feature = "mock"))]
 pub use source::MockMarketDataSource;
-pub use source::{MarketDataSource, PrefetchRequest};
-pub use stats::{CoordinatedStats, LatencyStats, UpstreamMeter};
+pub use source::{MarketDataSource, PrefetchRequest, UpstreamMeter};
+
 pub use strategy::{Decision, MarketView, MovingAverageCrossover, RsiThreshold, Signal, Strategy, rsi};
 #[cfg(feature = "stream")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stream")))]

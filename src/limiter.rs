@@ -23,7 +23,10 @@ use governor::{
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    util::lock,
+};
 
 /// The rate-limit classes of Coinbase Advanced Trade: public endpoints are limited per IP,
 /// private ones per API key.
@@ -194,21 +197,21 @@ pub struct RateLimiterConfig {
     pub private: ClassLimit,
     /// A request that would wait longer than this fails locally with
     /// [`Error::RateLimited`] (`local: true`) and sends nothing. Default 10 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub max_wait: Duration,
     /// At most this many requests may wait per class; more are shed with
     /// [`Error::Overloaded`], lowest [`Priority`] first (see there). Default 10,000.
     pub max_waiters: usize,
     /// First pause after a 429 without `Retry-After`; doubles on each consecutive 429.
     /// Default 1 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub backoff_base: Duration,
     /// Longest pause after a 429. Default 60 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub backoff_max: Duration,
     /// After a pause, the class runs at half rate for this long before returning to full
     /// rate. Default 5 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub ramp_up: Duration,
 }
 
@@ -694,11 +697,6 @@ impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// Lock a std mutex, recovering from poisoning (the data are plain timestamps, always valid).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

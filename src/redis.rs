@@ -125,10 +125,10 @@ use crate::{
     clock::Clock,
     coinbase::CoinbaseClient,
     error::{Error, Result},
-    limiter::{ClassLimit, EndpointClass, LimiterStats, RateLimiter, RateLimiterConfig, lock},
+    limiter::{ClassLimit, EndpointClass, LimiterStats, RateLimiter, RateLimiterConfig},
     model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
     source::{MarketDataSource, distinct},
-    stats::{add, inc},
+    util::{add, inc, lock},
 };
 
 /// The knobs of a [`SharedTier`]. Plain data, so it can be loaded from a file (durations in
@@ -144,42 +144,42 @@ pub struct SharedTierConfig {
     pub expected_workers: u32,
     /// How long a ticker is shared. A bot can see a ticker as old as this plus the coordinated
     /// source's own `ticker_ttl`. Default 2 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub ticker_ttl: Duration,
     /// How long accounts are shared. Default 2 s; call [`SharedTier::invalidate_accounts`]
     /// after placing an order.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub accounts_ttl: Duration,
     /// How long candles of closed buckets are shared (they never change). Default 1 h.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub closed_candles_ttl: Duration,
     /// Candles that include the bucket in progress are shared until it closes, plus this.
     /// Default 500 ms.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub candle_grace: Duration,
     /// How long an unknown product is remembered. Default 10 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub negative_ttl: Duration,
     /// How long a transient upstream error (429, 5xx, timeout, transport) is handed to the
     /// processes that waited for the same key. Default 500 ms.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub error_ttl: Duration,
     /// How long a lease outlives its holder's last heartbeat (the wait after a holder dies).
     /// Default 2 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub lease_ttl: Duration,
     /// How often a process waiting for another's fetch looks for the value. Default 10 ms.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub lease_poll: Duration,
     /// The longest wait for another process's fetch; then the call fails with
     /// [`Error::Timeout`]. Default 15 s (the limiter's `max_wait` plus a request timeout).
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub lease_wait_max: Duration,
     /// Time allowed for one Redis operation (and to connect). Default 500 ms.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub redis_timeout: Duration,
     /// How often Redis is probed while unreachable. Default 1 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub reconnect_interval: Duration,
 }
 

@@ -253,7 +253,7 @@ pub struct ScheduledTick {
     pub due: OffsetDateTime,
     /// From the due time to every bot's decision: what the bots waited. Includes a prefetch
     /// that ran past the due time.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub latency: Duration,
     /// Ticks skipped before this one because their time had passed.
     pub missed: u64,

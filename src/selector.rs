@@ -28,7 +28,7 @@ use crate::{
     error::Result,
     flags::{MigrationFlags, Route},
     source::MarketDataSource,
-    stats::inc,
+    util::inc,
 };
 
 /// The shortest polling interval of [`SourceSelector::watch_file`].

@@ -161,6 +161,41 @@ macro_rules! forward_source {
 forward_source!(Arc<T>);
 forward_source!(Box<T>);
 
+/// Something that counts its upstream calls (and maybe cache reads), so a
+/// [`BatchEvaluator`](crate::BatchEvaluator) can report per-tick numbers.
+pub trait UpstreamMeter: Send + Sync {
+    /// Upstream calls made so far.
+    fn upstream_calls(&self) -> u64;
+
+    /// `(hits, misses)` of cache reads so far; `(0, 0)` for sources without a cache.
+    fn cache_reads(&self) -> (u64, u64) {
+        (0, 0)
+    }
+}
+
+/// Read straight from the counters: a full [`CoordinatedStats`] snapshot sorts the latency
+/// samples and builds maps, and the evaluator reads its meters twice per tick.
+impl UpstreamMeter for crate::CoordinatedSource {
+    fn upstream_calls(&self) -> u64 {
+        self.counters().upstream_total()
+    }
+    fn cache_reads(&self) -> (u64, u64) {
+        self.counters().cache_reads()
+    }
+}
+
+impl UpstreamMeter for crate::DirectSource {
+    fn upstream_calls(&self) -> u64 {
+        self.stats().upstream_calls
+    }
+}
+
+impl UpstreamMeter for crate::CoinbaseClient {
+    fn upstream_calls(&self) -> u64 {
+        self.stats().total_requests
+    }
+}
+
 /// The distinct products of `products`, in first-seen order.
 pub(crate) fn distinct(products: &[ProductId]) -> Vec<ProductId> {
     let mut seen = HashSet::with_capacity(products.len());

@@ -78,8 +78,8 @@ use crate::{
     coinbase::Credentials,
     coordinated::CoordinatedSource,
     error::{Error, Result},
-    limiter::lock,
     model::{Granularity, ProductId},
+    util::lock,
 };
 
 pub use wire::COINBASE_WS_URL;
@@ -118,34 +118,34 @@ pub struct StreamConfig {
     pub ticker_channel: TickerChannel,
     /// No message at all (heartbeats come every second) for this long marks every product
     /// stale and reconnects. Default 5 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub silence_timeout: Duration,
     /// How long a pushed ticker stays fresh; renewed while the stream is healthy, so a product
     /// that does not trade keeps its last price. Default 30 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub ticker_hold: Duration,
     /// How long after a candle close a stream-fed series stays fresh waiting for the push
     /// that closes it. Default 5 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub candle_grace: Duration,
     /// First reconnect delay; doubles per failed attempt, with jitter. Default 500 ms.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub reconnect_min: Duration,
     /// Longest reconnect delay. Default 30 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub reconnect_max: Duration,
     /// Most client messages per second (Coinbase: 8 unauthenticated per IP). Default 8.
     pub messages_per_second: u32,
     /// A (un)subscription not acknowledged within this time is sent again. Default 5 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub subscribe_timeout: Duration,
     /// Derive longer granularities from five-minute candles. Default on.
     pub aggregate: bool,
     /// Least time between two repair attempts of one product. Default 5 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub repair_interval: Duration,
     /// How long connecting (TCP, TLS, WebSocket handshake) may take. Default 10 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub connect_timeout: Duration,
 }
 

@@ -14,7 +14,7 @@ use std::sync::{
 use tokio::sync::oneshot;
 
 use super::cache::Entry;
-use crate::{error::Result, limiter::lock, model::ProductId, model::Ticker};
+use crate::{error::Result, model::ProductId, model::Ticker, util::lock};
 
 pub(crate) type Reply = oneshot::Sender<Result<Entry<Ticker>>>;
 pub(crate) type Items = Vec<(ProductId, Reply)>;

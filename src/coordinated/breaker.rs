@@ -24,7 +24,8 @@ use tokio::time::Instant;
 
 use crate::{
     error::{Error, Result},
-    limiter::{EndpointClass, lock},
+    limiter::EndpointClass,
+    util::lock,
 };
 
 /// Settings of the circuit breaker of a [`CoordinatedSource`](crate::CoordinatedSource), one
@@ -38,10 +39,10 @@ pub struct BreakerConfig {
     /// call). Default 5.
     pub failure_threshold: u32,
     /// How long an opened circuit refuses calls before letting one probe through. Default 5 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub open_for: Duration,
     /// Each failed probe doubles the open time, up to this. Default 60 s.
-    #[serde(with = "crate::config::duration_ms")]
+    #[serde(with = "crate::util::duration_ms")]
     pub max_open_for: Duration,
 }
 

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::{
     error::{Error, Result},
-    limiter::lock,
+    util::lock,
 };
 
 type Slot<V> = watch::Receiver<Option<Result<V>>>;

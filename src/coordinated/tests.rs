@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use time::{OffsetDateTime, macros::datetime};
 
 use super::*;
-use crate::MockMarketDataSource;
+use crate::{EndpointClass, MockMarketDataSource};
 
 fn pid(s: &str) -> ProductId {
     s.parse().unwrap()

@@ -26,7 +26,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::limiter::lock;
+use crate::util::lock;
 
 /// One rate-limit window: how long a process stays quiet after losing Redis.
 pub(crate) const WINDOW: Duration = Duration::from_secs(1);

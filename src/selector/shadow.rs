@@ -29,10 +29,10 @@ use tokio::{
 
 use crate::{
     error::{Error, Result},
-    limiter::lock,
     model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
     source::MarketDataSource,
-    stats::inc,
+    util::inc,
+    util::lock,
 };
 
 /// The trait methods, for per-method counters.

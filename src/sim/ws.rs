@@ -65,7 +65,12 @@ use tokio_tungstenite::{
     },
 };
 
-use super::{Shared, SimBuilder, SimHandle, lock, market::unix_ms, until_true};
+use super::{
+    Shared, SimBuilder, SimHandle,
+    market::unix_ms,
+    server::{accept_until_stopped, until_true},
+};
+use crate::util::lock;
 use crate::{
     error::{Error, Result},
     model::{Granularity, ProductId},
@@ -335,7 +340,7 @@ impl SimHandle {
 /// The accept loop, until `stop`.
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     let refused = |s: &Shared| lock(&s.ws.stats).connections_refused += 1;
-    super::accept_until_stopped(&listener, &shared, stop, refused, connection).await.shutdown().await;
+    accept_until_stopped(&listener, &shared, stop, refused, connection).await.shutdown().await;
 }
 
 /// Counts an open connection while alive.

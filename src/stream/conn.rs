@@ -24,7 +24,11 @@ use super::{
     ProductState, Shared,
     wire::{self, Body, Frame, SubscribeMessage, channel},
 };
-use crate::{coordinated::feed::Merge, limiter::lock, model::ProductId, stats::inc};
+use crate::{
+    coordinated::feed::Merge,
+    model::ProductId,
+    util::{inc, lock},
+};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 

@@ -1,5 +1,5 @@
-//! Exact counters (our own atomics, not the cache's eventually consistent ones) and the
-//! serializable snapshots a host can serve as JSON.
+//! The coordinated source's exact counters (our own atomics, not the cache's eventually
+//! consistent ones) and the serializable snapshot a host can serve as JSON.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -12,10 +12,12 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::BreakerStats;
 use crate::{
-    coordinated::BreakerStats,
+    coinbase::Endpoint,
     error::Error,
-    limiter::{LimiterStats, Priority, lock},
+    limiter::{LimiterStats, Priority},
+    util::{inc, lock},
 };
 
 /// The upstream operations of a source, for per-operation counters.
@@ -38,30 +40,21 @@ impl Op {
         }
     }
 
-    /// The rate-limiter priority of the operation: balances first, candle backfill last.
-    pub(crate) const fn priority(self) -> Priority {
+    /// The REST endpoint that serves the operation.
+    pub(crate) const fn endpoint(self) -> Endpoint {
         match self {
-            Op::Accounts => Priority::High,
-            Op::Ticker | Op::Tickers => Priority::Normal,
-            Op::Candles => Priority::Low,
+            Op::Ticker => Endpoint::Ticker,
+            Op::Tickers => Endpoint::BestBidAsk,
+            Op::Candles => Endpoint::Candles,
+            Op::Accounts => Endpoint::Accounts,
         }
     }
-}
 
-const ERROR_KINDS: [&str; 12] = [
-    "invalid_input",
-    "not_found",
-    "rate_limited",
-    "unauthorized",
-    "upstream",
-    "decode",
-    "transport",
-    "timeout",
-    "config",
-    "circuit_open",
-    "overloaded",
-    "closed",
-];
+    /// The rate-limiter priority of the operation: its endpoint's ([`Endpoint::priority`]).
+    pub(crate) const fn priority(self) -> Priority {
+        self.endpoint().priority()
+    }
+}
 
 const LATENCY_SAMPLES: usize = 2048;
 
@@ -80,24 +73,19 @@ pub(crate) struct Counters {
     pub(crate) retries: AtomicU64,
     pub(crate) rate_limit_errors: AtomicU64,
     pub(crate) candles_fetched: AtomicU64,
-    pub(crate) errors: [AtomicU64; 12],
+    pub(crate) errors: [AtomicU64; Error::KINDS.len()],
     latencies_us: Mutex<VecDeque<u64>>,
-}
-
-/// Count one event (relaxed: counters are read as statistics, never to synchronise).
-pub(crate) fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Count `n` events (relaxed, as [`inc`]).
-pub(crate) fn add(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
 }
 
 impl Counters {
     /// Upstream calls of every operation: `snapshot().upstream_calls` without the snapshot.
     pub(crate) fn upstream_total(&self) -> u64 {
         self.upstream.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    /// `(hits, misses)` of cache reads so far.
+    pub(crate) fn cache_reads(&self) -> (u64, u64) {
+        (self.cache_hits.load(Ordering::Relaxed), self.cache_misses.load(Ordering::Relaxed))
     }
 
     pub(crate) fn upstream_call(&self, op: Op, latency: Duration) {
@@ -110,9 +98,7 @@ impl Counters {
     }
 
     pub(crate) fn error(&self, e: &Error) {
-        if let Some(i) = ERROR_KINDS.iter().position(|k| *k == e.kind()) {
-            inc(&self.errors[i]);
-        }
+        inc(&self.errors[e.kind_index()]);
         if matches!(e, Error::RateLimited { local: false, .. }) {
             inc(&self.rate_limit_errors);
         }
@@ -126,7 +112,7 @@ impl Counters {
         let misses = get(&self.cache_misses);
         let batch_calls = get(&self.batch_calls);
         let batched = get(&self.batched_products);
-        let errors_by_kind = ERROR_KINDS
+        let errors_by_kind = Error::KINDS
             .iter()
             .zip(self.errors.iter())
             .filter(|(_, n)| get(n) > 0)
@@ -233,40 +219,4 @@ pub struct CoordinatedStats {
     /// Entries held by the ticker, candle-series and unknown-product caches, each bounded by
     /// `cache_capacity`. moka's count: approximate, it may lag behind the latest inserts.
     pub cache_entries: u64,
-}
-
-/// Something that counts its upstream calls (and maybe cache reads), so a
-/// [`BatchEvaluator`](crate::BatchEvaluator) can report per-tick numbers.
-pub trait UpstreamMeter: Send + Sync {
-    /// Upstream calls made so far.
-    fn upstream_calls(&self) -> u64;
-
-    /// `(hits, misses)` of cache reads so far; `(0, 0)` for sources without a cache.
-    fn cache_reads(&self) -> (u64, u64) {
-        (0, 0)
-    }
-}
-
-/// Read straight from the counters: a full [`CoordinatedStats`] snapshot sorts the latency
-/// samples and builds maps, and the evaluator reads its meters twice per tick.
-impl UpstreamMeter for crate::CoordinatedSource {
-    fn upstream_calls(&self) -> u64 {
-        self.counters().upstream_total()
-    }
-    fn cache_reads(&self) -> (u64, u64) {
-        let c = self.counters();
-        (c.cache_hits.load(Ordering::Relaxed), c.cache_misses.load(Ordering::Relaxed))
-    }
-}
-
-impl UpstreamMeter for crate::DirectSource {
-    fn upstream_calls(&self) -> u64 {
-        self.stats().upstream_calls
-    }
-}
-
-impl UpstreamMeter for crate::CoinbaseClient {
-    fn upstream_calls(&self) -> u64 {
-        self.stats().total_requests
-    }
 }

@@ -1,0 +1,272 @@
+//! The knobs of a [`CoordinatedSource`] and its builder.
+
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{CoordinatedSource, Inner, batch::Batcher, breaker, coalesce::SingleFlight, stats::Counters};
+use crate::{
+    clock::Clock,
+    error::{Error, Result},
+    limiter::{EndpointClass, RateLimiter},
+    source::MarketDataSource,
+};
+
+pub(super) use super::breaker::BreakerConfig;
+
+/// The knobs of a [`CoordinatedSource`], with defaults right for Coinbase. Plain data, so it
+/// can be loaded from a file (durations in milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CoordinatedConfig {
+    /// How long a ticker stays fresh. Default 5 s (public data is cached 1 s upstream anyway;
+    /// bots tick every few minutes).
+    #[serde(with = "crate::util::duration_ms")]
+    pub ticker_ttl: Duration,
+    /// How long accounts stay fresh. Default 10 s; call
+    /// [`CoordinatedSource::invalidate_accounts`] after placing an order.
+    #[serde(with = "crate::util::duration_ms")]
+    pub accounts_ttl: Duration,
+    /// Refresh-ahead of tickers and accounts: a read that finds one fresh but due to expire
+    /// within this time is served from the cache and refreshes it in the background (one
+    /// upstream call however many readers), so that steady readers never wait for a miss.
+    /// Zero (the default) turns it off. Must be shorter than both TTLs. Candle series are not
+    /// refreshed ahead: their expiry is a candle's close, and nothing newer exists before it.
+    #[serde(with = "crate::util::duration_ms")]
+    pub refresh_before_expiry: Duration,
+    /// A candle series is fresh until the candle in progress closes, plus this grace (so the
+    /// exchange has finished the candle). Default 500 ms.
+    #[serde(with = "crate::util::duration_ms")]
+    pub candle_grace: Duration,
+    /// Up to this much random extra time after the grace, so that many series do not all
+    /// refresh at the same close. Default 500 ms.
+    #[serde(with = "crate::util::duration_ms")]
+    pub candle_jitter: Duration,
+    /// How long an unknown product's `NotFound` is remembered. Default 60 s.
+    #[serde(with = "crate::util::duration_ms")]
+    pub negative_ttl: Duration,
+    /// The oldest data served when the upstream fails. Default 60 s.
+    #[serde(with = "crate::util::duration_ms")]
+    pub max_stale: Duration,
+    /// Serve expired data (up to `max_stale`) at once and refresh it in the background.
+    /// Default off.
+    pub stale_while_revalidate: bool,
+    /// How long the first ticker request of a batch waits for others. Default 5 ms.
+    #[serde(with = "crate::util::duration_ms")]
+    pub batch_window: Duration,
+    /// Most products per batched ticker call. Default 100.
+    pub batch_size: usize,
+    /// Merge ticker requests into `tickers` (best_bid_ask) calls. Default on.
+    pub batch_tickers: bool,
+    /// Retries of a failed idempotent upstream call when the error is retryable. Default 2.
+    pub max_retries: u32,
+    /// First retry delay when the error gives none; doubles each retry, with jitter.
+    /// Default 250 ms.
+    #[serde(with = "crate::util::duration_ms")]
+    pub retry_backoff: Duration,
+    /// A retry that would wait longer than this is not made; the caller gets stale data or the
+    /// error at once. Default 5 s.
+    #[serde(with = "crate::util::duration_ms")]
+    pub max_retry_wait: Duration,
+    /// Most cached tickers (and, separately, candle series). Default 100,000.
+    pub cache_capacity: u64,
+    /// Most candles kept per series (oldest dropped). Default 1,000.
+    pub max_candles_per_series: usize,
+    /// The endpoint class of ticker and candle calls, used when this source gates upstream
+    /// calls itself ([`CoordinatedBuilder::rate_limiter`]). Default public.
+    pub market_data_class: EndpointClass,
+    /// The circuit breaker of upstream calls, per endpoint class: after a run of failures
+    /// reads get stale data or [`Error::CircuitOpen`] at once, until a probe succeeds.
+    pub breaker: BreakerConfig,
+}
+
+impl Default for CoordinatedConfig {
+    fn default() -> Self {
+        CoordinatedConfig {
+            ticker_ttl: Duration::from_secs(5),
+            accounts_ttl: Duration::from_secs(10),
+            refresh_before_expiry: Duration::ZERO,
+            candle_grace: Duration::from_millis(500),
+            candle_jitter: Duration::from_millis(500),
+            negative_ttl: Duration::from_secs(60),
+            max_stale: Duration::from_secs(60),
+            stale_while_revalidate: false,
+            batch_window: Duration::from_millis(5),
+            batch_size: 100,
+            batch_tickers: true,
+            max_retries: 2,
+            retry_backoff: Duration::from_millis(250),
+            max_retry_wait: Duration::from_secs(5),
+            cache_capacity: 100_000,
+            max_candles_per_series: 1_000,
+            market_data_class: EndpointClass::Public,
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+impl CoordinatedConfig {
+    /// Check the settings.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad setting and what it must be.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(m.to_string()));
+        if self.ticker_ttl.is_zero() || self.accounts_ttl.is_zero() {
+            return bad("ticker_ttl and accounts_ttl must be greater than zero");
+        }
+        if self.refresh_before_expiry >= self.ticker_ttl.min(self.accounts_ttl) {
+            return bad("refresh_before_expiry must be shorter than ticker_ttl and accounts_ttl");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1");
+        }
+        if self.cache_capacity == 0 || self.max_candles_per_series == 0 {
+            return bad("cache_capacity and max_candles_per_series must be at least 1");
+        }
+        if self.max_stale < self.ticker_ttl {
+            return bad("max_stale must be at least ticker_ttl");
+        }
+        if self.breaker.enabled {
+            self.breaker.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// Builder of a [`CoordinatedSource`].
+#[must_use]
+pub struct CoordinatedBuilder {
+    pub(super) upstream: Arc<dyn MarketDataSource>,
+    pub(super) cfg: CoordinatedConfig,
+    pub(super) clock: Clock,
+    pub(super) gate: Option<RateLimiter>,
+    pub(super) upstream_limiter: Option<RateLimiter>,
+}
+
+impl fmt::Debug for CoordinatedBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoordinatedBuilder").field("config", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$m:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $( $(#[$m])* pub fn $name(mut self, v: $ty) -> Self { self.cfg.$name = v; self } )*
+    };
+}
+
+impl CoordinatedBuilder {
+    setters! {
+        /// See [`CoordinatedConfig::ticker_ttl`].
+        ticker_ttl: Duration,
+        /// See [`CoordinatedConfig::accounts_ttl`].
+        accounts_ttl: Duration,
+        /// See [`CoordinatedConfig::refresh_before_expiry`].
+        refresh_before_expiry: Duration,
+        /// See [`CoordinatedConfig::candle_grace`].
+        candle_grace: Duration,
+        /// See [`CoordinatedConfig::candle_jitter`].
+        candle_jitter: Duration,
+        /// See [`CoordinatedConfig::negative_ttl`].
+        negative_ttl: Duration,
+        /// See [`CoordinatedConfig::max_stale`].
+        max_stale: Duration,
+        /// See [`CoordinatedConfig::stale_while_revalidate`].
+        stale_while_revalidate: bool,
+        /// See [`CoordinatedConfig::batch_window`].
+        batch_window: Duration,
+        /// See [`CoordinatedConfig::batch_size`].
+        batch_size: usize,
+        /// See [`CoordinatedConfig::batch_tickers`].
+        batch_tickers: bool,
+        /// See [`CoordinatedConfig::max_retries`].
+        max_retries: u32,
+        /// See [`CoordinatedConfig::retry_backoff`].
+        retry_backoff: Duration,
+        /// See [`CoordinatedConfig::max_retry_wait`].
+        max_retry_wait: Duration,
+        /// See [`CoordinatedConfig::cache_capacity`].
+        cache_capacity: u64,
+        /// See [`CoordinatedConfig::max_candles_per_series`].
+        max_candles_per_series: usize,
+        /// See [`CoordinatedConfig::market_data_class`].
+        market_data_class: EndpointClass,
+    }
+
+    /// The circuit breaker's settings (see [`CoordinatedConfig::breaker`]);
+    /// [`BreakerConfig::disabled`] turns it off.
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.cfg.breaker = breaker;
+        self
+    }
+
+    /// Replace the whole configuration.
+    pub fn config(mut self, cfg: CoordinatedConfig) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// The clock for candle boundaries (default [`Clock::system`]). Share it with the
+    /// simulated exchange in tests.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Gate every upstream call through `limiter` (for upstreams that do not limit
+    /// themselves). Do not also give the same limiter to the upstream client.
+    pub fn rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.gate = Some(limiter);
+        self
+    }
+
+    /// The limiter the upstream already draws from: reported in the stats, not acquired again.
+    pub fn upstream_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.upstream_limiter = Some(limiter);
+        self
+    }
+
+    /// Build the source.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the configuration is invalid.
+    pub fn build(self) -> Result<CoordinatedSource> {
+        self.cfg.validate()?;
+        let cfg = self.cfg;
+        // moka's TTL only bounds memory: freshness is judged on tokio's clock (see cache.rs).
+        let memory_bound = cfg.max_stale.max(cfg.negative_ttl) + Duration::from_secs(60);
+        let series_bound = Duration::from_secs(86_400 * 2) + cfg.max_stale;
+        let inner = Inner {
+            tickers: moka::future::Cache::builder()
+                .max_capacity(cfg.cache_capacity)
+                .time_to_live(memory_bound)
+                .build(),
+            series: moka::future::Cache::builder()
+                .max_capacity(cfg.cache_capacity)
+                .time_to_live(series_bound)
+                .build(),
+            negative: moka::future::Cache::builder()
+                .max_capacity(cfg.cache_capacity)
+                .time_to_live(memory_bound)
+                .build(),
+            accounts: Mutex::new(None),
+            ticker_flight: SingleFlight::new(),
+            series_flight: SingleFlight::new(),
+            accounts_flight: SingleFlight::new(),
+            batcher: Batcher::new(cfg.batch_size),
+            counters: Counters::default(),
+            upstream: self.upstream,
+            clock: self.clock,
+            gate: self.gate,
+            upstream_limiter: self.upstream_limiter,
+            breaker: breaker::Breakers::new(cfg.breaker.clone()),
+            cfg,
+        };
+        Ok(CoordinatedSource { inner: Arc::new(inner) })
+    }
+}
