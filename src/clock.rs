@@ -6,8 +6,9 @@
 //! the wall clock therefore moves only when tokio's does, which is what makes hour-long
 //! simulated runs take milliseconds. Only JWT `nbf`/`exp` use the real system time.
 
-use std::time::Duration;
+use std::{ops::Add, time::Duration};
 
+use governor::{clock::Reference, nanos::Nanos};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
@@ -67,6 +68,37 @@ impl Clock {
 impl Default for Clock {
     fn default() -> Self {
         Clock::system()
+    }
+}
+
+/// governor's clock over tokio's (pausable) clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TokioClock;
+
+/// A tokio instant as a governor [`Reference`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct TokioInstant(pub(crate) Instant);
+
+impl Add<Nanos> for TokioInstant {
+    type Output = TokioInstant;
+    fn add(self, other: Nanos) -> TokioInstant {
+        TokioInstant(self.0 + Duration::from(other))
+    }
+}
+
+impl Reference for TokioInstant {
+    fn duration_since(&self, earlier: Self) -> Nanos {
+        self.0.saturating_duration_since(earlier.0).into()
+    }
+    fn saturating_sub(&self, duration: Nanos) -> Self {
+        self.0.checked_sub(duration.into()).map(TokioInstant).unwrap_or(*self)
+    }
+}
+
+impl governor::clock::Clock for TokioClock {
+    type Instant = TokioInstant;
+    fn now(&self) -> TokioInstant {
+        TokioInstant(Instant::now())
     }
 }
 
