@@ -71,6 +71,11 @@ impl Default for Clock {
     }
 }
 
+/// `at + d`, saturating at a year past `at` for durations too long to add.
+pub(crate) fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d).or_else(|| at.checked_add(Duration::from_secs(86_400 * 365))).unwrap_or(at)
+}
+
 /// governor's clock over tokio's (pausable) clock.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct TokioClock;

@@ -30,6 +30,7 @@ use crate::{
     error::{Error, Result},
     limiter::{ClassLimit, ClassLimiterStats, EndpointClass, Priority, RateLimiter},
     model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
+    retry::RetryPolicy,
     source::{MarketDataSource, distinct},
 };
 
@@ -139,8 +140,7 @@ pub struct CoinbaseClientBuilder {
     best_bid_ask_chunk: usize,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
-    max_retries: u32,
-    retry_backoff: Duration,
+    retry: RetryPolicy,
     user_agent: String,
     clock: Clock,
 }
@@ -157,8 +157,7 @@ impl Default for CoinbaseClientBuilder {
             best_bid_ask_chunk: 100,
             candle_max_buckets: MAX_CANDLES_PER_REQUEST,
             accounts_page_limit: 250,
-            max_retries: 0,
-            retry_backoff: Duration::from_millis(250),
+            retry: RetryPolicy::none(),
             user_agent: concat!("tickshare/", env!("CARGO_PKG_VERSION")).into(),
             clock: Clock::system(),
         }
@@ -231,10 +230,19 @@ impl CoinbaseClientBuilder {
         self
     }
 
-    /// Retry a failed idempotent GET up to `n` times when the error is retryable (default 0:
-    /// the caller decides). Each attempt goes through the rate limiter and gets a fresh JWT.
+    /// Retry a failed idempotent GET up to `n` times when the error is worth it (default 0:
+    /// the caller decides), with the rest of the [`RetryPolicy`] as it is. Each attempt goes
+    /// through the rate limiter and gets a fresh JWT. Under a layer that retries itself (a
+    /// [`CoordinatedSource`](crate::CoordinatedSource) with retries), that layer owns the call
+    /// and the client makes one attempt per attempt of it.
     pub fn max_retries(mut self, n: u32) -> Self {
-        self.max_retries = n;
+        self.retry.max_retries = n;
+        self
+    }
+
+    /// The whole retry policy of idempotent GETs (default [`RetryPolicy::none`]).
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
         self
     }
 
@@ -303,8 +311,7 @@ impl CoinbaseClientBuilder {
                 best_bid_ask_chunk: self.best_bid_ask_chunk,
                 candle_max_buckets: self.candle_max_buckets,
                 accounts_page_limit: self.accounts_page_limit,
-                max_retries: self.max_retries,
-                retry_backoff: self.retry_backoff,
+                retry: self.retry,
                 requests: Default::default(),
                 rate_limited: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
@@ -342,8 +349,7 @@ struct ClientInner {
     best_bid_ask_chunk: usize,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
-    max_retries: u32,
-    retry_backoff: Duration,
+    retry: RetryPolicy,
     requests: [AtomicU64; Endpoint::ALL.len()],
     rate_limited: AtomicU64,
     failures: AtomicU64,
@@ -472,26 +478,14 @@ impl CoinbaseClient {
                 q.append_pair(k, v);
             }
         }
-        let mut attempt = 0;
-        loop {
-            let result = self.attempt(endpoint, class, &url, &full_path).await;
-            match result {
-                Ok(body) => return Ok(body),
-                Err(e)
-                    if attempt < inner.max_retries
-                        && e.is_retryable()
-                        && !matches!(e, Error::RateLimited { local: true, .. }) =>
-                {
-                    attempt += 1;
-                    let wait = e.retry_after().unwrap_or(inner.retry_backoff * 2u32.pow(attempt - 1));
-                    tracing::debug!(endpoint = endpoint.as_str(), attempt, error = %e, "retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let on_retry = |retry: u32, e: &Error, wait: Duration| {
+            tracing::debug!(endpoint = endpoint.as_str(), attempt = retry, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
+        };
+        inner.retry.run(|| self.attempt(endpoint, class, &url, &full_path), on_retry).await
     }
 
+    /// One HTTP request: the limiter admits it, it is signed and sent, and its outcome is
+    /// recorded into the limiter and the counters.
     async fn attempt(
         &self,
         endpoint: Endpoint,
@@ -527,17 +521,13 @@ impl CoinbaseClient {
             }
         }
         .await;
+        if let Some(l) = &inner.limiter {
+            l.record(class, &outcome);
+        }
         match &outcome {
-            Ok(_) => {
-                if let Some(l) = &inner.limiter {
-                    l.record_success(class);
-                }
-            }
-            Err(Error::RateLimited { retry_after, .. }) => {
+            Ok(_) => {}
+            Err(Error::RateLimited { .. }) => {
                 inner.rate_limited.fetch_add(1, Ordering::Relaxed);
-                if let Some(l) = &inner.limiter {
-                    l.penalize(class, *retry_after);
-                }
             }
             Err(e) => {
                 inner.failures.fetch_add(1, Ordering::Relaxed);
@@ -587,23 +577,19 @@ impl CoinbaseClient {
     ) -> Result<Vec<Candle>> {
         let range = range.aligned(granularity);
         let rest = format!("/products/{product}/candles");
-        let step = time::Duration::seconds(granularity.seconds() * i64::from(self.inner.candle_max_buckets));
         let mut out: Vec<Candle> = Vec::new();
-        let mut start = range.start;
-        while start < range.end {
-            let end = (start + step).min(range.end);
+        for chunk in range.chunks(granularity, self.inner.candle_max_buckets) {
             // `end` one second before the next chunk: n buckets whether the server treats the
             // bound as inclusive or exclusive.
             let query = [
-                ("start", start.unix_timestamp().to_string()),
-                ("end", (end.unix_timestamp() - 1).to_string()),
+                ("start", chunk.start.unix_timestamp().to_string()),
+                ("end", (chunk.end.unix_timestamp() - 1).to_string()),
                 ("granularity", granularity.as_str().to_string()),
             ];
             // Chosen per request: with `MarketDataPath::Balanced` a long range spreads too.
             let (class, path) = self.md_route(&rest);
             let body = self.get(Endpoint::Candles, class, &path, &query).await?;
             out.extend(wire::decode_candles(&body)?);
-            start = end;
         }
         out.retain(|c| range.contains(c.start));
         out.sort_by_key(|c| c.start);

@@ -40,8 +40,9 @@ use crate::{
     clock::Clock,
     coinbase::CoinbaseClient,
     error::{Error, Result},
-    limiter::RateLimiter,
+    limiter::{EndpointClass, RateLimiter},
     model::{Account, Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
+    retry::RetryPolicy,
     source::{MarketDataSource, PrefetchRequest, distinct},
     util::{inc, lock},
 };
@@ -102,8 +103,8 @@ struct Inner {
     upstream: Arc<dyn MarketDataSource>,
     cfg: CoordinatedConfig,
     clock: Clock,
-    gate: Option<RateLimiter>,
-    upstream_limiter: Option<RateLimiter>,
+    limiting: Limiting,
+    retry: RetryPolicy,
     tickers: moka::future::Cache<ProductId, Entry<Ticker>>,
     series: moka::future::Cache<(ProductId, Granularity), SeriesEntry>,
     negative: moka::future::Cache<ProductId, Instant>,
@@ -115,6 +116,37 @@ struct Inner {
     batcher: Batcher,
     counters: Counters,
     breaker: breaker::Breakers,
+}
+
+/// Where this source's rate limiting happens: the one field that holds its limiter.
+#[derive(Debug, Clone, Default)]
+enum Limiting {
+    /// No limiter known (the upstream limits itself, or nothing does).
+    #[default]
+    None,
+    /// This source acquires every upstream call from the limiter and records its outcome.
+    Gate(RateLimiter),
+    /// The upstream (a [`CoinbaseClient`]) acquires from this limiter itself; the source
+    /// only reports it in the stats.
+    Upstream(RateLimiter),
+}
+
+impl Limiting {
+    /// The limiter this source acquires from itself.
+    fn gate(&self) -> Option<&RateLimiter> {
+        match self {
+            Limiting::Gate(l) => Some(l),
+            Limiting::None | Limiting::Upstream(_) => None,
+        }
+    }
+
+    /// The limiter in use, wherever it is acquired.
+    fn limiter(&self) -> Option<&RateLimiter> {
+        match self {
+            Limiting::Gate(l) | Limiting::Upstream(l) => Some(l),
+            Limiting::None => None,
+        }
+    }
 }
 
 /// The coordinated path: cache, single-flight, batching, rate limits, 429 backoff, stale
@@ -155,8 +187,8 @@ impl CoordinatedSource {
             upstream,
             cfg: CoordinatedConfig::default(),
             clock: Clock::system(),
-            gate: None,
-            upstream_limiter: None,
+            limiting: Limiting::None,
+            gate_conflict: false,
         }
     }
 
@@ -167,8 +199,12 @@ impl CoordinatedSource {
         let limiter = client.rate_limiter().cloned();
         let class = client.market_data_class();
         let batch = client.best_bid_ask_chunk().min(CoordinatedConfig::default().batch_size);
-        let mut b = Self::builder(client).market_data_class(class).batch_size(batch);
-        b.upstream_limiter = limiter;
+        // Best_bid_ask needs a key; a keyless client serves batches on the public class.
+        let batch_class = if client.has_credentials() { EndpointClass::Private } else { class };
+        let mut b = Self::builder(client).market_data_class(class).batch_size(batch).batch_class(batch_class);
+        if let Some(l) = limiter {
+            b.limiting = Limiting::Upstream(l);
+        }
         b
     }
 
@@ -179,7 +215,7 @@ impl CoordinatedSource {
 
     /// The rate limiter in use (the gate, or the upstream's), if known.
     pub fn rate_limiter(&self) -> Option<&RateLimiter> {
-        self.inner.gate.as_ref().or(self.inner.upstream_limiter.as_ref())
+        self.inner.limiting.limiter()
     }
 
     /// A snapshot of the counters.
@@ -453,10 +489,7 @@ impl Inner {
         match result {
             Ok(e) => Ok(Fresh { age: e.age(now), value: e.value, origin: Origin::Upstream }),
             Err(err) => match cached {
-                Some(c)
-                    if !matches!(err, Error::NotFound(_) | Error::InvalidInput(_))
-                        && c.age(now) <= self.cfg.max_stale =>
-                {
+                Some(c) if err.allows_stale() && c.age(now) <= self.cfg.max_stale => {
                     inc(&self.counters.stale_serves);
                     tracing::debug!(error = %err, age_ms = c.age(now).as_millis() as u64, "serving stale data");
                     Ok(Fresh { value: c.value.clone(), origin: Origin::Stale, age: c.age(now) })

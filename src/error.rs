@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::limiter::EndpointClass;
+
 /// A specialized `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -70,8 +72,8 @@ pub enum Error {
     /// The endpoint class is failing and its circuit breaker is open; no request was sent.
     #[error("circuit open for {class} endpoints after repeated failures; retry in {retry_in:?}")]
     CircuitOpen {
-        /// The endpoint class whose circuit is open ("public" or "private").
-        class: &'static str,
+        /// The endpoint class whose circuit is open.
+        class: EndpointClass,
         /// Time until the breaker lets a probe through.
         retry_in: Duration,
     },
@@ -83,6 +85,27 @@ pub enum Error {
     /// A background task this call depended on has stopped (the source was shut down).
     #[error("closed: {0}")]
     Closed(String),
+}
+
+/// What a call's result says about the exchange's health (the circuit breaker's input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Health {
+    /// The exchange answered as it should (including "not found" and other 4xx).
+    Healthy,
+    /// The exchange failed: transport, timeout, 5xx/408, undecodable body.
+    Failed,
+    /// Nothing learned: nothing was sent, or the exchange asked us to slow down.
+    Neutral,
+}
+
+impl Health {
+    /// The health a call's result shows.
+    pub(crate) fn of<T>(r: &Result<T>) -> Health {
+        match r {
+            Ok(_) => Health::Healthy,
+            Err(e) => e.health(),
+        }
+    }
 }
 
 fn fmt_retry_after(retry_after: &Option<Duration>) -> String {
@@ -112,6 +135,53 @@ impl Error {
             | Error::Decode(_)
             | Error::Config(_)
             | Error::Closed(_) => false,
+        }
+    }
+
+    /// Whether a request may have left for the exchange before this error: `false` only for
+    /// errors made locally before anything was sent (the local rate limiter's refusal, a shed
+    /// request, an open circuit, a closed source, invalid input or configuration). A call that
+    /// ends in an error that reached the exchange counts as an upstream call and against the
+    /// exchange's limit; one that did not, counts as neither.
+    pub fn reached_exchange(&self) -> bool {
+        !matches!(
+            self,
+            Error::RateLimited { local: true, .. }
+                | Error::Overloaded(_)
+                | Error::CircuitOpen { .. }
+                | Error::Closed(_)
+                | Error::InvalidInput(_)
+                | Error::Config(_)
+        )
+    }
+
+    /// Whether the same request is worth sending again: [retryable](Error::is_retryable) and
+    /// [sent](Error::reached_exchange). A local refusal is not retried by the layer that got it:
+    /// waiting is the limiter's job, and an open circuit or a shed request says "not now".
+    pub fn is_worth_retrying(&self) -> bool {
+        self.is_retryable() && self.reached_exchange()
+    }
+
+    /// Whether cached data may stand in for the answer (stale serving): yes for every failure
+    /// of the exchange or the way to it, no when the question itself is wrong (an unknown
+    /// product, invalid input), since older data would answer a question that has none.
+    pub fn allows_stale(&self) -> bool {
+        !matches!(self, Error::NotFound(_) | Error::InvalidInput(_))
+    }
+
+    /// What this error says about the exchange's health, for the circuit breaker.
+    pub(crate) fn health(&self) -> Health {
+        match self {
+            Error::Transport(_) | Error::Timeout | Error::Decode(_) => Health::Failed,
+            Error::Upstream { status, .. } if *status >= 500 || *status == 408 => Health::Failed,
+            Error::Upstream { .. } | Error::NotFound(_) | Error::InvalidInput(_) | Error::Unauthorized(_) => {
+                Health::Healthy
+            }
+            Error::RateLimited { .. }
+            | Error::Config(_)
+            | Error::CircuitOpen { .. }
+            | Error::Overloaded(_)
+            | Error::Closed(_) => Health::Neutral,
         }
     }
 
@@ -212,6 +282,31 @@ mod tests {
             assert_eq!(err.is_retryable(), retryable, "{err:?}");
             assert_eq!(err.is_rate_limited(), limited, "{err:?}");
         }
+    }
+
+    #[test]
+    fn health_verdicts_for_the_breaker() {
+        let rows: Vec<(Error, Health)> = vec![
+            (Error::Transport("reset".into()), Health::Failed),
+            (Error::Timeout, Health::Failed),
+            (Error::Decode("x".into()), Health::Failed),
+            (Error::Upstream { status: 500, message: "x".into() }, Health::Failed),
+            (Error::Upstream { status: 503, message: "x".into() }, Health::Failed),
+            (Error::Upstream { status: 408, message: "x".into() }, Health::Failed),
+            (Error::Upstream { status: 400, message: "x".into() }, Health::Healthy),
+            (Error::NotFound("x".into()), Health::Healthy),
+            (Error::InvalidInput("x".into()), Health::Healthy),
+            (Error::Unauthorized("x".into()), Health::Healthy),
+            (Error::RateLimited { retry_after: None, local: false }, Health::Neutral),
+            (Error::RateLimited { retry_after: None, local: true }, Health::Neutral),
+            (Error::Overloaded("x".into()), Health::Neutral),
+            (Error::CircuitOpen { class: EndpointClass::Public, retry_in: Duration::ZERO }, Health::Neutral),
+            (Error::Closed("x".into()), Health::Neutral),
+        ];
+        for (e, v) in rows {
+            assert_eq!(Health::of::<()>(&Err(e.clone())), v, "{e:?}");
+        }
+        assert_eq!(Health::of(&Ok(1)), Health::Healthy);
     }
 
     #[test]

@@ -73,6 +73,7 @@ mod model;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+mod retry;
 mod schedule;
 mod selector;
 #[cfg(feature = "sim")]
@@ -110,6 +111,7 @@ pub use limiter::{
 pub use model::{
     Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, ProductId, Ticker,
 };
+pub use retry::RetryPolicy;
 pub use rust_decimal::Decimal;
 pub use schedule::{ScheduledTick, TickLoop, TickSchedule};
 pub use selector::{

@@ -313,6 +313,26 @@ impl RateLimiter {
         pause
     }
 
+    /// Record the outcome of one request of `class` that this limiter admitted: a success
+    /// resets the consecutive-429 count, the exchange's 429 pauses the class
+    /// ([`penalize`](RateLimiter::penalize)), anything else leaves the limiter as it is. The one
+    /// place where every layer (the client, a coordinated source's gate, the shared tier's
+    /// fallback) reports to a limiter.
+    pub fn record<T>(&self, class: EndpointClass, outcome: &Result<T>) {
+        match outcome {
+            Ok(_) => self.record_success(class),
+            Err(Error::RateLimited { retry_after, local: false }) => {
+                self.penalize(class, *retry_after);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Whether `other` is a handle to this very limiter (one shared budget).
+    pub fn same_as(&self, other: &RateLimiter) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Report a successful response for `class` (resets the consecutive-429 count).
     pub fn record_success(&self, class: EndpointClass) {
         self.inner.classes[class.index()].consecutive_429.store(0, Ordering::Relaxed);

@@ -358,6 +358,21 @@ impl CandleRange {
         (span as u64).div_ceil(granularity.seconds() as u64)
     }
 
+    /// The range split into consecutive requests of at most `per` buckets of `granularity`
+    /// (at least one bucket each), oldest first: how the client sends a long range within
+    /// Coinbase's per-request candle cap, and how the shared tier keys it.
+    pub fn chunks(self, granularity: Granularity, per: u32) -> Vec<CandleRange> {
+        let step = time::Duration::seconds(granularity.seconds().saturating_mul(i64::from(per.max(1))));
+        let mut out = Vec::new();
+        let mut start = self.start;
+        while start < self.end {
+            let end = start.checked_add(step).map_or(self.end, |e| e.min(self.end));
+            out.push(CandleRange { start, end });
+            start = end;
+        }
+        out
+    }
+
     /// Whether a candle starting at `t` falls in the range.
     pub fn contains(self, t: OffsetDateTime) -> bool {
         self.start <= t && t < self.end
@@ -456,6 +471,19 @@ impl Balances {
 mod tests {
     use super::*;
     use time::macros::datetime;
+
+    #[test]
+    fn candle_ranges_split_in_chunks() {
+        let g = Granularity::OneMinute;
+        let r = CandleRange::new(datetime!(2024-01-01 00:00 UTC), datetime!(2024-01-01 12:00 UTC)).unwrap();
+        let chunks = r.chunks(g, 350);
+        assert_eq!(chunks.len(), 3); // 720 buckets: 350 + 350 + 20
+        assert_eq!(chunks[0].start, r.start);
+        assert_eq!(chunks[2].end, r.end);
+        assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
+        assert!(chunks.iter().all(|c| c.buckets(g) <= 350));
+        assert_eq!(r.chunks(g, 720), vec![r]);
+    }
 
     #[test]
     fn product_id_validation_table() {

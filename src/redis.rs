@@ -90,8 +90,10 @@
 //! for down.) Without Redis, the degraded path is paused-clock friendly.
 
 mod codec;
+mod config;
 mod flight;
 mod health;
+mod limit;
 mod scripts;
 #[cfg(test)]
 mod tests;
@@ -115,377 +117,26 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-pub use self::health::TierMode;
 use self::{
     codec::Keys,
     flight::{Answer, BoxFut, FetchFn, Fetched},
     health::{Health, Path, WINDOW},
 };
+pub use self::{
+    config::{CallProfile, SharedTierBuilder, SharedTierConfig},
+    health::TierMode,
+};
 use crate::{
     clock::Clock,
     coinbase::CoinbaseClient,
     error::{Error, Result},
-    limiter::{ClassLimit, EndpointClass, LimiterStats, RateLimiter, RateLimiterConfig},
+    limiter::{EndpointClass, LimiterStats, RateLimiter, RateLimiterConfig},
     model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
     source::{MarketDataSource, distinct},
-    util::{add, inc, lock},
+    util::{inc, lock},
 };
 
-/// The knobs of a [`SharedTier`]. Plain data, so it can be loaded from a file (durations in
-/// milliseconds).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SharedTierConfig {
-    /// The first part of every key, to keep several deployments apart in one Redis.
-    /// Default `"tickshare"`.
-    pub namespace: String,
-    /// How many processes share the API key at most. Only used to size each process's share of
-    /// the limit while Redis is unreachable. Default 4.
-    pub expected_workers: u32,
-    /// How long a ticker is shared. A bot can see a ticker as old as this plus the coordinated
-    /// source's own `ticker_ttl`. Default 2 s.
-    #[serde(with = "crate::util::duration_ms")]
-    pub ticker_ttl: Duration,
-    /// How long accounts are shared. Default 2 s; call [`SharedTier::invalidate_accounts`]
-    /// after placing an order.
-    #[serde(with = "crate::util::duration_ms")]
-    pub accounts_ttl: Duration,
-    /// How long candles of closed buckets are shared (they never change). Default 1 h.
-    #[serde(with = "crate::util::duration_ms")]
-    pub closed_candles_ttl: Duration,
-    /// Candles that include the bucket in progress are shared until it closes, plus this.
-    /// Default 500 ms.
-    #[serde(with = "crate::util::duration_ms")]
-    pub candle_grace: Duration,
-    /// How long an unknown product is remembered. Default 10 s.
-    #[serde(with = "crate::util::duration_ms")]
-    pub negative_ttl: Duration,
-    /// How long a transient upstream error (429, 5xx, timeout, transport) is handed to the
-    /// processes that waited for the same key. Default 500 ms.
-    #[serde(with = "crate::util::duration_ms")]
-    pub error_ttl: Duration,
-    /// How long a lease outlives its holder's last heartbeat (the wait after a holder dies).
-    /// Default 2 s.
-    #[serde(with = "crate::util::duration_ms")]
-    pub lease_ttl: Duration,
-    /// How often a process waiting for another's fetch looks for the value. Default 10 ms.
-    #[serde(with = "crate::util::duration_ms")]
-    pub lease_poll: Duration,
-    /// The longest wait for another process's fetch; then the call fails with
-    /// [`Error::Timeout`]. Default 15 s (the limiter's `max_wait` plus a request timeout).
-    #[serde(with = "crate::util::duration_ms")]
-    pub lease_wait_max: Duration,
-    /// Time allowed for one Redis operation (and to connect). Default 500 ms.
-    #[serde(with = "crate::util::duration_ms")]
-    pub redis_timeout: Duration,
-    /// How often Redis is probed while unreachable. Default 1 s.
-    #[serde(with = "crate::util::duration_ms")]
-    pub reconnect_interval: Duration,
-}
-
-impl Default for SharedTierConfig {
-    fn default() -> Self {
-        SharedTierConfig {
-            namespace: "tickshare".into(),
-            expected_workers: 4,
-            ticker_ttl: Duration::from_secs(2),
-            accounts_ttl: Duration::from_secs(2),
-            closed_candles_ttl: Duration::from_secs(3600),
-            candle_grace: Duration::from_millis(500),
-            negative_ttl: Duration::from_secs(10),
-            error_ttl: Duration::from_millis(500),
-            lease_ttl: Duration::from_secs(2),
-            lease_poll: Duration::from_millis(10),
-            lease_wait_max: Duration::from_secs(15),
-            redis_timeout: Duration::from_millis(500),
-            reconnect_interval: Duration::from_secs(1),
-        }
-    }
-}
-
-impl SharedTierConfig {
-    /// Check the settings.
-    ///
-    /// # Errors
-    /// [`Error::Config`] naming the bad setting and what it must be.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Config(m.to_string()));
-        if self.namespace.is_empty() || self.namespace.contains(char::is_whitespace) {
-            return bad("namespace must be non-empty and without whitespace");
-        }
-        if self.expected_workers == 0 {
-            return bad("expected_workers must be at least 1");
-        }
-        let durations = [
-            self.ticker_ttl,
-            self.accounts_ttl,
-            self.closed_candles_ttl,
-            self.negative_ttl,
-            self.error_ttl,
-            self.lease_ttl,
-            self.lease_poll,
-            self.lease_wait_max,
-            self.redis_timeout,
-            self.reconnect_interval,
-        ];
-        if durations.iter().any(|d| d.as_millis() == 0) {
-            return bad("every TTL, lease, poll, timeout and interval must be at least 1 ms");
-        }
-        if self.lease_ttl <= self.redis_timeout {
-            return bad(
-                "lease_ttl must be longer than redis_timeout, or heartbeats cannot keep leases alive",
-            );
-        }
-        Ok(())
-    }
-}
-
-/// How the upstream turns trait calls into HTTP requests, so that the tier can make each
-/// upstream call exactly one request and charge it to the right class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct CallProfile {
-    /// The class of `ticker` and `candles` requests.
-    pub market_data_class: EndpointClass,
-    /// The class of `tickers` requests.
-    pub tickers_class: EndpointClass,
-    /// Products per `tickers` request (1: the upstream sends one request per product).
-    pub tickers_per_request: usize,
-    /// Most candle buckets per request (Coinbase: 350).
-    pub candles_per_request: u32,
-    /// Accounts per page (Coinbase: 250).
-    pub accounts_per_page: u32,
-}
-
-impl Default for CallProfile {
-    /// A [`CoinbaseClient`] with credentials and its default settings: market data on the
-    /// private paths, 100 products per `best_bid_ask`, 350 candles, 250 accounts per page.
-    fn default() -> Self {
-        CallProfile {
-            market_data_class: EndpointClass::Private,
-            tickers_class: EndpointClass::Private,
-            tickers_per_request: 100,
-            candles_per_request: crate::coinbase::MAX_CANDLES_PER_REQUEST,
-            accounts_per_page: 250,
-        }
-    }
-}
-
-impl CallProfile {
-    /// The profile of `client`: its market-data class, its `best_bid_ask` chunk with
-    /// credentials (one public ticker request per product without), its candle chunk.
-    pub fn coinbase(client: &CoinbaseClient) -> Self {
-        let (tickers_class, tickers_per_request) = if client.has_credentials() {
-            (EndpointClass::Private, client.best_bid_ask_chunk())
-        } else {
-            (client.market_data_class(), 1)
-        };
-        CallProfile {
-            market_data_class: client.market_data_class(),
-            tickers_class,
-            tickers_per_request,
-            candles_per_request: client.candle_max_buckets(),
-            ..CallProfile::default()
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        if self.tickers_per_request == 0 || self.candles_per_request == 0 || self.accounts_per_page == 0 {
-            return Err(Error::Config(
-                "tickers_per_request, candles_per_request and accounts_per_page must be at least 1".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Builder of a [`SharedTier`]; from [`SharedTier::builder`] or [`SharedTier::coinbase`].
-#[must_use]
-pub struct SharedTierBuilder {
-    redis_url: String,
-    api_key_id: String,
-    upstream: Arc<dyn MarketDataSource>,
-    cfg: SharedTierConfig,
-    limits: RateLimiterConfig,
-    fallback: Option<RateLimiterConfig>,
-    profile: CallProfile,
-    clock: Clock,
-}
-
-impl fmt::Debug for SharedTierBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The URL may carry a password: not printed.
-        f.debug_struct("SharedTierBuilder")
-            .field("config", &self.cfg)
-            .field("profile", &self.profile)
-            .finish_non_exhaustive()
-    }
-}
-
-macro_rules! setters {
-    ($($(#[$m:meta])* $name:ident: $ty:ty),* $(,)?) => {
-        $( $(#[$m])* pub fn $name(mut self, v: $ty) -> Self { self.cfg.$name = v; self } )*
-    };
-}
-
-impl SharedTierBuilder {
-    setters! {
-        /// See [`SharedTierConfig::expected_workers`].
-        expected_workers: u32,
-        /// See [`SharedTierConfig::ticker_ttl`].
-        ticker_ttl: Duration,
-        /// See [`SharedTierConfig::accounts_ttl`].
-        accounts_ttl: Duration,
-        /// See [`SharedTierConfig::closed_candles_ttl`].
-        closed_candles_ttl: Duration,
-        /// See [`SharedTierConfig::candle_grace`].
-        candle_grace: Duration,
-        /// See [`SharedTierConfig::negative_ttl`].
-        negative_ttl: Duration,
-        /// See [`SharedTierConfig::error_ttl`].
-        error_ttl: Duration,
-        /// See [`SharedTierConfig::lease_ttl`].
-        lease_ttl: Duration,
-        /// See [`SharedTierConfig::lease_poll`].
-        lease_poll: Duration,
-        /// See [`SharedTierConfig::lease_wait_max`].
-        lease_wait_max: Duration,
-        /// See [`SharedTierConfig::redis_timeout`].
-        redis_timeout: Duration,
-        /// See [`SharedTierConfig::reconnect_interval`].
-        reconnect_interval: Duration,
-    }
-
-    /// See [`SharedTierConfig::namespace`].
-    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
-        self.cfg.namespace = namespace.into();
-        self
-    }
-
-    /// Replace the whole configuration.
-    pub fn config(mut self, cfg: SharedTierConfig) -> Self {
-        self.cfg = cfg;
-        self
-    }
-
-    /// The budget shared by every process (default [`RateLimiterConfig::default`]: Coinbase's
-    /// limits at the in-process margins). `max_wait` bounds each call's wait for a slot;
-    /// `max_waiters` bounds this process's queue; the backoff and ramp settings apply to the
-    /// shared pause after a 429.
-    pub fn limits(mut self, limits: RateLimiterConfig) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    /// This process's limiter while Redis is unreachable. By default each class gets
-    /// `(rate + burst) / expected_workers` requests per window of the shared budget (steady
-    /// rate one less, burst 1), so the shares of all processes add up to no more than the
-    /// budget; a class whose share would be below 2 sends nothing while Redis is down.
-    pub fn fallback_limits(mut self, limits: RateLimiterConfig) -> Self {
-        self.fallback = Some(limits);
-        self
-    }
-
-    /// How the upstream maps calls to requests (default [`CallProfile::default`];
-    /// [`SharedTier::coinbase`] sets it from the client).
-    pub fn profile(mut self, profile: CallProfile) -> Self {
-        self.profile = profile;
-        self
-    }
-
-    /// The clock for candle boundaries and fetched-at times (default [`Clock::system`]).
-    pub fn clock(mut self, clock: Clock) -> Self {
-        self.clock = clock;
-        self
-    }
-
-    /// Connect and build the tier. An unreachable Redis is not an error: the tier starts
-    /// degraded (see the [module docs](self)) and connects when Redis comes up.
-    ///
-    /// # Errors
-    /// [`Error::Config`] for an invalid setting or a `redis_url` that is not a `redis://` URL
-    /// (`rediss://` needs TLS, which this build does not include).
-    ///
-    /// # Cancel safety
-    /// Cancel safe: nothing outlives a dropped call but an idle connection attempt.
-    pub async fn build(self) -> Result<SharedTier> {
-        self.cfg.validate()?;
-        self.limits.validate()?;
-        self.profile.validate()?;
-        if self.api_key_id.is_empty() {
-            return Err(Error::Config("api_key_id must not be empty".into()));
-        }
-        let (fallback_cfg, closed) = match self.fallback {
-            Some(cfg) => (cfg, [false, false]),
-            None => fallback_share(&self.limits, self.cfg.expected_workers),
-        };
-        let fallback = RateLimiter::new(fallback_cfg)?;
-        let client = ::redis::Client::open(self.redis_url.as_str()).map_err(|_| {
-            Error::Config("redis_url is not a valid redis:// URL (rediss:// needs TLS, not included)".into())
-        })?;
-        let target = client.get_connection_info().addr().to_string();
-        let manager_cfg = manager_config(&self.cfg);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg)
-            .map_err(|e| Error::Config(format!("could not set up the redis connection: {e}")))?;
-        let up = ping(&conn, self.cfg.redis_timeout).await;
-        if !up {
-            tracing::warn!(
-                redis = %target,
-                "redis unreachable at start; running in-process on a conservative share of the rate limit"
-            );
-        }
-        let keys = Keys::new(&self.cfg.namespace, &self.api_key_id);
-        let health = Health::new(up, self.cfg.reconnect_interval);
-        Ok(SharedTier {
-            inner: Arc::new(Inner {
-                upstream: self.upstream,
-                limits: self.limits,
-                profile: self.profile,
-                clock: self.clock,
-                keys,
-                target,
-                client,
-                conn: Mutex::new(conn),
-                health,
-                fallback,
-                fallback_closed: closed,
-                queues: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
-                counters: Counters::default(),
-                cfg: self.cfg,
-            }),
-        })
-    }
-}
-
-/// The default per-process share of `limits` for `workers` processes, and which classes have
-/// no share at all.
-fn fallback_share(limits: &RateLimiterConfig, workers: u32) -> (RateLimiterConfig, [bool; 2]) {
-    let share = |l: ClassLimit| -> Option<ClassLimit> {
-        let per_window = (l.rate_per_second.get() + l.burst.get()) / workers.max(1);
-        let rate = std::num::NonZeroU32::new(per_window.checked_sub(1)?)?;
-        Some(ClassLimit {
-            limit_per_second: l.limit_per_second,
-            rate_per_second: rate,
-            burst: std::num::NonZeroU32::MIN,
-        })
-    };
-    // A closed class keeps a valid placeholder; the tier never draws from it.
-    let placeholder = |l: ClassLimit| ClassLimit {
-        rate_per_second: std::num::NonZeroU32::MIN,
-        burst: std::num::NonZeroU32::MIN,
-        ..l
-    };
-    let public = share(limits.public);
-    let private = share(limits.private);
-    let cfg = RateLimiterConfig {
-        public: public.unwrap_or_else(|| placeholder(limits.public)),
-        private: private.unwrap_or_else(|| placeholder(limits.private)),
-        ..limits.clone()
-    };
-    (cfg, [public.is_none(), private.is_none()])
-}
-
-fn manager_config(cfg: &SharedTierConfig) -> ConnectionManagerConfig {
+pub(super) fn manager_config(cfg: &SharedTierConfig) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(cfg.redis_timeout))
         .set_response_timeout(Some(cfg.redis_timeout))
@@ -494,7 +145,7 @@ fn manager_config(cfg: &SharedTierConfig) -> ConnectionManagerConfig {
         .set_max_delay(cfg.reconnect_interval)
 }
 
-async fn ping(conn: &ConnectionManager, timeout: Duration) -> bool {
+pub(super) async fn ping(conn: &ConnectionManager, timeout: Duration) -> bool {
     let mut c = conn.clone();
     let r = tokio::time::timeout(timeout, ::redis::cmd("PING").query_async::<String>(&mut c)).await;
     matches!(r, Ok(Ok(_)))
@@ -547,13 +198,6 @@ struct Inner {
     /// process's queue polls Redis for a slot (held across awaits: a tokio mutex, which is fair).
     queues: [tokio::sync::Mutex<()>; 2],
     counters: Counters,
-}
-
-fn class_index(class: EndpointClass) -> usize {
-    match class {
-        EndpointClass::Public => 0,
-        EndpointClass::Private => 1,
-    }
 }
 
 /// The shared tier: an L2 cache, cross-process leases and one distributed rate limit on Redis,
@@ -812,152 +456,6 @@ impl Inner {
         }
     }
 
-    /// Wait for permission to send one request of `class` on `path`.
-    async fn gate(&self, path: Path, class: EndpointClass) -> std::result::Result<Result<()>, RedisDown> {
-        match path {
-            Path::Degraded { quiet_until } => {
-                tokio::time::sleep_until(quiet_until).await;
-                if self.fallback_closed[class_index(class)] {
-                    inc(&self.counters.degraded_refused);
-                    return Ok(Err(Error::RateLimited {
-                        retry_after: Some(self.cfg.reconnect_interval),
-                        local: true,
-                    }));
-                }
-                Ok(self.fallback.acquire(class).await)
-            }
-            Path::Shared { local_too } => {
-                if local_too
-                    && !self.fallback_closed[class_index(class)]
-                    && let Err(e) = self.fallback.acquire(class).await
-                {
-                    return Ok(Err(e));
-                }
-                self.acquire_shared(class).await
-            }
-        }
-    }
-
-    /// Take one slot of the distributed limiter, waiting in this process's FIFO and then for
-    /// Redis's answer, for at most `max_wait`.
-    async fn acquire_shared(&self, class: EndpointClass) -> std::result::Result<Result<()>, RedisDown> {
-        let c = &self.counters;
-        let start = Instant::now();
-        let deadline = start + self.limits.max_wait;
-        let refuse = |wait: Duration| {
-            inc(&c.shared_rejected_local);
-            Ok(Err(Error::RateLimited { retry_after: Some(wait), local: true }))
-        };
-        let Ok(_turn) = tokio::time::timeout_at(deadline, self.queues[class_index(class)].lock()).await
-        else {
-            return refuse(self.class_limit(class).interval());
-        };
-        let keys = self.keys.limiter(class);
-        let gcra = self.gcra(class);
-        let mut waited = false;
-        loop {
-            let mut conn = self.conn();
-            match self.op(scripts::acquire(&mut conn, &keys, gcra, 1, false)).await? {
-                None => break,
-                Some(wait) => {
-                    if Instant::now() + wait > deadline {
-                        return refuse(wait);
-                    }
-                    waited = true;
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-        inc(&c.shared_acquired);
-        if waited {
-            inc(&c.shared_waits);
-            add(&c.shared_wait_nanos, u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
-        }
-        Ok(Ok(()))
-    }
-
-    fn class_limit(&self, class: EndpointClass) -> ClassLimitExt {
-        ClassLimitExt(match class {
-            EndpointClass::Public => self.limits.public,
-            EndpointClass::Private => self.limits.private,
-        })
-    }
-
-    fn gcra(&self, class: EndpointClass) -> scripts::Gcra {
-        let l = self.class_limit(class);
-        scripts::Gcra { interval: l.interval(), burst: l.0.burst.get() }
-    }
-
-    /// Charge `n` requests that were already sent (extra pages) to the budget of `class`.
-    async fn charge(&self, path: Path, class: EndpointClass, n: u32) {
-        if n == 0 {
-            return;
-        }
-        match path {
-            Path::Shared { .. } => {
-                let mut conn = self.conn();
-                let keys = self.keys.limiter(class);
-                let _ = self.op(scripts::acquire(&mut conn, &keys, self.gcra(class), n, true)).await;
-            }
-            Path::Degraded { .. } => {
-                for _ in 0..n {
-                    let _ = self.fallback.acquire(class).await;
-                }
-            }
-        }
-    }
-
-    /// One upstream request on `path`: gate, send, count, and report a 429 to every process.
-    async fn call<T, Fut>(
-        &self,
-        path: Path,
-        class: EndpointClass,
-        send: impl FnOnce() -> Fut,
-    ) -> std::result::Result<Result<T>, RedisDown>
-    where
-        Fut: Future<Output = Result<T>>,
-    {
-        if let Err(e) = self.gate(path, class).await? {
-            return Ok(Err(e));
-        }
-        let c = &self.counters;
-        inc(&c.upstream_calls);
-        let r = send().await;
-        match &r {
-            Ok(_) => self.fallback.record_success(class),
-            Err(Error::RateLimited { retry_after, local: false }) => {
-                inc(&c.upstream_errors);
-                inc(&c.rate_limited_429);
-                // The local limiter pauses too, so that a fall-back right after keeps the pause.
-                self.fallback.penalize(class, *retry_after);
-                if let Path::Shared { .. } = path {
-                    let mut conn = self.conn();
-                    let keys = self.keys.limiter(class);
-                    let backoff = scripts::Backoff {
-                        base: self.limits.backoff_base,
-                        max: self.limits.backoff_max,
-                        ramp: self.limits.ramp_up,
-                    };
-                    if let Ok(pause) =
-                        self.op(scripts::penalize(&mut conn, &keys, *retry_after, backoff)).await
-                    {
-                        inc(&c.shared_pauses);
-                        tracing::warn!(
-                            class = class.as_str(),
-                            pause_ms = pause.as_millis() as u64,
-                            "exchange answered 429; pausing the class in every process"
-                        );
-                    }
-                }
-            }
-            Err(e) => {
-                inc(&c.upstream_errors);
-                tracing::debug!(class = class.as_str(), error = %e, "upstream call failed");
-            }
-        }
-        Ok(r)
-    }
-
     /// Answer `keys` through Redis when possible, in-process otherwise (from the start, or for
     /// what a failing Redis left undone).
     async fn resolve<T>(&self, keys: Vec<String>, fetch: &FetchFn<'_, T>) -> Vec<Answer<T>>
@@ -996,28 +494,6 @@ impl Inner {
         let to_close = Duration::try_from(g.next_close(now) - now).unwrap_or(Duration::ZERO);
         (to_close + self.cfg.candle_grace).max(Duration::from_millis(1))
     }
-}
-
-/// `interval()` of a [`ClassLimit`] (the in-process limiter keeps its own private).
-struct ClassLimitExt(ClassLimit);
-
-impl ClassLimitExt {
-    fn interval(&self) -> Duration {
-        Duration::from_nanos(1_000_000_000 / u64::from(self.0.rate_per_second.get()))
-    }
-}
-
-/// Split `range` into requests of at most `per` buckets, as the client would.
-fn candle_chunks(g: Granularity, range: CandleRange, per: u32) -> Vec<CandleRange> {
-    let step = time::Duration::seconds(g.seconds() * i64::from(per.max(1)));
-    let mut out = Vec::new();
-    let mut start = range.start;
-    while start < range.end {
-        let end = (start + step).min(range.end);
-        out.push(CandleRange { start, end });
-        start = end;
-    }
-    out
 }
 
 #[async_trait]
@@ -1104,7 +580,7 @@ impl MarketDataSource for SharedTier {
     ) -> Result<Vec<Candle>> {
         let inner = &*self.inner;
         let range = range.aligned(granularity);
-        let chunks = candle_chunks(granularity, range, inner.profile.candles_per_request);
+        let chunks = range.chunks(granularity, inner.profile.candles_per_request);
         let class = inner.profile.market_data_class;
         let cs = &chunks;
         let fetch = |path: Path,

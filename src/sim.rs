@@ -132,10 +132,10 @@ use market::{Market, unix_ms};
 use stats::Counters;
 
 /// The path prefix of every Coinbase endpoint: `/api/v3/brokerage`.
-pub const API_BASE_PATH: &str = "/api/v3/brokerage";
+pub const API_BASE_PATH: &str = crate::coinbase::API_PREFIX;
 
 /// The most candles one request may span: `(end - start) / granularity + 1 <= 350`.
-pub const MAX_CANDLES: i64 = 350;
+pub const MAX_CANDLES: i64 = crate::coinbase::MAX_CANDLES_PER_REQUEST as i64;
 
 /// The `error_details` of the 400 for a candle window wider than [`MAX_CANDLES`].
 ///

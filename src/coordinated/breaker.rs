@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::{
-    error::{Error, Result},
+    error::{Error, Health, Result},
     limiter::EndpointClass,
     util::lock,
 };
@@ -138,34 +138,6 @@ pub struct BreakerStats {
     pub private: ClassBreakerStats,
 }
 
-/// What a call's result says about the exchange's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// The exchange answered as it should (including "not found" and other 4xx).
-    Healthy,
-    /// The exchange failed: transport, timeout, 5xx/408, undecodable body.
-    Failed,
-    /// Nothing learned: nothing was sent, or the exchange asked us to slow down.
-    Neutral,
-}
-
-impl Verdict {
-    pub(crate) fn of<T>(r: &Result<T>) -> Verdict {
-        match r {
-            Ok(_) => Verdict::Healthy,
-            Err(e) => match e {
-                Error::Transport(_) | Error::Timeout | Error::Decode(_) => Verdict::Failed,
-                Error::Upstream { status, .. } if *status >= 500 || *status == 408 => Verdict::Failed,
-                Error::Upstream { .. }
-                | Error::NotFound(_)
-                | Error::InvalidInput(_)
-                | Error::Unauthorized(_) => Verdict::Healthy,
-                _ => Verdict::Neutral,
-            },
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Closed,
@@ -212,22 +184,15 @@ impl Permit<'_> {
     /// Report the call's result.
     pub(crate) fn record<T>(mut self, r: &Result<T>) {
         self.done = true;
-        self.breakers.report(self.class, self.generation, self.probe, Verdict::of(r));
+        self.breakers.report(self.class, self.generation, self.probe, Health::of(r));
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.breakers.report(self.class, self.generation, self.probe, Verdict::Neutral);
+            self.breakers.report(self.class, self.generation, self.probe, Health::Neutral);
         }
-    }
-}
-
-const fn index(class: EndpointClass) -> usize {
-    match class {
-        EndpointClass::Public => 0,
-        EndpointClass::Private => 1,
     }
 }
 
@@ -257,12 +222,12 @@ impl Breakers {
             return Ok(permit(0, false));
         }
         let now = Instant::now();
-        let mut c = lock(&self.circuits[index(class)]);
+        let mut c = lock(&self.circuits[class.index()]);
         match c.state {
             State::Closed => Ok(permit(c.generation, false)),
             State::Open { until } if now < until => {
                 c.rejected += 1;
-                Err(Error::CircuitOpen { class: class.as_str(), retry_in: until - now })
+                Err(Error::CircuitOpen { class, retry_in: until - now })
             }
             State::Open { .. } | State::HalfOpen { probing: false } => {
                 if matches!(c.state, State::Open { .. }) {
@@ -275,40 +240,40 @@ impl Breakers {
             }
             State::HalfOpen { probing: true } => {
                 c.rejected += 1;
-                Err(Error::CircuitOpen { class: class.as_str(), retry_in: c.open_for })
+                Err(Error::CircuitOpen { class, retry_in: c.open_for })
             }
         }
     }
 
-    fn report(&self, class: EndpointClass, generation: u64, probe: bool, verdict: Verdict) {
+    fn report(&self, class: EndpointClass, generation: u64, probe: bool, verdict: Health) {
         if !self.cfg.enabled {
             return;
         }
-        let mut c = lock(&self.circuits[index(class)]);
+        let mut c = lock(&self.circuits[class.index()]);
         if c.generation != generation {
             return;
         }
         match (verdict, probe) {
-            (Verdict::Healthy, true) => {
+            (Health::Healthy, true) => {
                 c.state = State::Closed;
                 c.failures = 0;
                 c.generation += 1;
                 c.open_for = self.cfg.open_for;
                 tracing::info!(class = class.as_str(), "probe succeeded: circuit closed");
             }
-            (Verdict::Healthy, false) => c.failures = 0,
-            (Verdict::Failed, true) => {
+            (Health::Healthy, false) => c.failures = 0,
+            (Health::Failed, true) => {
                 c.open_for = c.open_for.saturating_mul(2).min(self.cfg.max_open_for);
                 self.open(&mut c, class);
             }
-            (Verdict::Failed, false) => {
+            (Health::Failed, false) => {
                 c.failures += 1;
                 if c.failures >= self.cfg.failure_threshold {
                     self.open(&mut c, class);
                 }
             }
-            (Verdict::Neutral, true) => c.state = State::HalfOpen { probing: false },
-            (Verdict::Neutral, false) => {}
+            (Health::Neutral, true) => c.state = State::HalfOpen { probing: false },
+            (Health::Neutral, false) => {}
         }
     }
 
@@ -327,7 +292,7 @@ impl Breakers {
     pub(crate) fn stats(&self) -> BreakerStats {
         let now = Instant::now();
         let one = |class: EndpointClass| {
-            let c = lock(&self.circuits[index(class)]);
+            let c = lock(&self.circuits[class.index()]);
             let (state, retry_in) = match c.state {
                 State::Closed => (BreakerState::Closed, Duration::ZERO),
                 State::Open { until } if now < until => (BreakerState::Open, until - now),
@@ -365,31 +330,6 @@ mod tests {
     }
 
     #[test]
-    fn verdicts() {
-        let rows: Vec<(Error, Verdict)> = vec![
-            (Error::Transport("reset".into()), Verdict::Failed),
-            (Error::Timeout, Verdict::Failed),
-            (Error::Decode("x".into()), Verdict::Failed),
-            (Error::Upstream { status: 500, message: "x".into() }, Verdict::Failed),
-            (Error::Upstream { status: 503, message: "x".into() }, Verdict::Failed),
-            (Error::Upstream { status: 408, message: "x".into() }, Verdict::Failed),
-            (Error::Upstream { status: 400, message: "x".into() }, Verdict::Healthy),
-            (Error::NotFound("x".into()), Verdict::Healthy),
-            (Error::InvalidInput("x".into()), Verdict::Healthy),
-            (Error::Unauthorized("x".into()), Verdict::Healthy),
-            (Error::RateLimited { retry_after: None, local: false }, Verdict::Neutral),
-            (Error::RateLimited { retry_after: None, local: true }, Verdict::Neutral),
-            (Error::Overloaded("x".into()), Verdict::Neutral),
-            (Error::CircuitOpen { class: "public", retry_in: Duration::ZERO }, Verdict::Neutral),
-            (Error::Closed("x".into()), Verdict::Neutral),
-        ];
-        for (e, v) in rows {
-            assert_eq!(Verdict::of::<()>(&Err(e.clone())), v, "{e:?}");
-        }
-        assert_eq!(Verdict::of(&Ok(1)), Verdict::Healthy);
-    }
-
-    #[test]
     fn config_is_validated() {
         assert!(BreakerConfig::default().validate().is_ok());
         assert!(cfg(0).validate().is_err());
@@ -418,7 +358,7 @@ mod tests {
         // Open: fast typed errors with the time left; the other class is unaffected.
         tokio::time::advance(Duration::from_secs(2)).await;
         let e = b.admit(P).unwrap_err();
-        assert_eq!(e, Error::CircuitOpen { class: "public", retry_in: Duration::from_secs(3) });
+        assert_eq!(e, Error::CircuitOpen { class: EndpointClass::Public, retry_in: Duration::from_secs(3) });
         assert!(b.admit(EndpointClass::Private).is_ok());
         // Half open after 5 s: one probe, everyone else still refused.
         tokio::time::advance(Duration::from_secs(3)).await;

@@ -8,11 +8,14 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{CoordinatedSource, Inner, batch::Batcher, breaker, coalesce::SingleFlight, stats::Counters};
+use super::{
+    CoordinatedSource, Inner, Limiting, batch::Batcher, breaker, coalesce::SingleFlight, stats::Counters,
+};
 use crate::{
     clock::Clock,
     error::{Error, Result},
     limiter::{EndpointClass, RateLimiter},
+    retry::RetryPolicy,
     source::MarketDataSource,
 };
 
@@ -76,9 +79,12 @@ pub struct CoordinatedConfig {
     pub cache_capacity: u64,
     /// Most candles kept per series (oldest dropped). Default 1,000.
     pub max_candles_per_series: usize,
-    /// The endpoint class of ticker and candle calls, used when this source gates upstream
-    /// calls itself ([`CoordinatedBuilder::rate_limiter`]). Default public.
+    /// The endpoint class of ticker and candle calls, for this source's gate
+    /// ([`CoordinatedBuilder::rate_limiter`]) and circuit breaker. Default public.
     pub market_data_class: EndpointClass,
+    /// The endpoint class of batched ticker calls, likewise. Default private (Coinbase's
+    /// `best_bid_ask` needs a key); [`CoordinatedSource::coinbase`] takes the client's.
+    pub batch_class: EndpointClass,
     /// The circuit breaker of upstream calls, per endpoint class: after a run of failures
     /// reads get stale data or [`Error::CircuitOpen`] at once, until a probe succeeds.
     pub breaker: BreakerConfig,
@@ -104,12 +110,18 @@ impl Default for CoordinatedConfig {
             cache_capacity: 100_000,
             max_candles_per_series: 1_000,
             market_data_class: EndpointClass::Public,
+            batch_class: EndpointClass::Private,
             breaker: BreakerConfig::default(),
         }
     }
 }
 
 impl CoordinatedConfig {
+    /// The retry policy these settings describe.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::new(self.max_retries).backoff(self.retry_backoff).max_wait(self.max_retry_wait)
+    }
+
     /// Check the settings.
     ///
     /// # Errors
@@ -144,8 +156,10 @@ pub struct CoordinatedBuilder {
     pub(super) upstream: Arc<dyn MarketDataSource>,
     pub(super) cfg: CoordinatedConfig,
     pub(super) clock: Clock,
-    pub(super) gate: Option<RateLimiter>,
-    pub(super) upstream_limiter: Option<RateLimiter>,
+    pub(super) limiting: Limiting,
+    /// [`rate_limiter`](CoordinatedBuilder::rate_limiter) was given the limiter the upstream
+    /// already acquires from: every call would be counted twice.
+    pub(super) gate_conflict: bool,
 }
 
 impl fmt::Debug for CoordinatedBuilder {
@@ -196,6 +210,8 @@ impl CoordinatedBuilder {
         max_candles_per_series: usize,
         /// See [`CoordinatedConfig::market_data_class`].
         market_data_class: EndpointClass,
+        /// See [`CoordinatedConfig::batch_class`].
+        batch_class: EndpointClass,
     }
 
     /// The circuit breaker's settings (see [`CoordinatedConfig::breaker`]);
@@ -219,15 +235,31 @@ impl CoordinatedBuilder {
     }
 
     /// Gate every upstream call through `limiter` (for upstreams that do not limit
-    /// themselves). Do not also give the same limiter to the upstream client.
+    /// themselves), replacing any limiter set before. Giving it the limiter the upstream
+    /// client already acquires from (as [`CoordinatedSource::coinbase`] records) is refused by
+    /// [`build`](CoordinatedBuilder::build): each request would take two slots.
     pub fn rate_limiter(mut self, limiter: RateLimiter) -> Self {
-        self.gate = Some(limiter);
+        self.gate_conflict = matches!(&self.limiting, Limiting::Upstream(u) if u.same_as(&limiter));
+        self.limiting = Limiting::Gate(limiter);
         self
     }
 
-    /// The limiter the upstream already draws from: reported in the stats, not acquired again.
+    /// The limiter the upstream already draws from: reported in the stats, not acquired again
+    /// (replacing any limiter set before).
     pub fn upstream_rate_limiter(mut self, limiter: RateLimiter) -> Self {
-        self.upstream_limiter = Some(limiter);
+        self.gate_conflict = false;
+        self.limiting = Limiting::Upstream(limiter);
+        self
+    }
+
+    /// The retry policy of upstream calls: sets
+    /// [`max_retries`](CoordinatedConfig::max_retries),
+    /// [`retry_backoff`](CoordinatedConfig::retry_backoff) and
+    /// [`max_retry_wait`](CoordinatedConfig::max_retry_wait) at once.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.cfg.max_retries = policy.max_retries;
+        self.cfg.retry_backoff = policy.backoff;
+        self.cfg.max_retry_wait = policy.max_wait;
         self
     }
 
@@ -237,6 +269,12 @@ impl CoordinatedBuilder {
     /// [`Error::Config`] if the configuration is invalid.
     pub fn build(self) -> Result<CoordinatedSource> {
         self.cfg.validate()?;
+        if self.gate_conflict {
+            return Err(Error::Config(
+                "rate_limiter: this limiter already gates the upstream client; give it to one of them only"
+                    .into(),
+            ));
+        }
         let cfg = self.cfg;
         // moka's TTL only bounds memory: freshness is judged on tokio's clock (see cache.rs).
         let memory_bound = cfg.max_stale.max(cfg.negative_ttl) + Duration::from_secs(60);
@@ -262,8 +300,8 @@ impl CoordinatedBuilder {
             counters: Counters::default(),
             upstream: self.upstream,
             clock: self.clock,
-            gate: self.gate,
-            upstream_limiter: self.upstream_limiter,
+            limiting: self.limiting,
+            retry: cfg.retry_policy(),
             breaker: breaker::Breakers::new(cfg.breaker.clone()),
             cfg,
         };

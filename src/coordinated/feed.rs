@@ -26,9 +26,10 @@ use tokio::time::Instant;
 use super::{
     CoordinatedSource,
     cache::{Entry, Series},
+    series::trim,
 };
 use crate::{
-    clock::Clock,
+    clock::{Clock, later},
     error::Result,
     model::{Candle, CandleRange, Granularity, ProductId, Ticker},
 };
@@ -156,7 +157,7 @@ impl CoordinatedSource {
         };
         trim(&mut candles, &mut from, inner.cfg.max_candles_per_series);
         let now = Instant::now();
-        let fresh_until = later(inner.clock.instant_at(g.next_close(fetched_utc)), grace).max(now);
+        let fresh_until = inner.series_fresh_until(g, fetched_utc, grace, now);
         let series = Series { candles, from, to, fetched_utc };
         inner.series.insert(key, Entry::new(Arc::new(series), now, fresh_until)).await;
         Merge::Merged(FeedMark { fetched_utc, to })
@@ -204,7 +205,7 @@ impl CoordinatedSource {
             trim(&mut candles, &mut from, inner.cfg.max_candles_per_series);
             let fetched_utc = s.fetched_utc.max(f.fetched_utc);
             let to = s.to.max(cb + step);
-            let fresh_until = later(inner.clock.instant_at(g.next_close(fetched_utc)), grace).max(now);
+            let fresh_until = inner.series_fresh_until(g, fetched_utc, grace, now);
             let series = Series { candles, from, to, fetched_utc };
             inner.series.insert(key, Entry::new(Arc::new(series), now, fresh_until)).await;
             written.push(g);
@@ -248,21 +249,6 @@ impl CoordinatedSource {
         let range = CandleRange::new(e.value.from, PUSHED.next_close(now_utc))?;
         let (r, _) = self.series_flight(key, range).await;
         r.map(|_| true)
-    }
-}
-
-/// `at + d`, saturating at a year past `at` for durations too long to add.
-fn later(at: Instant, d: Duration) -> Instant {
-    at.checked_add(d).or_else(|| at.checked_add(Duration::from_secs(86_400 * 365))).unwrap_or(at)
-}
-
-/// Drop the oldest candles beyond `max`, moving `from` up with them.
-fn trim(candles: &mut Vec<Candle>, from: &mut OffsetDateTime, max: usize) {
-    if candles.len() > max {
-        candles.drain(..candles.len() - max);
-        if let Some(first) = candles.first() {
-            *from = (*from).max(first.start);
-        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! Candle series: incremental refreshes in which closed candles are never fetched twice.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
+use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::{
@@ -10,8 +11,9 @@ use super::{
     stats::Op,
 };
 use crate::{
+    clock::later,
     error::{Error, Result},
-    model::{CandleRange, Granularity, ProductId},
+    model::{Candle, CandleRange, Granularity, ProductId},
     util::add,
 };
 
@@ -97,13 +99,7 @@ impl Inner {
                 return Err(e);
             }
         };
-        let max = this.cfg.max_candles_per_series;
-        if candles.len() > max {
-            candles.drain(..candles.len() - max);
-            if let Some(first) = candles.first() {
-                from = from.max(first.start);
-            }
-        }
+        trim(&mut candles, &mut from, this.cfg.max_candles_per_series);
         let to = existing.as_ref().map_or(want_end, |s| s.to.max(want_end));
         let (fetched_at, fetched_utc, fresh_until) = match (&existing, still_fresh) {
             // Only older history was added: the newest data keeps its age and freshness.
@@ -112,12 +108,35 @@ impl Inner {
             }
             _ => {
                 let jitter = this.cfg.candle_jitter.mul_f64(fastrand::f64());
-                (now, now_utc, this.clock.instant_at(g.next_close(now_utc)) + this.cfg.candle_grace + jitter)
+                (now, now_utc, this.series_fresh_until(*g, now_utc, this.cfg.candle_grace + jitter, now))
             }
         };
         let entry =
             Entry::new(Arc::new(Series { candles, from, to, fetched_utc }), fetched_at, fresh_until.max(now));
         this.series.insert(key, entry.clone()).await;
         Ok(entry)
+    }
+
+    /// When a series fetched at `fetched_utc` stops being fresh: at the close of the bucket in
+    /// progress then, plus `after` (the grace that lets the exchange finish the candle), and
+    /// never before `now`.
+    pub(super) fn series_fresh_until(
+        &self,
+        g: Granularity,
+        fetched_utc: OffsetDateTime,
+        after: Duration,
+        now: Instant,
+    ) -> Instant {
+        later(self.clock.instant_at(g.next_close(fetched_utc)), after).max(now)
+    }
+}
+
+/// Drop the oldest candles beyond `max`, moving `from` up with them.
+pub(super) fn trim(candles: &mut Vec<Candle>, from: &mut OffsetDateTime, max: usize) {
+    if candles.len() > max {
+        candles.drain(..candles.len() - max);
+        if let Some(first) = candles.first() {
+            *from = (*from).max(first.start);
+        }
     }
 }

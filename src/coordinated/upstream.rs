@@ -19,66 +19,48 @@ use crate::{
 };
 
 impl Inner {
-    /// One upstream call with gating, retries and accounting.
+    /// One upstream call under the source's [`RetryPolicy`](crate::RetryPolicy), each attempt
+    /// through [`attempt`](Inner::attempt).
     pub(super) async fn call<T, F, Fut>(&self, op: Op, class: EndpointClass, f: F) -> Result<T>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let mut attempt: u32 = 0;
-        loop {
-            let permit = match self.breaker.admit(class) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.counters.error(&e);
-                    return Err(e);
-                }
-            };
-            if let Some(gate) = &self.gate
-                && let Err(e) = gate.acquire_with(class, op.priority()).await
-            {
-                self.counters.error(&e);
-                return Err(e);
+        let on_retry = |retry: u32, e: &Error, wait: Duration| {
+            inc(&self.counters.retries);
+            tracing::debug!(op = op.as_str(), attempt = retry, error = %e, wait_ms = wait.as_millis() as u64, "retrying upstream call");
+        };
+        self.retry.run(|| self.attempt(op, class, &f), on_retry).await
+    }
+
+    /// One attempt: the breaker admits it, the gate (if this source limits) lets it out, and
+    /// its outcome is recorded once, into the breaker, the gate and the counters.
+    async fn attempt<T, F, Fut>(&self, op: Op, class: EndpointClass, f: &F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let r = async {
+            let permit = self.breaker.admit(class)?;
+            if let Some(gate) = self.limiting.gate() {
+                gate.acquire_with(class, op.priority()).await?;
             }
             let t0 = Instant::now();
             let r = f().await;
             permit.record(&r);
-            let sent = !matches!(
-                &r,
-                Err(Error::RateLimited { local: true, .. }
-                    | Error::Overloaded(_)
-                    | Error::CircuitOpen { .. })
-            );
-            if sent {
+            if let Some(gate) = self.limiting.gate() {
+                gate.record(class, &r);
+            }
+            if r.as_ref().err().is_none_or(Error::reached_exchange) {
                 self.counters.upstream_call(op, t0.elapsed());
             }
-            let e = match r {
-                Ok(v) => {
-                    if let Some(g) = &self.gate {
-                        g.record_success(class);
-                    }
-                    return Ok(v);
-                }
-                Err(e) => e,
-            };
-            self.counters.error(&e);
-            if let (Some(g), Error::RateLimited { local: false, retry_after }) = (&self.gate, &e) {
-                g.penalize(class, *retry_after);
-            }
-            let wait = e.retry_after().unwrap_or_else(|| {
-                let base = self.cfg.retry_backoff.saturating_mul(1 << attempt.min(10));
-                base + base.mul_f64(fastrand::f64() * 0.25)
-            });
-            let retry =
-                sent && e.is_retryable() && attempt < self.cfg.max_retries && wait <= self.cfg.max_retry_wait;
-            if !retry {
-                return Err(e);
-            }
-            attempt += 1;
-            inc(&self.counters.retries);
-            tracing::debug!(op = op.as_str(), attempt, error = %e, wait_ms = wait.as_millis() as u64, "retrying upstream call");
-            tokio::time::sleep(wait).await;
+            r
         }
+        .await;
+        if let Err(e) = &r {
+            self.counters.error(e);
+        }
+        r
     }
 
     /// Remember `product` as unknown for `negative_ttl`, and drop its cached data: reads serve
@@ -153,7 +135,7 @@ impl Inner {
         let products: Vec<ProductId> = items.iter().map(|(p, _)| p.clone()).collect();
         inc(&this.counters.batch_calls);
         add(&this.counters.batched_products, products.len() as u64);
-        let r = this.call(Op::Tickers, EndpointClass::Private, || this.upstream.tickers(&products)).await;
+        let r = this.call(Op::Tickers, this.cfg.batch_class, || this.upstream.tickers(&products)).await;
         let r = match r {
             // One bad id may fail a whole batch on some servers: ask for each product alone so
             // only the bad one is remembered as unknown.

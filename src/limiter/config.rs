@@ -31,6 +31,16 @@ impl EndpointClass {
         }
     }
 
+    /// Coinbase's stated limit of the class, requests per second: 10 per IP for public
+    /// endpoints, 30 per user for private ones. The one place the client's limiter, the
+    /// simulator and the shared tier take it from.
+    pub const fn coinbase_limit(self) -> u32 {
+        match self {
+            EndpointClass::Public => 10,
+            EndpointClass::Private => 30,
+        }
+    }
+
     pub(crate) const fn index(self) -> usize {
         match self {
             EndpointClass::Public => 0,
@@ -131,14 +141,25 @@ impl ClassLimit {
         Ok(ClassLimit { limit_per_second: nz(limit), rate_per_second: nz(rate), burst: nz(burst) })
     }
 
-    /// Coinbase's public limit (10/s) at an 80 % margin: 8/s, burst 1.
-    pub fn coinbase_public() -> Self {
-        ClassLimit { limit_per_second: nz(10), rate_per_second: nz(8), burst: nz(1) }
+    /// Coinbase's public limit ([`EndpointClass::coinbase_limit`], 10/s) at an 80 % margin:
+    /// 8/s, burst 1.
+    pub const fn coinbase_public() -> Self {
+        Self::coinbase(EndpointClass::Public)
     }
 
-    /// Coinbase's private limit (30/s) at an 80 % margin: 24/s, burst 5.
-    pub fn coinbase_private() -> Self {
-        ClassLimit { limit_per_second: nz(30), rate_per_second: nz(24), burst: nz(5) }
+    /// Coinbase's private limit ([`EndpointClass::coinbase_limit`], 30/s) at an 80 % margin:
+    /// 24/s, burst 5.
+    pub const fn coinbase_private() -> Self {
+        Self::coinbase(EndpointClass::Private)
+    }
+
+    /// Coinbase's limit of `class` at an 80 % margin, with the largest burst that keeps every
+    /// one-second window below the limit (as [`with_margin`](ClassLimit::with_margin)`(limit, 80)`).
+    pub const fn coinbase(class: EndpointClass) -> Self {
+        let limit = class.coinbase_limit();
+        let rate = limit * 80 / 100;
+        let burst = limit - 1 - rate;
+        ClassLimit { limit_per_second: nz(limit), rate_per_second: nz(rate), burst: nz(burst) }
     }
 
     pub(super) fn validate(&self, class: EndpointClass) -> Result<()> {
@@ -158,13 +179,16 @@ impl ClassLimit {
             .allow_burst(self.burst)
     }
 
-    pub(super) fn interval(&self) -> Duration {
+    pub(crate) fn interval(&self) -> Duration {
         Duration::from_nanos(1_000_000_000 / u64::from(self.rate_per_second.get()))
     }
 }
 
-pub(super) fn nz(v: u32) -> NonZeroU32 {
-    NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN)
+pub(super) const fn nz(v: u32) -> NonZeroU32 {
+    match NonZeroU32::new(v) {
+        Some(n) => n,
+        None => NonZeroU32::MIN,
+    }
 }
 
 /// Settings of a [`RateLimiter`].
@@ -210,6 +234,14 @@ impl Default for RateLimiterConfig {
 }
 
 impl RateLimiterConfig {
+    /// The limit of `class`.
+    pub fn class(&self, class: EndpointClass) -> ClassLimit {
+        match class {
+            EndpointClass::Public => self.public,
+            EndpointClass::Private => self.private,
+        }
+    }
+
     /// Check the settings.
     ///
     /// # Errors

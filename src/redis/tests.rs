@@ -1,5 +1,5 @@
 //! Unit tests of the parts that need no Redis: the fallback share, the mode machine on the
-//! paused clock, candle splitting, validation. The tier against a real Redis is tested in
+//! paused clock, validation. The tier against a real Redis is tested in
 //! `tests/it/redis.rs`.
 
 use std::time::Duration;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use time::macros::datetime;
 
 use super::{
+    config::fallback_share,
     health::{Health, Path, TierMode, WINDOW},
     *,
 };
@@ -42,19 +43,6 @@ fn fallback_shares_add_up_to_no_more_than_the_budget() {
     assert_eq!(closed, [true, true]);
     let (one, _) = fallback_share(&limits, 1);
     assert_eq!(one.private.rate_per_second.get() + one.private.burst.get(), 29);
-}
-
-#[test]
-fn candle_ranges_split_like_the_client() {
-    let g = Granularity::OneMinute;
-    let r = CandleRange::new(datetime!(2024-01-01 00:00 UTC), datetime!(2024-01-01 12:00 UTC)).unwrap();
-    let chunks = candle_chunks(g, r, 350);
-    assert_eq!(chunks.len(), 3); // 720 buckets: 350 + 350 + 20
-    assert_eq!(chunks[0].start, r.start);
-    assert_eq!(chunks[2].end, r.end);
-    assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
-    assert!(chunks.iter().all(|c| c.buckets(g) <= 350));
-    assert_eq!(candle_chunks(g, r, 720), vec![r]);
 }
 
 #[test]

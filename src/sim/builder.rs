@@ -22,6 +22,7 @@ use super::{
 use crate::{
     clock::Clock,
     error::{Error, Result},
+    limiter::EndpointClass,
     model::ProductId,
 };
 
@@ -196,8 +197,8 @@ impl Default for SimBuilder {
             products: SimProducts::default(),
             seed: 0x5EED,
             clock: None,
-            public_limit: 10,
-            private_limit: 30,
+            public_limit: EndpointClass::Public.coinbase_limit(),
+            private_limit: EndpointClass::Private.coinbase_limit(),
             enforce_limits: true,
             latency: Duration::ZERO,
             jitter: Duration::ZERO,

@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use tickshare::{
     Account, BreakerConfig, BreakerState, CandleRange, Clock, CoinbaseClientBuilder, CoordinatedBuilder,
-    CoordinatedSource, Error, Fresh, Granularity, Origin, ProductId, ReadOptions, Ticker,
+    CoordinatedSource, EndpointClass, Error, Fresh, Granularity, Origin, ProductId, ReadOptions, Ticker,
     sim::{Endpoint, Fault, SimBuilder, SimExchange},
 };
 
@@ -440,7 +440,7 @@ async fn an_open_circuit_fails_fast_and_sends_nothing() {
     // At once: the ticker only waited for its batch window (5 ms) to close.
     assert!(t0.elapsed() <= Duration::from_millis(5), "{:?}", t0.elapsed());
     assert!(
-        matches!(e, Error::CircuitOpen { class: "private", retry_in } if retry_in <= Duration::from_secs(2)),
+        matches!(e, Error::CircuitOpen { class: EndpointClass::Private, retry_in } if retry_in <= Duration::from_secs(2)),
         "{e:?}"
     );
     assert!(e.is_retryable() && e.retry_after().is_some());
