@@ -23,6 +23,16 @@ pub(crate) fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Builder setters that write one field of the builder's plain-data config (`self.cfg`): the
+/// one way every builder over a serde config (coordinated source, shared tier) exposes its
+/// knobs, each documented by a link to the field.
+macro_rules! setters {
+    ($($(#[$m:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $( $(#[$m])* pub fn $name(mut self, v: $ty) -> Self { self.cfg.$name = v; self } )*
+    };
+}
+pub(crate) use setters;
+
 /// Serialize a [`std::time::Duration`] as whole milliseconds.
 pub(crate) mod duration_ms {
     use serde::{Deserialize, Deserializer, Serializer};

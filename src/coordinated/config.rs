@@ -17,6 +17,7 @@ use crate::{
     limiter::{EndpointClass, RateLimiter},
     retry::RetryPolicy,
     source::MarketDataSource,
+    util::setters,
 };
 
 pub(super) use super::breaker::BreakerConfig;
@@ -166,12 +167,6 @@ impl fmt::Debug for CoordinatedBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CoordinatedBuilder").field("config", &self.cfg).finish_non_exhaustive()
     }
-}
-
-macro_rules! setters {
-    ($($(#[$m:meta])* $name:ident: $ty:ty),* $(,)?) => {
-        $( $(#[$m])* pub fn $name(mut self, v: $ty) -> Self { self.cfg.$name = v; self } )*
-    };
 }
 
 impl CoordinatedBuilder {

@@ -17,6 +17,7 @@ use crate::{
     error::{Error, Result},
     limiter::{ClassLimit, EndpointClass, RateLimiter, RateLimiterConfig},
     source::MarketDataSource,
+    util::setters,
 };
 
 /// The knobs of a [`SharedTier`]. Plain data, so it can be loaded from a file (durations in
@@ -208,12 +209,6 @@ impl fmt::Debug for SharedTierBuilder {
             .field("profile", &self.profile)
             .finish_non_exhaustive()
     }
-}
-
-macro_rules! setters {
-    ($($(#[$m:meta])* $name:ident: $ty:ty),* $(,)?) => {
-        $( $(#[$m])* pub fn $name(mut self, v: $ty) -> Self { self.cfg.$name = v; self } )*
-    };
 }
 
 impl SharedTierBuilder {
