@@ -7,6 +7,7 @@
 //! [`CoinbaseClientBuilder::base_url`].
 
 pub mod auth;
+mod body;
 mod classify;
 pub mod wire;
 
@@ -139,6 +140,8 @@ pub struct CoinbaseClientBuilder {
     best_bid_ask_chunk: usize,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
+    max_body_bytes: usize,
+    max_retry_after: Duration,
     max_retries: u32,
     retry_backoff: Duration,
     user_agent: String,
@@ -157,6 +160,8 @@ impl Default for CoinbaseClientBuilder {
             best_bid_ask_chunk: 100,
             candle_max_buckets: MAX_CANDLES_PER_REQUEST,
             accounts_page_limit: 250,
+            max_body_bytes: body::DEFAULT_MAX_BODY_BYTES,
+            max_retry_after: body::DEFAULT_MAX_RETRY_AFTER,
             max_retries: 0,
             retry_backoff: Duration::from_millis(250),
             user_agent: concat!("tickshare/", env!("CARGO_PKG_VERSION")).into(),
@@ -231,6 +236,22 @@ impl CoinbaseClientBuilder {
         self
     }
 
+    /// The largest response body accepted (default 4 MiB). A larger one, or an endless one, is
+    /// [`Error::Decode`] and is not read further; a `Content-Length` over the limit fails
+    /// before any of the body is read.
+    pub fn max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body_bytes = n;
+        self
+    }
+
+    /// The longest wait a 429's `Retry-After` or `x-ratelimit-reset` may ask for, and the
+    /// longest backoff between retries (default 60 s). Longer waits are cut to this, so a bogus
+    /// header cannot stall the client.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
+        self
+    }
+
     /// Retry a failed idempotent GET up to `n` times when the error is retryable (default 0:
     /// the caller decides). Each attempt goes through the rate limiter and gets a fresh JWT.
     pub fn max_retries(mut self, n: u32) -> Self {
@@ -254,8 +275,9 @@ impl CoinbaseClientBuilder {
     /// Build the client.
     ///
     /// # Errors
-    /// [`Error::Config`] for a base URL that is not http(s), a zero chunk or page size, a
-    /// candle chunk over 350, private market data without credentials, or a TLS setup failure.
+    /// [`Error::Config`] for a base URL that is not http(s), a zero chunk or page size, a zero
+    /// body limit, a candle chunk over 350, private market data without credentials, or a
+    /// TLS setup failure.
     pub fn build(self) -> Result<CoinbaseClient> {
         let base = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
             .map_err(|e| Error::Config(format!("base_url is not a URL: {e}")))?;
@@ -271,6 +293,9 @@ impl CoinbaseClientBuilder {
                 "best_bid_ask_chunk must be >= 1 and accounts_page_limit 1..=250".into(),
             ));
         }
+        if self.max_body_bytes == 0 {
+            return Err(Error::Config("max_body_bytes must be >= 1".into()));
+        }
         if self.candle_max_buckets == 0 || self.candle_max_buckets > MAX_CANDLES_PER_REQUEST {
             return Err(Error::Config(format!("candle_max_buckets must be 1..={MAX_CANDLES_PER_REQUEST}")));
         }
@@ -284,6 +309,9 @@ impl CoinbaseClientBuilder {
             .connect_timeout(self.connect_timeout)
             .user_agent(self.user_agent.clone())
             .pool_idle_timeout(Duration::from_secs(30))
+            // An answer from another URL is not an answer to the request (and a redirect must
+            // not carry the JWT anywhere): a 3xx is an error (classify.rs).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Config(format!("could not build the HTTP client: {e}")))?;
         let private_md = match self.market_data {
@@ -303,6 +331,10 @@ impl CoinbaseClientBuilder {
                 best_bid_ask_chunk: self.best_bid_ask_chunk,
                 candle_max_buckets: self.candle_max_buckets,
                 accounts_page_limit: self.accounts_page_limit,
+                limits: body::Limits {
+                    max_body_bytes: self.max_body_bytes,
+                    max_retry_after: self.max_retry_after,
+                },
                 max_retries: self.max_retries,
                 retry_backoff: self.retry_backoff,
                 requests: Default::default(),
@@ -342,6 +374,8 @@ struct ClientInner {
     best_bid_ask_chunk: usize,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
+    /// Body size and rate-limit wait bounds (body.rs).
+    limits: body::Limits,
     max_retries: u32,
     retry_backoff: Duration,
     requests: [AtomicU64; Endpoint::ALL.len()],
@@ -483,7 +517,9 @@ impl CoinbaseClient {
                         && !matches!(e, Error::RateLimited { local: true, .. }) =>
                 {
                     attempt += 1;
-                    let wait = e.retry_after().unwrap_or(inner.retry_backoff * 2u32.pow(attempt - 1));
+                    let wait = e.retry_after().unwrap_or_else(|| {
+                        classify::backoff(inner.retry_backoff, attempt, inner.limits.max_retry_after)
+                    });
                     tracing::debug!(endpoint = endpoint.as_str(), attempt, error = %e, "retrying");
                     tokio::time::sleep(wait).await;
                 }
@@ -516,15 +552,8 @@ impl CoinbaseClient {
         inner.requests[endpoint.index()].fetch_add(1, Ordering::Relaxed);
         let outcome = async {
             let resp = req.send().await.map_err(classify::classify_transport)?;
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let body = resp.bytes().await.map_err(classify::classify_transport)?;
-            if (200..300).contains(&status) {
-                Ok(body.to_vec())
-            } else {
-                let now = u64::try_from(inner.clock.now_utc().unix_timestamp()).unwrap_or(0);
-                Err(classify::classify_status(status, &headers, &body, now))
-            }
+            let now = u64::try_from(inner.clock.now_utc().unix_timestamp()).unwrap_or(0);
+            body::read(resp, inner.limits, now).await
         }
         .await;
         match &outcome {
@@ -716,6 +745,7 @@ mod tests {
         assert!(matches!(CoinbaseClient::builder().base_url("not a url").build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().best_bid_ask_chunk(0).build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().candle_max_buckets(351).build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().max_body_bytes(0).build(), Err(Error::Config(_))));
         assert!(matches!(
             CoinbaseClient::builder().market_data(MarketDataPath::Private).build(),
             Err(Error::Config(_))
