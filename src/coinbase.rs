@@ -7,7 +7,9 @@
 //! [`CoinbaseClientBuilder::base_url`].
 
 pub mod auth;
+mod body;
 mod classify;
+mod validate;
 pub mod wire;
 
 use std::{
@@ -141,6 +143,9 @@ pub struct CoinbaseClientBuilder {
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
+    accounts_max_pages: u32,
+    max_body_bytes: usize,
+    max_retry_after: Duration,
     user_agent: String,
     clock: Clock,
 }
@@ -158,6 +163,9 @@ impl Default for CoinbaseClientBuilder {
             candle_max_buckets: MAX_CANDLES_PER_REQUEST,
             accounts_page_limit: 250,
             retry: RetryPolicy::none(),
+            accounts_max_pages: 100,
+            max_body_bytes: body::DEFAULT_MAX_BODY_BYTES,
+            max_retry_after: body::DEFAULT_MAX_RETRY_AFTER,
             user_agent: concat!("tickshare/", env!("CARGO_PKG_VERSION")).into(),
             clock: Clock::system(),
         }
@@ -230,6 +238,30 @@ impl CoinbaseClientBuilder {
         self
     }
 
+    /// The most pages one accounts listing may take (default 100: 25,000 accounts at 250 per
+    /// page). An exchange that keeps answering `has_next: true` past it gets
+    /// [`Error::Decode`] instead of an endless loop.
+    pub fn accounts_max_pages(mut self, n: u32) -> Self {
+        self.accounts_max_pages = n;
+        self
+    }
+
+    /// The largest response body accepted (default 4 MiB). A larger one, or an endless one, is
+    /// [`Error::Decode`] and is not read further; a `Content-Length` over the limit fails
+    /// before any of the body is read.
+    pub fn max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body_bytes = n;
+        self
+    }
+
+    /// The longest wait a 429's `Retry-After` or `x-ratelimit-reset` may ask for (default
+    /// 60 s): longer waits are cut to this, so a bogus header cannot pause the limiter for an
+    /// hour. A retry never waits longer than the [`RetryPolicy`]'s `max_wait` either.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
+        self
+    }
+
     /// Retry a failed idempotent GET up to `n` times when the error is worth it (default 0:
     /// the caller decides), with the rest of the [`RetryPolicy`] as it is. Each attempt goes
     /// through the rate limiter and gets a fresh JWT. Under a layer that retries itself (a
@@ -262,8 +294,9 @@ impl CoinbaseClientBuilder {
     /// Build the client.
     ///
     /// # Errors
-    /// [`Error::Config`] for a base URL that is not http(s), a zero chunk or page size, a
-    /// candle chunk over 350, private market data without credentials, or a TLS setup failure.
+    /// [`Error::Config`] for a base URL that is not http(s), a zero chunk, page size, page count
+    /// or body limit, a candle chunk over 350, private market data without credentials, or a
+    /// TLS setup failure.
     pub fn build(self) -> Result<CoinbaseClient> {
         let base = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
             .map_err(|e| Error::Config(format!("base_url is not a URL: {e}")))?;
@@ -279,6 +312,9 @@ impl CoinbaseClientBuilder {
                 "best_bid_ask_chunk must be >= 1 and accounts_page_limit 1..=250".into(),
             ));
         }
+        if self.accounts_max_pages == 0 || self.max_body_bytes == 0 {
+            return Err(Error::Config("accounts_max_pages and max_body_bytes must be >= 1".into()));
+        }
         if self.candle_max_buckets == 0 || self.candle_max_buckets > MAX_CANDLES_PER_REQUEST {
             return Err(Error::Config(format!("candle_max_buckets must be 1..={MAX_CANDLES_PER_REQUEST}")));
         }
@@ -292,6 +328,9 @@ impl CoinbaseClientBuilder {
             .connect_timeout(self.connect_timeout)
             .user_agent(self.user_agent.clone())
             .pool_idle_timeout(Duration::from_secs(30))
+            // An answer from another URL is not an answer to the request (and a redirect must
+            // not carry the JWT anywhere): a 3xx is an error (classify.rs).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Config(format!("could not build the HTTP client: {e}")))?;
         let private_md = match self.market_data {
@@ -312,6 +351,11 @@ impl CoinbaseClientBuilder {
                 candle_max_buckets: self.candle_max_buckets,
                 accounts_page_limit: self.accounts_page_limit,
                 retry: self.retry,
+                accounts_max_pages: self.accounts_max_pages,
+                limits: body::Limits {
+                    max_body_bytes: self.max_body_bytes,
+                    max_retry_after: self.max_retry_after,
+                },
                 requests: Default::default(),
                 rate_limited: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
@@ -350,6 +394,9 @@ struct ClientInner {
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
+    accounts_max_pages: u32,
+    /// Body size and rate-limit wait bounds (body.rs).
+    limits: body::Limits,
     requests: [AtomicU64; Endpoint::ALL.len()],
     rate_limited: AtomicU64,
     failures: AtomicU64,
@@ -510,15 +557,8 @@ impl CoinbaseClient {
         inner.requests[endpoint.index()].fetch_add(1, Ordering::Relaxed);
         let outcome = async {
             let resp = req.send().await.map_err(classify::classify_transport)?;
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let body = resp.bytes().await.map_err(classify::classify_transport)?;
-            if (200..300).contains(&status) {
-                Ok(body.to_vec())
-            } else {
-                let now = u64::try_from(inner.clock.now_utc().unix_timestamp()).unwrap_or(0);
-                Err(classify::classify_status(status, &headers, &body, now))
-            }
+            let now = u64::try_from(inner.clock.now_utc().unix_timestamp()).unwrap_or(0);
+            body::read(resp, inner.limits, now).await
         }
         .await;
         if let Some(l) = &inner.limiter {
@@ -540,18 +580,23 @@ impl CoinbaseClient {
     /// `GET .../products/{id}/ticker?limit=1`.
     ///
     /// # Errors
-    /// [`Error::NotFound`] for an unknown product; transport, rate-limit, decode errors.
+    /// [`Error::NotFound`] for an unknown product; [`Error::Decode`] for an answer about
+    /// another product or with impossible values ([`wire`]); transport, rate-limit errors.
     pub async fn market_trades(&self, product: &ProductId) -> Result<Ticker> {
         let (class, path) = self.md_route(&format!("/products/{product}/ticker"));
         let body = self.get(Endpoint::Ticker, class, &path, &[("limit", "1".into())]).await?;
-        wire::decode_ticker(product, &body)
+        let ticker = wire::decode_ticker(product, &body)?;
+        validate::ticker_at(&ticker, self.inner.clock.now_utc())?;
+        Ok(ticker)
     }
 
     /// `GET /best_bid_ask` for `products`, chunked; tickers priced at the bid/ask mid.
-    /// Unknown products are left out.
+    /// Unknown products are left out, and so are entries for products not asked for.
     ///
     /// # Errors
-    /// [`Error::Unauthorized`] without credentials; transport, rate-limit, decode errors.
+    /// [`Error::Unauthorized`] without credentials; [`Error::Decode`] for a chunk whose entry
+    /// for an asked product is malformed, impossible or contradicted by a second entry
+    /// ([`wire`]); transport, rate-limit errors.
     pub async fn best_bid_ask(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
         let products = distinct(products);
         let mut out = Vec::with_capacity(products.len());
@@ -559,7 +604,10 @@ impl CoinbaseClient {
             let query: Vec<(&str, String)> = chunk.iter().map(|p| ("product_ids", p.to_string())).collect();
             let body =
                 self.get(Endpoint::BestBidAsk, EndpointClass::Private, "/best_bid_ask", &query).await?;
-            out.extend(wire::decode_best_bid_ask(&body)?.into_iter().filter(|t| chunk.contains(&t.product)));
+            let tickers = wire::decode_best_bid_ask_for(chunk, &body)?;
+            let now = self.inner.clock.now_utc();
+            tickers.iter().try_for_each(|t| validate::ticker_at(t, now))?;
+            out.extend(tickers);
         }
         Ok(out)
     }
@@ -568,7 +616,8 @@ impl CoinbaseClient {
     /// merged oldest first without duplicates.
     ///
     /// # Errors
-    /// [`Error::NotFound`] for an unknown product; transport, rate-limit, decode errors.
+    /// [`Error::NotFound`] for an unknown product; [`Error::Decode`] for impossible candles or
+    /// starts off the granularity's grid ([`wire`]); transport, rate-limit errors.
     pub async fn candles_in(
         &self,
         product: &ProductId,
@@ -589,7 +638,9 @@ impl CoinbaseClient {
             // Chosen per request: with `MarketDataPath::Balanced` a long range spreads too.
             let (class, path) = self.md_route(&rest);
             let body = self.get(Endpoint::Candles, class, &path, &query).await?;
-            out.extend(wire::decode_candles(&body)?);
+            let candles = wire::decode_candles(&body)?;
+            validate::candles_at(&candles, granularity, self.inner.clock.now_utc())?;
+            out.extend(candles);
         }
         out.retain(|c| range.contains(c.start));
         out.sort_by_key(|c| c.start);
@@ -601,11 +652,12 @@ impl CoinbaseClient {
     ///
     /// # Errors
     /// [`Error::Unauthorized`] without credentials; [`Error::Decode`] if the exchange repeats a
-    /// cursor; transport, rate-limit, decode errors.
+    /// cursor or an account, answers `has_next` without a cursor, or paginates past
+    /// `accounts_max_pages`; transport, rate-limit, decode errors.
     pub async fn list_accounts(&self) -> Result<Vec<Account>> {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
-        let mut seen = std::collections::HashSet::new();
+        let mut pages = validate::AccountPages::new(self.inner.accounts_max_pages);
         loop {
             let mut query = vec![("limit", self.inner.accounts_page_limit.to_string())];
             if let Some(c) = &cursor {
@@ -613,11 +665,9 @@ impl CoinbaseClient {
             }
             let body = self.get(Endpoint::Accounts, EndpointClass::Private, "/accounts", &query).await?;
             let (page, next) = wire::decode_accounts(&body)?;
+            pages.accept(&page, next.as_deref())?;
             out.extend(page);
             match next {
-                Some(c) if !seen.insert(c.clone()) => {
-                    return Err(Error::decode("accounts pagination repeated a cursor"));
-                }
                 Some(c) => cursor = Some(c),
                 None => return Ok(out),
             }
@@ -702,6 +752,8 @@ mod tests {
         assert!(matches!(CoinbaseClient::builder().base_url("not a url").build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().best_bid_ask_chunk(0).build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().candle_max_buckets(351).build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().max_body_bytes(0).build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().accounts_max_pages(0).build(), Err(Error::Config(_))));
         assert!(matches!(
             CoinbaseClient::builder().market_data(MarketDataPath::Private).build(),
             Err(Error::Config(_))

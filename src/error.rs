@@ -52,7 +52,11 @@ pub enum Error {
         message: String,
     },
 
-    /// The response body could not be decoded into the expected shape.
+    /// The exchange's answer was not one the request can accept: the body could not be decoded
+    /// into the expected shape, or it decoded but does not fit the question (a ticker of
+    /// another product, an impossible price or candle, broken pagination, a body larger than
+    /// `max_body_bytes`). Never retried: the same request is likely to get the same answer.
+    /// `coinbase::wire`'s module documentation lists every rule.
     #[error("could not decode upstream response: {0}")]
     Decode(String),
 
@@ -239,9 +243,65 @@ impl Error {
         }
     }
 
+    /// A [`Decode`](Error::Decode) error; the message is [`scrub`]bed, then cut to 200 bytes
+    /// (it may quote what the exchange sent).
     pub(crate) fn decode(what: impl std::fmt::Display) -> Self {
-        Error::Decode(truncate(&what.to_string(), 200))
+        Error::Decode(truncate(&scrub(&what.to_string()), 200))
     }
+}
+
+/// What replaces a scrubbed word.
+const REDACTED: &str = "<redacted>";
+
+/// Remove anything credential-like from text that came from (or was echoed by) a server, so
+/// that it may appear in an error message: every "word" (a run of ASCII letters, digits and
+/// `+/=_-.~`) that
+///
+/// - follows `Bearer` or `Basic` (an `Authorization` value),
+/// - contains `eyJ` (the base64 of `{"`, the start of every JWT header and claims segment),
+/// - is a JWT-like triple: three or more dot-separated segments, two of them 10+ characters,
+/// - or is 40 or more characters long (a signature, a key in hex or base64, a PEM line),
+///
+/// becomes `<redacted>`. UUIDs (36 characters), product ids, host names and words of prose
+/// stay as they are.
+pub(crate) fn scrub(text: &str) -> std::borrow::Cow<'_, str> {
+    fn in_word(c: char) -> bool {
+        c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '_' | '-' | '.' | '~')
+    }
+    fn secret_like(word: &str, after_scheme: bool) -> bool {
+        let long_segments = word.split('.').filter(|s| s.len() >= 10).count();
+        let jwt_like = word.split('.').count() >= 3 && long_segments >= 2;
+        after_scheme || word.len() >= 40 || word.contains("eyJ") || jwt_like
+    }
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut after_scheme = false;
+    let mut rest = text.char_indices().peekable();
+    while let Some((start, c)) = rest.next() {
+        if !in_word(c) {
+            continue;
+        }
+        let mut end = start + c.len_utf8();
+        while let Some(&(i, c)) = rest.peek() {
+            if !in_word(c) {
+                break;
+            }
+            end = i + c.len_utf8();
+            rest.next();
+        }
+        let word = &text[start..end];
+        if secret_like(word, after_scheme) {
+            out.push_str(&text[copied..start]);
+            out.push_str(REDACTED);
+            copied = end;
+        }
+        after_scheme = word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic");
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// Cut a message to at most `max` bytes on a char boundary, marking the cut.
@@ -315,6 +375,31 @@ mod tests {
         assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
         assert_eq!(e.to_string(), "rate limited by the exchange; retry after 1500 ms");
         assert_eq!(Error::Timeout.retry_after(), None);
+    }
+
+    #[test]
+    fn scrub_removes_tokens_and_keeps_prose() {
+        let jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJrIn0.c2lnbmF0dXJlc2lnbmF0dXJlc2lnbmF0dXJl";
+        let rows: &[(&str, &str)] = &[
+            ("order with this orderID was not found", "order with this orderID was not found"),
+            ("ProductID is invalid: BTC-USDX", "ProductID is invalid: BTC-USDX"),
+            ("account 8bfc20d7-f7c6-4422-bf07-8243ca4169fe", "account 8bfc20d7-f7c6-4422-bf07-8243ca4169fe"),
+            ("see api.coinbase.com or v1.2.3", "see api.coinbase.com or v1.2.3"),
+            ("Authorization: Bearer abc.def", "Authorization: Bearer <redacted>"),
+            ("basic dXNlcjpwYXNz!", "basic <redacted>!"),
+            ("bad token eyJhbGciOi", "bad token <redacted>"),
+            ("aaaaaaaaaaaa.bbbbbbbbbbbb.c", "<redacted>"),
+            ("sig=\"0123456789abcdef0123456789abcdef01234567\".", "sig=\"<redacted>\"."),
+            ("", ""),
+            ("é", "é"),
+        ];
+        for (input, want) in rows {
+            assert_eq!(scrub(input), *want, "{input}");
+        }
+        assert_eq!(scrub(&format!("token {jwt} rejected")), "token <redacted> rejected");
+        let e = Error::decode(format!("invalid type: string \"{jwt}\", expected a sequence"));
+        assert!(!format!("{e} {e:?}").contains("eyJ"), "{e:?}");
+        assert!(matches!(scrub("plain words"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! The policy holds its classifier, as reqwest-retry's `RetryTransientMiddleware` does: an
 //! error is retried when it [is worth it](crate::Error::is_worth_retrying) (retryable, and
 //! a request actually left), after the wait the exchange asked for (`Retry-After`, a reset
-//! time) or else an exponential backoff with jitter; a retry that would wait longer than
-//! [`max_wait`](RetryPolicy::max_wait) is not made, so a huge `Retry-After` becomes the
-//! error at once instead of a sleep.
+//! time) or else an exponential backoff with jitter, capped at
+//! [`max_wait`](RetryPolicy::max_wait). A wait the exchange asks for that is longer than the
+//! cap is not made: a huge `Retry-After` becomes the error at once instead of a sleep.
 //!
 //! # One owner per call
 //!
@@ -46,8 +46,9 @@ pub struct RetryPolicy {
     /// 25 % random jitter so that many callers do not retry in step.
     #[serde(with = "crate::util::duration_ms")]
     pub backoff: Duration,
-    /// The longest wait before a retry. A retry that would wait longer (a large `Retry-After`,
-    /// a long backoff) is not made: the caller gets the error at once.
+    /// The longest wait before a retry: the backoff stops growing here, and a retry the
+    /// exchange asks to delay longer (a large `Retry-After`) is not made: the caller gets the
+    /// error at once.
     #[serde(with = "crate::util::duration_ms")]
     pub max_wait: Duration,
 }
@@ -86,17 +87,17 @@ impl RetryPolicy {
 
     /// The wait before retry number `retry` (1-based) after `error`, or `None` when no retry is
     /// made: the retries are used up, the error is not [worth retrying](Error::is_worth_retrying),
-    /// or the wait would exceed [`max_wait`](RetryPolicy::max_wait).
+    /// or the exchange asked for a wait beyond [`max_wait`](RetryPolicy::max_wait).
     pub fn delay(&self, retry: u32, error: &Error) -> Option<Duration> {
         if retry == 0 || retry > self.max_retries || !error.is_worth_retrying() {
             return None;
         }
-        let wait = error.retry_after().unwrap_or_else(|| {
-            let base = self.backoff.saturating_mul(1u32 << (retry - 1).min(20));
-            let jitter = Duration::try_from_secs_f64(base.as_secs_f64() * fastrand::f64() * 0.25);
-            base.saturating_add(jitter.unwrap_or(Duration::ZERO))
-        });
-        (wait <= self.max_wait).then_some(wait)
+        if let Some(asked) = error.retry_after() {
+            return (asked <= self.max_wait).then_some(asked);
+        }
+        let base = self.backoff.saturating_mul(1u32 << (retry - 1).min(20));
+        let jitter = Duration::try_from_secs_f64(base.as_secs_f64() * fastrand::f64() * 0.25);
+        Some(base.saturating_add(jitter.unwrap_or(Duration::ZERO)).min(self.max_wait))
     }
 
     /// Run `attempt` under this policy: again after each error for which
@@ -150,9 +151,10 @@ mod tests {
             let base = Duration::from_millis(base);
             assert!(d >= base && d <= base + base / 4, "retry {retry}: {d:?}");
         }
-        // 1.6 s > max_wait: no retry; and no overflow however many retries are allowed.
-        assert_eq!(p.delay(5, &FAIL()), None);
-        assert_eq!(p.delay(30, &FAIL()), None);
+        // 1.6 s > max_wait: the backoff stops at the cap; no overflow however many retries.
+        assert_eq!(p.delay(5, &FAIL()), Some(Duration::from_secs(1)));
+        assert_eq!(p.delay(30, &FAIL()), Some(Duration::from_secs(1)));
+        assert_eq!(p.delay(31, &FAIL()), None, "retries used up");
         assert_eq!(
             RetryPolicy::new(u32::MAX).max_wait(Duration::MAX).delay(u32::MAX, &FAIL()).map(|_| ()),
             Some(())

@@ -5,11 +5,50 @@
 //! [`Error::Decode`] (never a panic) for anything malformed. The simulated exchange serializes
 //! the same structs, so the client and the simulator cannot drift apart. Public so that host
 //! applications and fuzzers can decode captured bodies.
+//!
+//! # Validation: an answer that does not fit the question is an error, never a value
+//!
+//! Every answer is untrusted until checked. The `decode_*` functions apply the checks that
+//! need no clock; [`CoinbaseClient`](super::CoinbaseClient) adds the ones marked *client*,
+//! which need its [`Clock`](crate::Clock) or the request (granularity, asked products, earlier
+//! pages). **Rejected** means the whole answer fails with [`Error::Decode`] (not retried; it
+//! counts as a failure towards a circuit breaker). The message names the field and never
+//! quotes anything token-like ([`Error`]'s messages are scrubbed).
+//!
+//! | answer | field or case | rule | outcome |
+//! |---|---|---|---|
+//! | every 200 | its list (`trades`, `candles`, `pricebooks`, `accounts`, `products`) or `has_next` missing, e.g. `{}` or an error object `{"error":"INTERNAL",..}` | the list must be present; an empty list (`"pricebooks": []`) is a valid empty answer | rejected (the message names an error object's code) |
+//! | every body | size | at most `max_body_bytes` (default 4 MiB, *client*); a larger `Content-Length` fails before reading, an endless body once the limit is passed | rejected, the rest is not read |
+//! | every body | cut short (fewer bytes than `Content-Length`, then the connection closes) | *client* | [`Error::Transport`] (retryable), not `Decode` |
+//! | ticker | `trades[].product_id` | the asked product, its `-USD`/`-USDC` alias, or empty | another product: rejected |
+//! | ticker | `trades[0].price`, `best_bid`, `best_ask` | positive (`""` for a side is "no quote") | zero or negative: rejected |
+//! | ticker, best_bid_ask | `best_bid` > `best_ask` | a crossed book cannot be priced (also in auction mode: no mid is a price then) | rejected; a locked book (bid = ask) is kept |
+//! | ticker, best_bid_ask | time (`trades[0].time`, `pricebooks[].time`) | from 2009 on; at most a day ahead of the client's clock (*client*) | rejected; a missing time is reported as the UNIX epoch, as before |
+//! | best_bid_ask | an entry for a product not asked for (*client*) | ignored without being decoded, even if malformed | dropped |
+//! | best_bid_ask | a malformed or impossible entry for an asked product | the whole chunk, since one answer cannot be half trusted, and "left out" would read as an unknown product (`NotFound`, remembered) | rejected, naming the product |
+//! | best_bid_ask | a product twice | identical entries collapse to one (first position kept); different ones cannot both be right | conflicting: rejected |
+//! | best_bid_ask | a book with both sides empty | no price | dropped (the product is left out, as an unknown one) |
+//! | candles | `open`, `high`, `low`, `close` | positive; `low <= open, close <= high` (so `high >= low`) | rejected |
+//! | candles | `volume` | zero or more | negative: rejected |
+//! | candles | `start` | from 2009 on; on the requested granularity's grid and at most a day ahead (*client*) | rejected |
+//! | candles | a `start` twice | identical candles collapse; different ones are rejected | conflicting: rejected |
+//! | candles | outside the requested range (*client*) | the exchange's bounds may be inclusive | dropped, as before |
+//! | accounts | `available_balance.value`, `hold.value` | zero or more | negative: rejected |
+//! | accounts | `uuid`, `currency` | not empty; an amount's `currency`, when given, is the account's | rejected |
+//! | accounts | `has_next: true` with an empty or missing `cursor` | pagination would silently stop | rejected |
+//! | accounts | pages (*client*) | at most `accounts_max_pages` (default 100); no cursor twice; no `uuid` twice, on one page or across pages (never counted twice) | rejected |
+//! | time | `epochMillis`, `epochSeconds`, `iso` | from 2009 on; not checked against the local clock (`/time` is how a host finds out its clock is off) | rejected |
+//! | products | `product_id` | a valid [`ProductId`] | rejected |
+//!
+//! Fields the model does not carry (sizes, trade ids, sides, `name`, ...) are neither parsed
+//! nor checked. Nothing is ever "kept but flagged": the model has no place for a flag that a
+//! bot would be sure to read, so a value is either checked and served or not served at all.
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
+use super::validate;
 use crate::{
     error::{Error, Result},
     model::{Account, Candle, ProductId, Ticker, mid_price},
@@ -18,8 +57,7 @@ use crate::{
 /// `GET /market/products/{id}/ticker` and `GET /products/{id}/ticker`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MarketTrades {
-    /// Most recent trades first.
-    #[serde(default)]
+    /// Most recent trades first (required: a body without it is not an answer).
     pub trades: Vec<Trade>,
     /// Best bid, `""` when the book side is empty.
     #[serde(default)]
@@ -62,8 +100,7 @@ pub struct Trade {
 /// `GET .../candles`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candles {
-    /// Newest first, as observed (not documented).
-    #[serde(default)]
+    /// Newest first, as observed (not documented). Required.
     pub candles: Vec<WireCandle>,
 }
 
@@ -87,8 +124,7 @@ pub struct WireCandle {
 /// `GET /best_bid_ask`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BestBidAsk {
-    /// One book per product.
-    #[serde(default)]
+    /// One book per product. Required.
     pub pricebooks: Vec<PriceBook>,
 }
 
@@ -128,8 +164,7 @@ pub struct Level {
 /// `GET /market/products` and `GET /products`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Products {
-    /// The products.
-    #[serde(default)]
+    /// The products. Required.
     pub products: Vec<Product>,
     /// A number in the docs, sometimes a string in real data: both are accepted.
     #[serde(default)]
@@ -165,11 +200,9 @@ pub struct Product {
 /// `GET /accounts`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accounts {
-    /// This page's accounts.
-    #[serde(default)]
+    /// This page's accounts. Required.
     pub accounts: Vec<WireAccount>,
-    /// Whether another page follows.
-    #[serde(default)]
+    /// Whether another page follows. Required: without it, a client cannot tell the last page.
     pub has_next: bool,
     /// Cursor of the next page; `""` on the last page.
     #[serde(default)]
@@ -263,7 +296,24 @@ pub struct ErrorBody {
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T> {
-    serde_json::from_slice(body).map_err(|e| Error::decode(format_args!("{what}: {e}")))
+    serde_json::from_slice(body).map_err(|e| match error_object(body) {
+        Some(code) => Error::decode(format_args!("{what}: a 200 answer carrying an error object ({code})")),
+        None => Error::decode(format_args!("{what}: {e}")),
+    })
+}
+
+/// The error code of a body that is an error object (`{"error":"INTERNAL",...}`), when the
+/// code is a plain identifier; `"no code"` for an object whose `error` is something else.
+fn error_object(body: &[u8]) -> Option<String> {
+    let e: ErrorBody = serde_json::from_slice(body).ok()?;
+    let code = e.error.trim();
+    if code.is_empty() && e.message.trim().is_empty() && e.error_details.is_none() {
+        return None;
+    }
+    let plain = !code.is_empty()
+        && code.len() <= 40
+        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    Some(if plain { code.to_string() } else { "no code".into() })
 }
 
 /// Parse a decimal string. `field` names it in the error.
@@ -308,16 +358,33 @@ fn product_of(s: &str) -> Result<ProductId> {
 
 /// Decode a market-trades ("ticker") body for `product`.
 ///
-/// The price is the most recent trade's; with no trades, the bid/ask mid.
+/// The price is the most recent trade's; with no trades, the bid/ask mid (and the time the
+/// UNIX epoch: the body has none).
 ///
 /// # Errors
-/// [`Error::Decode`] for a malformed body or one with neither trades nor a two-sided book.
+/// [`Error::Decode`] for a malformed body, one with neither trades nor a two-sided book,
+/// trades of another product, a price that is not positive, a crossed book, or a trade before
+/// 2009 (see the [module documentation](self)).
 pub fn decode_ticker(product: &ProductId, body: &[u8]) -> Result<Ticker> {
     let w: MarketTrades = parse_json(body, "ticker")?;
-    let best_bid = parse_opt_decimal(&w.best_bid, "best_bid")?;
-    let best_ask = parse_opt_decimal(&w.best_ask, "best_ask")?;
+    if let Some(t) =
+        w.trades.iter().find(|t| !t.product_id.is_empty() && !validate::same_market(product, &t.product_id))
+    {
+        return Err(Error::decode(format_args!(
+            "ticker for {product} carries a trade of another product ({:?})",
+            crate::error::truncate(&t.product_id, 40)
+        )));
+    }
+    let best_bid =
+        parse_opt_decimal(&w.best_bid, "best_bid")?.map(|b| validate::price(b, "best_bid")).transpose()?;
+    let best_ask =
+        parse_opt_decimal(&w.best_ask, "best_ask")?.map(|a| validate::price(a, "best_ask")).transpose()?;
+    validate::book(best_bid, best_ask, "ticker")?;
     let (price, time) = match w.trades.first() {
-        Some(t) => (parse_decimal(&t.price, "trades[0].price")?, parse_time(&t.time, "trades[0].time")?),
+        Some(t) => (
+            validate::price(parse_decimal(&t.price, "trades[0].price")?, "trades[0].price")?,
+            validate::not_before_earliest(parse_time(&t.time, "trades[0].time")?, "trades[0].time")?,
+        ),
         None => match (best_bid, best_ask) {
             (Some(b), Some(a)) => (mid_price(b, a), OffsetDateTime::UNIX_EPOCH),
             _ => return Err(Error::decode("ticker has no trades and no two-sided book")),
@@ -329,11 +396,20 @@ pub fn decode_ticker(product: &ProductId, body: &[u8]) -> Result<Ticker> {
 /// Decode a candles body, oldest first, de-duplicated by start time.
 ///
 /// # Errors
-/// [`Error::Decode`] for a malformed body or candle.
+/// [`Error::Decode`] for a malformed body or candle, an impossible candle (a price that is not
+/// positive, `high < low`, `open` or `close` outside `low..=high`, a negative volume, a start
+/// before 2009), or two different candles with one start.
 pub fn decode_candles(body: &[u8]) -> Result<Vec<Candle>> {
     let w: Candles = parse_json(body, "candles")?;
     let mut out = w.candles.iter().map(candle_from_wire).collect::<Result<Vec<_>>>()?;
+    out.iter().try_for_each(validate::candle)?;
     out.sort_by_key(|c| c.start);
+    if let Some(w) = out.windows(2).find(|w| w[0].start == w[1].start && w[0] != w[1]) {
+        return Err(Error::decode(format_args!(
+            "two different candles start at {}",
+            w[0].start.unix_timestamp()
+        )));
+    }
     out.dedup_by_key(|c| c.start);
     Ok(out)
 }
@@ -341,10 +417,11 @@ pub fn decode_candles(body: &[u8]) -> Result<Vec<Candle>> {
 /// Convert one wire candle.
 ///
 /// # Errors
-/// [`Error::Decode`] when a field is not a number.
+/// [`Error::Decode`] when a field is not a number, or the start is before 2009. (Whether the
+/// prices are consistent is checked by [`decode_candles`].)
 pub fn candle_from_wire(c: &WireCandle) -> Result<Candle> {
     Ok(Candle {
-        start: parse_unix(&c.start, "candle.start")?,
+        start: validate::not_before_earliest(parse_unix(&c.start, "candle.start")?, "candle.start")?,
         open: parse_decimal(&c.open, "candle.open")?,
         high: parse_decimal(&c.high, "candle.high")?,
         low: parse_decimal(&c.low, "candle.low")?,
@@ -353,32 +430,94 @@ pub fn candle_from_wire(c: &WireCandle) -> Result<Candle> {
     })
 }
 
-/// Decode a `best_bid_ask` body into tickers (price = bid/ask mid).
+/// Decode a `best_bid_ask` body into tickers (price = bid/ask mid), in the body's order.
 ///
-/// A book with both sides empty is left out: there is no price to report.
+/// A book with both sides empty is left out: there is no price to report. Identical entries
+/// for one product collapse to one.
 ///
 /// # Errors
-/// [`Error::Decode`] for a malformed body or entry.
+/// [`Error::Decode`] for a malformed body or entry, an impossible entry (a price that is not
+/// positive, a crossed book, a time before 2009), or two different entries for one product.
 pub fn decode_best_bid_ask(body: &[u8]) -> Result<Vec<Ticker>> {
-    let w: BestBidAsk = parse_json(body, "best_bid_ask")?;
-    let mut out = Vec::with_capacity(w.pricebooks.len());
-    for book in &w.pricebooks {
-        let product = product_of(&book.product_id)?;
-        let best_bid = book.bids.first().map(|l| parse_decimal(&l.price, "bids[0].price")).transpose()?;
-        let best_ask = book.asks.first().map(|l| parse_decimal(&l.price, "asks[0].price")).transpose()?;
-        let price = match (best_bid, best_ask) {
-            (Some(b), Some(a)) => mid_price(b, a),
-            (Some(p), None) | (None, Some(p)) => p,
-            (None, None) => continue,
+    books(body, None)
+}
+
+/// Decode a `best_bid_ask` body that answers a request for `asked`: as
+/// [`decode_best_bid_ask`], but entries for other products are dropped without being decoded,
+/// so a malformed entry the request did not ask for cannot fail the answer.
+///
+/// # Errors
+/// As [`decode_best_bid_ask`], for the entries of asked products (the message names the
+/// product).
+pub fn decode_best_bid_ask_for(asked: &[ProductId], body: &[u8]) -> Result<Vec<Ticker>> {
+    books(body, Some(asked))
+}
+
+fn books(body: &[u8], asked: Option<&[ProductId]>) -> Result<Vec<Ticker>> {
+    /// Entries stay raw until their product is known to be asked for.
+    #[derive(Deserialize)]
+    struct Raw {
+        pricebooks: Vec<serde_json::Value>,
+    }
+    let w: Raw = parse_json(body, "best_bid_ask")?;
+    let mut out: Vec<Ticker> =
+        Vec::with_capacity(w.pricebooks.len().min(asked.map_or(usize::MAX, <[_]>::len)));
+    let mut at = std::collections::HashMap::new();
+    for entry in w.pricebooks {
+        let named = match asked {
+            None => None,
+            Some(asked) => {
+                let id = entry.get("product_id").and_then(serde_json::Value::as_str);
+                match id.and_then(|id| asked.iter().find(|p| p.as_str() == id)) {
+                    Some(p) => Some(p),
+                    None => continue,
+                }
+            }
         };
-        let time = if book.time.is_empty() {
-            OffsetDateTime::UNIX_EPOCH
-        } else {
-            parse_time(&book.time, "pricebook.time")?
-        };
-        out.push(Ticker { product, price, best_bid, best_ask, time });
+        let ticker = book_ticker(entry).map_err(|e| match (e, named) {
+            (Error::Decode(m), Some(p)) => Error::Decode(format!("entry for {p}: {m}")),
+            (e, _) => e,
+        })?;
+        let Some(t) = ticker else { continue };
+        match at.get(&t.product) {
+            None => {
+                at.insert(t.product.clone(), out.len());
+                out.push(t);
+            }
+            Some(&i) if out[i] == t => {}
+            Some(_) => {
+                return Err(Error::decode(format_args!(
+                    "best_bid_ask answered {} twice, differently",
+                    t.product
+                )));
+            }
+        }
     }
     Ok(out)
+}
+
+/// One `pricebooks` entry as a ticker; `None` for a book with both sides empty.
+fn book_ticker(entry: serde_json::Value) -> Result<Option<Ticker>> {
+    let book: PriceBook =
+        serde_json::from_value(entry).map_err(|e| Error::decode(format_args!("pricebook: {e}")))?;
+    let product = product_of(&book.product_id)?;
+    let side = |levels: &[Level], field: &str| -> Result<Option<Decimal>> {
+        levels.first().map(|l| validate::price(parse_decimal(&l.price, field)?, field)).transpose()
+    };
+    let best_bid = side(&book.bids, "bids[0].price")?;
+    let best_ask = side(&book.asks, "asks[0].price")?;
+    validate::book(best_bid, best_ask, "pricebook")?;
+    let price = match (best_bid, best_ask) {
+        (Some(b), Some(a)) => mid_price(b, a),
+        (Some(p), None) | (None, Some(p)) => p,
+        (None, None) => return Ok(None),
+    };
+    let time = if book.time.is_empty() {
+        OffsetDateTime::UNIX_EPOCH
+    } else {
+        validate::not_before_earliest(parse_time(&book.time, "pricebook.time")?, "pricebook.time")?
+    };
+    Ok(Some(Ticker { product, price, best_bid, best_ask, time }))
 }
 
 /// Decode a product-book body into a top-of-book ticker (price = bid/ask mid).
@@ -392,31 +531,55 @@ pub fn decode_product_book(body: &[u8]) -> Result<Ticker> {
     decode_best_bid_ask(&bytes)?.pop().ok_or_else(|| Error::decode("product book has no bids and no asks"))
 }
 
-/// Decode one page of accounts.
+/// Decode one page of accounts, and the cursor of the next page (`None` on the last page).
 ///
 /// # Errors
-/// [`Error::Decode`] for a malformed body or amount.
+/// [`Error::Decode`] for a malformed body or amount, a negative amount, an account without a
+/// `uuid` or `currency`, an amount in another currency than its account's, or `has_next: true`
+/// without a cursor.
 pub fn decode_accounts(body: &[u8]) -> Result<(Vec<Account>, Option<String>)> {
     let w: Accounts = parse_json(body, "accounts")?;
     let accounts = w.accounts.iter().map(account_from_wire).collect::<Result<Vec<_>>>()?;
-    let next = (w.has_next && !w.cursor.is_empty()).then_some(w.cursor);
+    if w.has_next && w.cursor.trim().is_empty() {
+        return Err(Error::decode("accounts: has_next is true but the cursor is empty"));
+    }
+    let next = w.has_next.then_some(w.cursor);
     Ok((accounts, next))
 }
 
 /// Convert one wire account.
 ///
 /// # Errors
-/// [`Error::Decode`] when an amount is not a number.
+/// [`Error::Decode`] when an amount is not a number or is negative, the `uuid` or `currency`
+/// is empty, or an amount's currency is not the account's.
 pub fn account_from_wire(a: &WireAccount) -> Result<Account> {
+    if a.uuid.trim().is_empty() {
+        return Err(Error::decode("account without a uuid"));
+    }
+    let currency = a.currency.trim().to_ascii_uppercase();
+    if currency.is_empty() {
+        return Err(Error::decode("account without a currency"));
+    }
+    let money = |m: &Money, field: &str| -> Result<Decimal> {
+        if !m.currency.trim().is_empty() && !m.currency.trim().eq_ignore_ascii_case(&currency) {
+            return Err(Error::decode(format_args!(
+                "{field} is in {:?}, the account in {currency:?}",
+                crate::error::truncate(&m.currency, 16)
+            )));
+        }
+        validate::amount(parse_decimal(&m.value, field)?, field)
+    };
+    let available = money(&a.available_balance, "available_balance.value")?;
+    let hold = match &a.hold {
+        Some(h) if !h.value.trim().is_empty() => money(h, "hold.value")?,
+        _ => Decimal::ZERO,
+    };
     Ok(Account {
         uuid: a.uuid.clone(),
         name: a.name.clone(),
-        currency: a.currency.to_ascii_uppercase(),
-        available: parse_decimal(&a.available_balance.value, "available_balance.value")?,
-        hold: match &a.hold {
-            Some(h) if !h.value.trim().is_empty() => parse_decimal(&h.value, "hold.value")?,
-            _ => Decimal::ZERO,
-        },
+        currency,
+        available,
+        hold,
         active: a.active,
         account_type: a.account_type.clone(),
     })
@@ -425,7 +588,7 @@ pub fn account_from_wire(a: &WireAccount) -> Result<Account> {
 /// Decode a products list, returning the product ids in order.
 ///
 /// # Errors
-/// [`Error::Decode`] for a malformed body or product id.
+/// [`Error::Decode`] for a malformed body (one without `products`) or product id.
 pub fn decode_products(body: &[u8]) -> Result<Vec<Product>> {
     let w: Products = parse_json(body, "products")?;
     for p in &w.products {
@@ -447,19 +610,20 @@ pub fn decode_product(body: &[u8]) -> Result<Product> {
 /// Decode `GET /time`.
 ///
 /// # Errors
-/// [`Error::Decode`] for a malformed body.
+/// [`Error::Decode`] for a malformed body or a time before 2009.
 pub fn decode_server_time(body: &[u8]) -> Result<OffsetDateTime> {
     let w: ServerTime = parse_json(body, "time")?;
-    if !w.epoch_millis.trim().is_empty()
+    let t = if !w.epoch_millis.trim().is_empty()
         && let Ok(ms) = w.epoch_millis.trim().parse::<i64>()
     {
-        return OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-            .map_err(|_| Error::decode("epochMillis is out of range"));
-    }
-    if !w.epoch_seconds.trim().is_empty() {
-        return parse_unix(&w.epoch_seconds, "epochSeconds");
-    }
-    parse_time(&w.iso, "iso")
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .map_err(|_| Error::decode("epochMillis is out of range"))?
+    } else if !w.epoch_seconds.trim().is_empty() {
+        parse_unix(&w.epoch_seconds, "epochSeconds")?
+    } else {
+        parse_time(&w.iso, "iso")?
+    };
+    validate::not_before_earliest(t, "server time")
 }
 
 /// Format a time as Coinbase does (RFC 3339, UTC, microseconds).
@@ -492,6 +656,101 @@ mod tests {
         let t = parse_time("2024-04-24T09:56:38.063595Z", "t").unwrap();
         assert_eq!(format_time(t), "2024-04-24T09:56:38.063595Z");
         assert_eq!(format_time(datetime!(2024-01-01 00:00 UTC)), "2024-01-01T00:00:00.000000Z");
+    }
+
+    /// Issue 16: the clock-free rules of the module table, decoder by decoder.
+    #[test]
+    fn answers_that_cannot_be_true_are_decode_errors() {
+        let btc: ProductId = "BTC-USD".parse().unwrap();
+        let trade = |product: &str, price: &str, bid: &str, ask: &str, time: &str| {
+            format!(
+                r#"{{"trades":[{{"product_id":"{product}","price":"{price}","time":"{time}"}}],"best_bid":"{bid}","best_ask":"{ask}"}}"#
+            )
+        };
+        let t = "2024-04-24T09:56:38Z";
+        let bad_tickers = [
+            "{}".to_string(),
+            r#"{"error":"INTERNAL","message":"x"}"#.into(),
+            trade("ETH-USD", "1", "", "", t),
+            trade("BTC-USD", "0", "", "", t),
+            trade("BTC-USD", "1", "2", "1", t),
+            trade("BTC-USD", "1", "0", "", t),
+            trade("BTC-USD", "1", "", "", "2008-12-31T23:59:59Z"),
+        ];
+        for body in &bad_tickers {
+            assert!(matches!(decode_ticker(&btc, body.as_bytes()), Err(Error::Decode(_))), "{body}");
+        }
+        assert!(decode_ticker(&btc, trade("", "1", "1", "1", t).as_bytes()).is_ok(), "locked, no id");
+        assert!(decode_ticker(&btc, trade("BTC-USDC", "1", "", "", t).as_bytes()).is_ok(), "alias");
+        let e = decode_ticker(&btc, br#"{"error":"INTERNAL","message":"x"}"#).unwrap_err();
+        assert_eq!(e, Error::Decode("ticker: a 200 answer carrying an error object (INTERNAL)".into()));
+
+        let book = |id: &str, bid: &str, ask: &str| {
+            format!(
+                r#"{{"product_id":"{id}","bids":[{{"price":"{bid}","size":"1"}}],"asks":[{{"price":"{ask}","size":"1"}}]}}"#
+            )
+        };
+        let books = |entries: &[String]| format!(r#"{{"pricebooks":[{}]}}"#, entries.join(","));
+        for body in [
+            "{}".to_string(),
+            books(&[book("BTC-USD", "2", "1")]),
+            books(&[book("BTC-USD", "-1", "1")]),
+            books(&[book("BTC-USD", "1", "2"), book("BTC-USD", "1", "3")]),
+            books(&[book("BTC-USD", "1", "2"), r#"{"product_id":"ETH-USD","bids":"x"}"#.into()]),
+        ] {
+            assert!(matches!(decode_best_bid_ask(body.as_bytes()), Err(Error::Decode(_))), "{body}");
+        }
+        let dup = books(&[book("BTC-USD", "1", "3"), book("ETH-USD", "1", "1"), book("BTC-USD", "1", "3")]);
+        let got = decode_best_bid_ask(dup.as_bytes()).unwrap();
+        assert_eq!(got.iter().map(|t| t.product.as_str()).collect::<Vec<_>>(), ["BTC-USD", "ETH-USD"]);
+        let extra = books(&[r#"{"product_id":"ETH-USD","bids":"x"}"#.into(), book("BTC-USD", "1", "3")]);
+        let got = decode_best_bid_ask_for(std::slice::from_ref(&btc), extra.as_bytes()).unwrap();
+        assert_eq!(got.len(), 1);
+        let e = decode_best_bid_ask_for(
+            std::slice::from_ref(&btc),
+            books(&[book("BTC-USD", "x", "1")]).as_bytes(),
+        );
+        assert!(matches!(e, Err(Error::Decode(ref m)) if m.starts_with("entry for BTC-USD: ")), "{e:?}");
+
+        let candle = |o: &str, h: &str, l: &str, c: &str, v: &str| {
+            format!(
+                r#"{{"candles":[{{"start":"1713942000","low":"{l}","high":"{h}","open":"{o}","close":"{c}","volume":"{v}"}}]}}"#
+            )
+        };
+        for body in [
+            "{}".to_string(),
+            candle("1", "1", "2", "1", "1"),
+            candle("3", "2", "1", "1", "1"),
+            candle("1", "2", "1", "0.5", "1"),
+            candle("1", "1", "1", "1", "-1"),
+            candle("0", "1", "0", "1", "1"),
+            candle("1", "1", "1", "1", "1").replace("1713942000", "1230767999"),
+        ] {
+            assert!(matches!(decode_candles(body.as_bytes()), Err(Error::Decode(_))), "{body}");
+        }
+        assert!(decode_candles(candle("1", "1", "1", "1", "0").as_bytes()).is_ok());
+
+        let account = |uuid: &str, cur: &str, value: &str, money_cur: &str| {
+            format!(
+                r#"{{"accounts":[{{"uuid":"{uuid}","currency":"{cur}","available_balance":{{"value":"{value}","currency":"{money_cur}"}}}}],"has_next":false,"cursor":""}}"#
+            )
+        };
+        for body in [
+            "{}".to_string(),
+            r#"{"accounts":[]}"#.into(),
+            r#"{"accounts":[],"has_next":true,"cursor":""}"#.into(),
+            account("", "USD", "1", "USD"),
+            account("u", "", "1", ""),
+            account("u", "USD", "-1", "USD"),
+            account("u", "USD", "1", "BTC"),
+        ] {
+            assert!(matches!(decode_accounts(body.as_bytes()), Err(Error::Decode(_))), "{body}");
+        }
+        assert!(decode_accounts(account("u", "usd", "0", "USD").as_bytes()).is_ok());
+        assert!(decode_accounts(account("u", "USD", "1", "").as_bytes()).is_ok());
+        assert!(matches!(decode_products(b"{}"), Err(Error::Decode(_))));
+        let old = br#"{"iso":"2008-01-01T00:00:00Z","epochSeconds":"","epochMillis":""}"#;
+        assert!(matches!(decode_server_time(old), Err(Error::Decode(_))));
     }
 
     #[test]

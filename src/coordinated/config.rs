@@ -72,8 +72,9 @@ pub struct CoordinatedConfig {
     /// Default 250 ms.
     #[serde(with = "crate::util::duration_ms")]
     pub retry_backoff: Duration,
-    /// A retry that would wait longer than this is not made; the caller gets stale data or the
-    /// error at once. Default 5 s.
+    /// The longest wait before a retry: the backoff stops growing here, and a retry the
+    /// exchange asks to delay longer (`Retry-After`) is not made; the caller gets stale data or
+    /// the error at once. Default 5 s.
     #[serde(with = "crate::util::duration_ms")]
     pub max_retry_wait: Duration,
     /// Most cached tickers (and, separately, candle series). Default 100,000.
