@@ -582,6 +582,10 @@ impl CoinbaseClient {
     /// # Errors
     /// [`Error::NotFound`] for an unknown product; [`Error::Decode`] for an answer about
     /// another product or with impossible values ([`wire`]); transport, rate-limit errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future abandons the request; a rate-limiter slot already
+    /// admitted stays spent (the request may have left), and nothing else is changed.
     pub async fn market_trades(&self, product: &ProductId) -> Result<Ticker> {
         let (class, path) = self.md_route(&format!("/products/{product}/ticker"));
         let body = self.get(Endpoint::Ticker, class, &path, &[("limit", "1".into())]).await?;
@@ -597,6 +601,11 @@ impl CoinbaseClient {
     /// [`Error::Unauthorized`] without credentials; [`Error::Decode`] for a chunk whose entry
     /// for an asked product is malformed, impossible or contradicted by a second entry
     /// ([`wire`]); transport, rate-limit errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, but not free: a dropped call abandons the request in flight and the ones it
+    /// had not sent yet; the pages or chunks already received are dropped with it and the
+    /// rate-limiter slots they were admitted with stay spent. Call again to start over.
     pub async fn best_bid_ask(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
         let products = distinct(products);
         let mut out = Vec::with_capacity(products.len());
@@ -618,6 +627,11 @@ impl CoinbaseClient {
     /// # Errors
     /// [`Error::NotFound`] for an unknown product; [`Error::Decode`] for impossible candles or
     /// starts off the granularity's grid ([`wire`]); transport, rate-limit errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, but not free: a dropped call abandons the request in flight and the ones it
+    /// had not sent yet; the pages or chunks already received are dropped with it and the
+    /// rate-limiter slots they were admitted with stay spent. Call again to start over.
     pub async fn candles_in(
         &self,
         product: &ProductId,
@@ -654,6 +668,11 @@ impl CoinbaseClient {
     /// [`Error::Unauthorized`] without credentials; [`Error::Decode`] if the exchange repeats a
     /// cursor or an account, answers `has_next` without a cursor, or paginates past
     /// `accounts_max_pages`; transport, rate-limit, decode errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, but not free: a dropped call abandons the request in flight and the ones it
+    /// had not sent yet; the pages or chunks already received are dropped with it and the
+    /// rate-limiter slots they were admitted with stay spent. Call again to start over.
     pub async fn list_accounts(&self) -> Result<Vec<Account>> {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
@@ -678,6 +697,10 @@ impl CoinbaseClient {
     ///
     /// # Errors
     /// Transport, rate-limit, decode errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future abandons the request; a rate-limiter slot already
+    /// admitted stays spent (the request may have left), and nothing else is changed.
     pub async fn products(&self) -> Result<Vec<wire::Product>> {
         let (class, path) = self.md_route("/products");
         let body = self.get(Endpoint::Products, class, &path, &[]).await?;
@@ -688,6 +711,10 @@ impl CoinbaseClient {
     ///
     /// # Errors
     /// [`Error::NotFound`] for an unknown product; transport, rate-limit, decode errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future abandons the request; a rate-limiter slot already
+    /// admitted stays spent (the request may have left), and nothing else is changed.
     pub async fn product(&self, product: &ProductId) -> Result<wire::Product> {
         let (class, path) = self.md_route(&format!("/products/{product}"));
         let body = self.get(Endpoint::Product, class, &path, &[]).await?;
@@ -698,6 +725,10 @@ impl CoinbaseClient {
     ///
     /// # Errors
     /// Transport, rate-limit, decode errors.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future abandons the request; a rate-limiter slot already
+    /// admitted stays spent (the request may have left), and nothing else is changed.
     pub async fn server_time(&self) -> Result<OffsetDateTime> {
         let body = self.get(Endpoint::Time, EndpointClass::Public, "/time", &[]).await?;
         wire::decode_server_time(&body)

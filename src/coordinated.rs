@@ -90,12 +90,24 @@ impl<T> Fresh<T> {
 pub struct ReadOptions {
     /// Refuse cached data older than this, even if the default policy would serve it.
     pub max_age: Option<Duration>,
+    /// Answer by this instant: when the upstream has not answered by then, the read returns
+    /// cached data within `max_stale` (flagged [`Origin::Stale`]) or [`Error::Timeout`], and
+    /// the fetch goes on in the background for the next read. Default: now +
+    /// [`CoordinatedConfig::read_timeout`].
+    pub deadline: Option<Instant>,
 }
 
 impl ReadOptions {
     /// Demand data no older than `max_age`.
     pub fn max_age(max_age: Duration) -> Self {
-        ReadOptions { max_age: Some(max_age) }
+        ReadOptions { max_age: Some(max_age), deadline: None }
+    }
+
+    /// Answer by `deadline` (see [`deadline`](ReadOptions::deadline)).
+    #[must_use]
+    pub fn by(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
     }
 }
 
@@ -265,7 +277,8 @@ impl CoordinatedSource {
         inc(&inner.counters.cache_misses);
         // `now` was read before the cache: a flight that ended between that read and this join
         // wrote a value at least as recent.
-        let (result, role) = self.ticker_flight(product.clone(), now, opts.max_age).await;
+        let (result, role) =
+            inner.bounded(now, opts, self.ticker_flight(product.clone(), now, opts.max_age)).await;
         inner.note_role(role);
         inner.settle(result, cached.as_ref(), Instant::now())
     }
@@ -333,7 +346,7 @@ impl CoordinatedSource {
         // Up to two rounds: a joined fetch may have been for a narrower range.
         let mut result = Err(Error::Closed("no fetch was made".into()));
         for _ in 0..2 {
-            let (r, role) = self.series_flight(key.clone(), range).await;
+            let (r, role) = inner.bounded(now, opts, self.series_flight(key.clone(), range)).await;
             inner.note_role(role);
             let retry = role == Role::Joined && matches!(&r, Ok(e) if !e.value.covers(range));
             result = r;
@@ -386,7 +399,7 @@ impl CoordinatedSource {
             return Ok(hit.map(Arc::clone));
         }
         inc(&inner.counters.cache_misses);
-        let (result, role) = self.accounts_flight(now).await;
+        let (result, role) = inner.bounded(now, opts, self.accounts_flight(now)).await;
         inner.note_role(role);
         inner.settle(result, cached.as_ref(), Instant::now())
     }
@@ -434,6 +447,29 @@ impl<T> Fresh<T> {
 }
 
 impl Inner {
+    /// Wait for a flight until the read's deadline (`opts`, else `read_timeout` after
+    /// `start`). The flight runs in its own task: a read that gives up leaves it to finish and
+    /// fill the cache for the next read.
+    async fn bounded<T>(
+        &self,
+        start: Instant,
+        opts: ReadOptions,
+        flight: impl Future<Output = (Result<T>, Role)>,
+    ) -> (Result<T>, Role) {
+        let deadline = opts.deadline.or_else(|| {
+            let t = self.cfg.read_timeout;
+            (!t.is_zero()).then(|| crate::clock::later(start, t))
+        });
+        let Some(deadline) = deadline else { return flight.await };
+        match tokio::time::timeout_at(deadline, flight).await {
+            Ok(r) => r,
+            Err(_) => {
+                inc(&self.counters.deadline_misses);
+                (Err(Error::Timeout), Role::Leader)
+            }
+        }
+    }
+
     async fn check_negative(&self, product: &ProductId) -> Result<()> {
         if let Some(until) = self.negative.get(product).await
             && Instant::now() < until

@@ -41,7 +41,10 @@ pub struct BreakerConfig {
     /// How long an opened circuit refuses calls before letting one probe through. Default 5 s.
     #[serde(with = "crate::util::duration_ms")]
     pub open_for: Duration,
-    /// Each failed probe doubles the open time, up to this. Default 60 s.
+    /// Each failed probe doubles the open time, up to this. Default 5 s, the same as
+    /// `open_for`: an outage then costs the exchange one probe per class every 5 s, and the
+    /// first read after the exchange is back finds it within 5 s (a longer cap saves a few
+    /// probes an hour and keeps bots blind for up to that long after a recovery).
     #[serde(with = "crate::util::duration_ms")]
     pub max_open_for: Duration,
 }
@@ -52,7 +55,7 @@ impl Default for BreakerConfig {
             enabled: true,
             failure_threshold: 5,
             open_for: Duration::from_secs(5),
-            max_open_for: Duration::from_secs(60),
+            max_open_for: Duration::from_secs(5),
         }
     }
 }
@@ -165,6 +168,8 @@ pub(crate) struct Breakers {
     cfg: BreakerConfig,
     /// std mutexes: held for a few instructions, never across an await.
     circuits: [Mutex<Circuit>; 2],
+    /// Woken when a probe of the class reports, for the calls waiting on its outcome.
+    probed: [tokio::sync::Notify; 2],
 }
 
 /// Leave to make one upstream call, from [`Breakers::admit`]. Report its result with
@@ -209,7 +214,7 @@ impl Breakers {
                 probes: 0,
             })
         };
-        Breakers { circuits: [circuit(), circuit()], cfg }
+        Breakers { circuits: [circuit(), circuit()], probed: Default::default(), cfg }
     }
 
     /// Let a call of `class` through, or refuse it while the circuit is open.
@@ -245,6 +250,26 @@ impl Breakers {
         }
     }
 
+    /// As [`admit`](Breakers::admit), but a call that arrives while a probe is in flight waits
+    /// for the probe's outcome (up to `open_for`) instead of being refused: when the exchange
+    /// is back, every call of the tick that sent the probe gets fresh data, not only the probe.
+    ///
+    /// # Errors
+    /// [`Error::CircuitOpen`] while the circuit is open, or when the probe does not report in
+    /// time.
+    pub(crate) async fn admit_waiting(&self, class: EndpointClass) -> Result<Permit<'_>> {
+        let deadline = Instant::now() + self.cfg.open_for;
+        loop {
+            // Registered before the state is read: a probe reporting in between still wakes it.
+            let probed = self.probed[class.index()].notified();
+            let probing =
+                matches!(lock(&self.circuits[class.index()]).state, State::HalfOpen { probing: true });
+            if !probing || tokio::time::timeout_at(deadline, probed).await.is_err() {
+                return self.admit(class);
+            }
+        }
+    }
+
     fn report(&self, class: EndpointClass, generation: u64, probe: bool, verdict: Health) {
         if !self.cfg.enabled {
             return;
@@ -274,6 +299,10 @@ impl Breakers {
             }
             (Health::Neutral, true) => c.state = State::HalfOpen { probing: false },
             (Health::Neutral, false) => {}
+        }
+        drop(c);
+        if probe {
+            self.probed[class.index()].notify_waiters();
         }
     }
 

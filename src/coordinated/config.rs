@@ -77,6 +77,13 @@ pub struct CoordinatedConfig {
     /// the error at once. Default 5 s.
     #[serde(with = "crate::util::duration_ms")]
     pub max_retry_wait: Duration,
+    /// The longest a read waits for the upstream (every retry included) before it answers with
+    /// stale data within `max_stale` or [`Error::Timeout`]; the fetch goes on in the background.
+    /// Default 15 s, so that a tick of many bots stays within a 30 s budget however the
+    /// exchange stalls (the client's 10 s timeout × (1 + 2 retries) would be 31 s). Zero: no
+    /// bound. A read can set its own with [`ReadOptions::by`](crate::ReadOptions::by).
+    #[serde(with = "crate::util::duration_ms")]
+    pub read_timeout: Duration,
     /// Most cached tickers (and, separately, candle series). Default 100,000.
     pub cache_capacity: u64,
     /// Most candles kept per series (oldest dropped). Default 1,000.
@@ -109,6 +116,7 @@ impl Default for CoordinatedConfig {
             max_retries: 2,
             retry_backoff: Duration::from_millis(250),
             max_retry_wait: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(15),
             cache_capacity: 100_000,
             max_candles_per_series: 1_000,
             market_data_class: EndpointClass::Public,
@@ -200,6 +208,8 @@ impl CoordinatedBuilder {
         retry_backoff: Duration,
         /// See [`CoordinatedConfig::max_retry_wait`].
         max_retry_wait: Duration,
+        /// See [`CoordinatedConfig::read_timeout`].
+        read_timeout: Duration,
         /// See [`CoordinatedConfig::cache_capacity`].
         cache_capacity: u64,
         /// See [`CoordinatedConfig::max_candles_per_series`].

@@ -73,6 +73,7 @@ pub(crate) struct Counters {
     pub(crate) retries: AtomicU64,
     pub(crate) rate_limit_errors: AtomicU64,
     pub(crate) candles_fetched: AtomicU64,
+    pub(crate) deadline_misses: AtomicU64,
     pub(crate) errors: [AtomicU64; Error::KINDS.len()],
     latencies_us: Mutex<VecDeque<u64>>,
 }
@@ -143,6 +144,7 @@ impl Counters {
             retries: get(&self.retries),
             rate_limit_errors: get(&self.rate_limit_errors),
             candles_fetched: get(&self.candles_fetched),
+            deadline_misses: get(&self.deadline_misses),
             errors_by_kind,
             upstream_latency_ms: LatencyStats {
                 samples: lat.len() as u64,
@@ -208,6 +210,10 @@ pub struct CoordinatedStats {
     pub rate_limit_errors: u64,
     /// Candles received from the upstream.
     pub candles_fetched: u64,
+    /// Reads that gave up waiting for the upstream at their deadline
+    /// ([`ReadOptions::deadline`](crate::ReadOptions::deadline)) and answered stale or
+    /// [`Error::Timeout`](crate::Error::Timeout) while the fetch went on.
+    pub deadline_misses: u64,
     /// Upstream errors by [`Error::kind`](crate::Error::kind).
     pub errors_by_kind: BTreeMap<String, u64>,
     /// Upstream latency.

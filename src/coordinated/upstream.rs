@@ -41,7 +41,7 @@ impl Inner {
         Fut: Future<Output = Result<T>>,
     {
         let r = async {
-            let permit = self.breaker.admit(class)?;
+            let permit = self.breaker.admit_waiting(class).await?;
             if let Some(gate) = self.limiting.gate() {
                 gate.acquire_with(class, op.priority()).await?;
             }
@@ -130,6 +130,25 @@ impl Inner {
         rx.await.unwrap_or_else(|_| Err(Error::Closed("the batch task stopped before answering".into())))
     }
 
+    /// The ticker of a product a batch answer left out, from a call of its own: cached if
+    /// it comes, remembered as unknown only if the exchange says so for this product alone.
+    async fn confirm_ticker(this: &Arc<Inner>, product: &ProductId, now: Instant) -> Result<Entry<Ticker>> {
+        let class = this.cfg.market_data_class;
+        match this.call(Op::Ticker, class, || this.upstream.ticker(product)).await {
+            Ok(t) if &t.product == product => {
+                let e = this.ticker_entry(t, now);
+                this.tickers.insert(product.clone(), e.clone()).await;
+                Ok(e)
+            }
+            Ok(t) => Err(Error::decode(format!("asked for {product}, the upstream answered {}", t.product))),
+            Err(Error::NotFound(m)) => {
+                this.remember_unknown(product).await;
+                Err(Error::NotFound(m))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Send one batched call and answer every request in it.
     pub(super) async fn flush(this: Arc<Inner>, items: Items) {
         let products: Vec<ProductId> = items.iter().map(|(p, _)| p.clone()).collect();
@@ -163,10 +182,11 @@ impl Inner {
                             this.tickers.insert(p, e.clone()).await;
                             Ok(e)
                         }
-                        None => {
-                            this.remember_unknown(&p).await;
-                            Err(Error::NotFound(p.to_string()))
-                        }
+                        // Left out of the batch answer: unknown, or dropped by a server that
+                        // answered only part of the question. One bad answer must not blind a
+                        // product for `negative_ttl`, so it is asked for alone before it is
+                        // remembered as unknown.
+                        None => Inner::confirm_ticker(&this, &p, now).await,
                     };
                     let _ = tx.send(reply);
                 }

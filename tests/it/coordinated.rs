@@ -194,3 +194,23 @@ async fn a_cancelled_reader_does_not_cancel_the_shared_fetch() {
     assert!(source.ticker(&btc).await.is_ok());
     assert_eq!(sim.stats().total_calls, 1);
 }
+
+/// A coordinated source with retries over a client with retries of its own: the outer layer
+/// owns the call (RetryPolicy), so a failing read sends 1 + 2 requests, not (1 + 2) × (1 + 3).
+#[tokio::test(start_paused = true)]
+async fn retries_on_both_layers_do_not_multiply() {
+    let sim = SimExchange::builder().start().await.unwrap();
+    sim.add_fault(Fault::status(503));
+    let client = sim.client_builder().max_retries(3).build().unwrap();
+    let source =
+        CoordinatedSource::coinbase(client.clone()).batch_tickers(false).max_retries(2).build().unwrap();
+    let e = source.ticker(&pid("BTC-USD")).await.unwrap_err();
+    assert!(matches!(e, Error::Upstream { status: 503, .. }), "{e:?}");
+    assert_eq!(sim.stats().total_calls, 3, "1 attempt + max_retries (2) of the coordinated source");
+    assert_eq!(source.stats().retries, 2);
+    assert_eq!(source.stats().upstream_calls, 3);
+    // The client alone still retries as configured.
+    let e = client.ticker(&pid("ETH-USD")).await.unwrap_err();
+    assert!(matches!(e, Error::Upstream { status: 503, .. }), "{e:?}");
+    assert_eq!(sim.stats().total_calls, 3 + 4);
+}
