@@ -7,6 +7,7 @@ mod coordinated;
 mod evaluator;
 mod faults;
 mod fuzz;
+mod jwt;
 mod load;
 mod props;
 mod redis;
