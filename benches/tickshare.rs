@@ -11,6 +11,7 @@
 //! regression in caching, coalescing or batching fails the bench instead of making it faster.
 #![allow(missing_docs)]
 
+mod auth;
 mod batch;
 mod cache;
 mod coalesce;
@@ -31,6 +32,6 @@ criterion_group! {
     name = benches;
     config = config();
     targets = cache::bench, coalesce::bench, batch::bench, evaluator::bench, limiter::bench,
-        legacy_vs_coordinated::bench
+        legacy_vs_coordinated::bench, auth::bench
 }
 criterion_main!(benches);

@@ -1,6 +1,6 @@
 //! The Coinbase Advanced Trade v3 REST client.
 //!
-//! [`CoinbaseClient`] speaks the real API (reqwest over rustls, ES256 JWT auth) and
+//! [`CoinbaseClient`] speaks the real API (reqwest over rustls, EdDSA or ES256 JWT auth) and
 //! implements [`MarketDataSource`] with one HTTP request per call, except where the exchange
 //! forces more: candle ranges over 350 buckets are split, `best_bid_ask` is chunked, and
 //! accounts are paginated. Point it at the simulated exchange with

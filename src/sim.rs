@@ -68,8 +68,8 @@
 //! # Authentication
 //!
 //! Private endpoints need `Authorization: Bearer <jwt>` (401 `UNAUTHENTICATED` otherwise).
-//! Without [`SimBuilder::jwt_public_key_pem`], any well-formed JWT passes; with it, the ES256
-//! signature, `exp`/`nbf` (system time, 5 s leeway) and the `uri` claim
+//! Without [`SimBuilder::jwt_public_key_pem`], any well-formed JWT passes; with it, the ES256 or
+//! EdDSA signature, `exp`/`nbf` (system time, 5 s leeway) and the `uri` claim
 //! (`"GET {any host}{path}"`, optionally with `http://`) are verified.
 //!
 //! # Order of checks
@@ -108,7 +108,6 @@ use std::{
     time::Duration,
 };
 
-use p256::ecdsa::VerifyingKey;
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
@@ -121,7 +120,7 @@ pub use ws::{WsConfig, WsFault, WsStats};
 
 use crate::{
     clock::Clock,
-    coinbase::{CoinbaseClient, CoinbaseClientBuilder, Credentials},
+    coinbase::{CoinbaseClient, CoinbaseClientBuilder, Credentials, auth::VerifyingKey},
     error::Result,
     model::{Candle, Granularity, ProductId},
     util::lock,

@@ -6,7 +6,6 @@ use std::{
     time::Duration,
 };
 
-use p256::{ecdsa::VerifyingKey, pkcs8::DecodePublicKey};
 use rust_decimal::Decimal;
 use tokio::{net::TcpListener, sync::watch};
 
@@ -21,6 +20,7 @@ use super::{
 };
 use crate::{
     clock::Clock,
+    coinbase::auth::VerifyingKey,
     error::{Error, Result},
     limiter::EndpointClass,
     model::ProductId,
@@ -265,8 +265,9 @@ impl SimBuilder {
         self
     }
 
-    /// Verify JWTs against this P-256 public key (PEM, `-----BEGIN PUBLIC KEY-----`). Without
-    /// it any well-formed JWT is accepted.
+    /// Verify JWTs against this P-256 (ES256) or Ed25519 (EdDSA) public key (PEM,
+    /// `-----BEGIN PUBLIC KEY-----`, as [`Credentials::public_key_pem`] writes it). Without it
+    /// any well-formed JWT is accepted.
     pub fn jwt_public_key_pem(mut self, pem: &str) -> Self {
         self.jwt_public_key_pem = Some(pem.to_string());
         self
@@ -307,8 +308,8 @@ impl SimBuilder {
     /// Bind `127.0.0.1:port` and start serving on the current tokio runtime.
     ///
     /// # Errors
-    /// [`Error::Config`] when a limit is 0, a product id is invalid, the PEM is not a P-256
-    /// public key, the port cannot be bound, or no tokio runtime is running.
+    /// [`Error::Config`] when a limit is 0, a product id is invalid, the PEM is neither a
+    /// P-256 nor an Ed25519 public key, the port cannot be bound, or no tokio runtime is running.
     pub async fn start(self) -> Result<SimExchange> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::Config("SimExchange must be started inside a tokio runtime".into()));
@@ -329,9 +330,7 @@ impl SimBuilder {
             .map_err(|e| Error::Config(format!("sim products: {e}")))?;
         let jwt_key = match &self.jwt_public_key_pem {
             None => None,
-            Some(pem) => Some(VerifyingKey::from_public_key_pem(pem.trim()).map_err(|e| {
-                Error::Config(format!("sim JWT public key is not a P-256 PEM public key: {e}"))
-            })?),
+            Some(pem) => Some(VerifyingKey::from_public_key_pem(pem)?),
         };
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, self.port))
             .await

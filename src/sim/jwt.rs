@@ -1,8 +1,9 @@
 //! Bearer-JWT checks for the private endpoints.
 //!
 //! Without a configured public key, any well-formed token passes: three base64url segments
-//! whose header decodes to a JSON object with a string `alg`. With a P-256 public key, the token
-//! must also be `ES256`, carry a valid raw `r || s` signature, be within `nbf`/`exp` (real
+//! whose header decodes to a JSON object with a string `alg`. With a public key (P-256 or
+//! Ed25519), the token must also carry the key's `alg` (`ES256` or `EdDSA`) and a valid 64-byte
+//! signature (raw `r || s`, or Ed25519's `R || S` checked strictly), be within `nbf`/`exp` (real
 //! system time, 5 s leeway), and have a `uri` claim equal to `"{METHOD} {host}{path}"` for any
 //! host (with or without an `http://` or `https://` prefix, as ccxt sends it) and the request
 //! path without its query. ccxt's EdDSA-style `uris` array is accepted in place of `uri`.
@@ -10,8 +11,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use p256::ecdsa::{Signature, VerifyingKey, signature::Verifier};
 use serde_json::Value;
+
+use crate::coinbase::auth::VerifyingKey;
 
 /// Seconds of clock skew tolerated on `nbf` and `exp`.
 pub(crate) const LEEWAY_SECS: i64 = 5;
@@ -33,7 +35,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "missing bearer token",
             AuthError::Malformed => "malformed JWT",
-            AuthError::Algorithm => "unsupported JWT algorithm, expected ES256",
+            AuthError::Algorithm => "JWT alg does not match the key (ES256 for P-256, EdDSA for Ed25519)",
             AuthError::Signature => "invalid JWT signature",
             AuthError::Expired => "JWT expired",
             AuthError::NotYetValid => "JWT not yet valid",
@@ -77,12 +79,13 @@ pub(crate) fn check(
         b64(c)?;
         return Ok(());
     };
-    if alg != "ES256" {
+    if alg != key.algorithm().jwt_alg() {
         return Err(AuthError::Algorithm);
     }
-    let signature = Signature::from_slice(&signature).map_err(|_| AuthError::Signature)?;
     let signed = &token[..h.len() + 1 + c.len()];
-    key.verify(signed.as_bytes(), &signature).map_err(|_| AuthError::Signature)?;
+    if !key.verify_signature(signed.as_bytes(), &signature) {
+        return Err(AuthError::Signature);
+    }
 
     let claims = json_object(c)?;
     let now = SystemTime::now()
@@ -125,19 +128,65 @@ fn uri_matches(uri: &str, method: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use p256::ecdsa::{SigningKey, signature::Signer};
+    use p256::{
+        ecdsa::signature::Signer,
+        pkcs8::{EncodePublicKey, LineEnding},
+    };
 
-    fn token(key: &SigningKey, header: &str, claims: &str) -> String {
+    /// A signing key of either type, to sign hand-made headers and claims.
+    enum Key {
+        Ec(p256::ecdsa::SigningKey),
+        Ed(ed25519_dalek::SigningKey),
+    }
+
+    impl Key {
+        fn ec() -> Key {
+            Key::Ec(p256::ecdsa::SigningKey::random(&mut rand_core::OsRng))
+        }
+
+        fn ed() -> Key {
+            let mut seed = [0u8; 32];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+            Key::Ed(ed25519_dalek::SigningKey::from_bytes(&seed))
+        }
+
+        fn alg(&self) -> &'static str {
+            match self {
+                Key::Ec(_) => "ES256",
+                Key::Ed(_) => "EdDSA",
+            }
+        }
+
+        fn header(&self) -> String {
+            format!(r#"{{"alg":"{}","kid":"k","nonce":"ab","typ":"JWT"}}"#, self.alg())
+        }
+
+        fn sign(&self, message: &[u8]) -> Vec<u8> {
+            match self {
+                Key::Ec(k) => Signer::<p256::ecdsa::Signature>::sign(k, message).to_vec(),
+                Key::Ed(k) => k.sign(message).to_vec(),
+            }
+        }
+
+        /// The public half, the way the simulator gets it: as PEM.
+        fn public(&self) -> VerifyingKey {
+            let pem = match self {
+                Key::Ec(k) => k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap(),
+                Key::Ed(k) => k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap(),
+            };
+            VerifyingKey::from_public_key_pem(&pem).unwrap()
+        }
+    }
+
+    fn token(key: &Key, header: &str, claims: &str) -> String {
         let signed = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
-        let sig: Signature = key.sign(signed.as_bytes());
-        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(key.sign(signed.as_bytes())))
     }
 
     fn now() -> i64 {
         SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
     }
 
-    const HEADER: &str = r#"{"alg":"ES256","kid":"k","nonce":"ab","typ":"JWT"}"#;
     const PATH: &str = "/api/v3/brokerage/accounts";
 
     fn claims(uri: &str, nbf: i64, exp: i64) -> String {
@@ -156,53 +205,72 @@ mod tests {
         }
     }
 
+    /// The same table for an EC P-256 key (ES256) and an Ed25519 key (EdDSA).
     #[test]
-    fn verification_table() {
-        let sk = SigningKey::random(&mut rand_core::OsRng);
-        let vk = *sk.verifying_key();
-        let other = SigningKey::random(&mut rand_core::OsRng);
-        let t = now();
-        let good_uri = format!("GET api.coinbase.com{PATH}");
-        let bearer = |tok: String| format!("Bearer {tok}").into_bytes();
-        type Row = (Option<Vec<u8>>, Result<(), AuthError>);
-        let rows: Vec<Row> = vec![
-            (Some(bearer(token(&sk, HEADER, &claims(&good_uri, t, t + 120)))), Ok(())),
-            (
-                Some(bearer(token(
-                    &sk,
-                    HEADER,
-                    &claims(&format!("GET http://127.0.0.1:9{PATH}"), t, t + 120),
-                ))),
-                Ok(()),
-            ),
-            (None, Err(AuthError::Missing)),
-            (Some(b"Basic abc".to_vec()), Err(AuthError::Missing)),
-            (Some(bearer("garbage".into())), Err(AuthError::Malformed)),
-            (Some(bearer("a.b.c".into())), Err(AuthError::Malformed)),
-            (Some(bearer(token(&other, HEADER, &claims(&good_uri, t, t + 120)))), Err(AuthError::Signature)),
-            (Some(bearer(token(&sk, HEADER, &claims(&good_uri, t - 300, t - 100)))), Err(AuthError::Expired)),
-            (
-                Some(bearer(token(&sk, HEADER, &claims(&good_uri, t + 100, t + 220)))),
-                Err(AuthError::NotYetValid),
-            ),
-            (
-                Some(bearer(token(&sk, HEADER, &claims("GET h/api/v3/brokerage/products", t, t + 120)))),
-                Err(AuthError::Uri),
-            ),
-            (
-                Some(bearer(token(&sk, r#"{"alg":"EdDSA"}"#, &claims(&good_uri, t, t + 120)))),
-                Err(AuthError::Algorithm),
-            ),
-        ];
-        for (i, (header, expected)) in rows.into_iter().enumerate() {
-            assert_eq!(check(header.as_deref(), Some(&vk), "GET", PATH), expected, "row {i}");
+    fn verification_table_for_both_algorithms() {
+        for (sk, other, other_type) in [(Key::ec(), Key::ec(), Key::ed()), (Key::ed(), Key::ed(), Key::ec())]
+        {
+            let vk = sk.public();
+            let header = sk.header();
+            let alg = sk.alg();
+            let t = now();
+            let good_uri = format!("GET api.coinbase.com{PATH}");
+            let bearer = |tok: String| format!("Bearer {tok}").into_bytes();
+            type Row = (Option<Vec<u8>>, Result<(), AuthError>);
+            let rows: Vec<Row> = vec![
+                (Some(bearer(token(&sk, &header, &claims(&good_uri, t, t + 120)))), Ok(())),
+                (
+                    Some(bearer(token(
+                        &sk,
+                        &header,
+                        &claims(&format!("GET http://127.0.0.1:9{PATH}"), t, t + 120),
+                    ))),
+                    Ok(()),
+                ),
+                (None, Err(AuthError::Missing)),
+                (Some(b"Basic abc".to_vec()), Err(AuthError::Missing)),
+                (Some(bearer("garbage".into())), Err(AuthError::Malformed)),
+                (Some(bearer("a.b.c".into())), Err(AuthError::Malformed)),
+                (
+                    Some(bearer(token(&other, &header, &claims(&good_uri, t, t + 120)))),
+                    Err(AuthError::Signature),
+                ),
+                // A 64-byte signature of the other algorithm, under this key's alg.
+                (
+                    Some(bearer(token(&other_type, &header, &claims(&good_uri, t, t + 120)))),
+                    Err(AuthError::Signature),
+                ),
+                (
+                    Some(bearer(token(&sk, &header, &claims(&good_uri, t - 300, t - 100)))),
+                    Err(AuthError::Expired),
+                ),
+                (
+                    Some(bearer(token(&sk, &header, &claims(&good_uri, t + 100, t + 220)))),
+                    Err(AuthError::NotYetValid),
+                ),
+                (
+                    Some(bearer(token(&sk, &header, &claims("GET h/api/v3/brokerage/products", t, t + 120)))),
+                    Err(AuthError::Uri),
+                ),
+                (
+                    Some(bearer(token(&other_type, &other_type.header(), &claims(&good_uri, t, t + 120)))),
+                    Err(AuthError::Algorithm),
+                ),
+                (
+                    Some(bearer(token(&sk, r#"{"alg":"none"}"#, &claims(&good_uri, t, t + 120)))),
+                    Err(AuthError::Algorithm),
+                ),
+            ];
+            for (i, (header, expected)) in rows.into_iter().enumerate() {
+                assert_eq!(check(header.as_deref(), Some(&vk), "GET", PATH), expected, "{alg} row {i}");
+            }
         }
     }
 
     #[test]
     fn without_a_key_any_well_formed_token_passes() {
-        let sk = SigningKey::random(&mut rand_core::OsRng);
-        let tok = token(&sk, HEADER, "{}");
+        let sk = Key::ec();
+        let tok = token(&sk, &sk.header(), "{}");
         assert_eq!(check(Some(format!("Bearer {tok}").as_bytes()), None, "GET", "/"), Ok(()));
         let no_alg = token(&sk, r#"{"typ":"JWT"}"#, "{}");
         assert_eq!(

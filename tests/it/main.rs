@@ -8,6 +8,7 @@ mod evaluator;
 mod faults;
 mod fuzz;
 mod hostile;
+mod jwt;
 mod load;
 mod props;
 mod redis;

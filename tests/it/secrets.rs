@@ -126,11 +126,13 @@ fn zeroize_on_drop<T: zeroize::ZeroizeOnDrop>() {}
 #[test]
 fn key_material_is_zeroized_on_drop() {
     // What the type system can show: the one field of `Credentials` that holds key material is
-    // a p256 `SigningKey`, whose `Drop` zeroizes the secret scalar (`ZeroizeOnDrop`), and
-    // `Credentials` itself carries the marker. The `SecretKey` parsed from the PEM on the way
-    // is `ZeroizeOnDrop` too, and the PEM copy is held in `Zeroizing`. Reading freed memory to
-    // watch the bytes go is not possible without `unsafe`, which this crate forbids.
+    // an ed25519-dalek or a p256 `SigningKey`, whose `Drop` zeroizes the secret
+    // (`ZeroizeOnDrop`), and `Credentials` itself carries the marker. The `SecretKey` parsed
+    // from an EC PEM on the way is `ZeroizeOnDrop` too, and the secret's text is held in
+    // `Zeroizing`. Reading freed memory to watch the bytes go is not possible without
+    // `unsafe`, which this crate forbids.
     zeroize_on_drop::<Credentials>();
+    zeroize_on_drop::<ed25519_dalek::SigningKey>();
     zeroize_on_drop::<p256::ecdsa::SigningKey>();
     zeroize_on_drop::<p256::SecretKey>();
     zeroize_on_drop::<zeroize::Zeroizing<String>>();
