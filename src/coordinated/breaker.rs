@@ -365,9 +365,10 @@ mod tests {
         let bad = BreakerConfig { open_for: Duration::ZERO, ..Default::default() };
         assert!(bad.validate().is_err());
         let bad = BreakerConfig { max_open_for: Duration::from_secs(1), ..Default::default() };
+        assert_eq!(BreakerConfig::default().max_open_for, BreakerConfig::default().open_for);
         assert!(bad.validate().is_err());
         let json = serde_json::to_string(&BreakerConfig::default()).unwrap();
-        assert_eq!(json, r#"{"enabled":true,"failure_threshold":5,"open_for":5000,"max_open_for":60000}"#);
+        assert_eq!(json, r#"{"enabled":true,"failure_threshold":5,"open_for":5000,"max_open_for":5000}"#);
         let partial: BreakerConfig = serde_json::from_str(r#"{"failure_threshold":2}"#).unwrap();
         assert_eq!(partial, cfg(2));
     }
@@ -402,7 +403,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens_for_longer() {
-        let b = Breakers::new(cfg(1));
+        // Doubling is opt-in since the default cap equals `open_for` (fast recovery, #16).
+        let b = Breakers::new(BreakerConfig { max_open_for: Duration::from_secs(60), ..cfg(1) });
         fail(&b);
         tokio::time::advance(Duration::from_secs(5)).await;
         fail(&b); // the probe
