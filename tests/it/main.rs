@@ -10,6 +10,7 @@ mod fuzz;
 mod hostile;
 mod jwt;
 mod load;
+mod outage;
 mod props;
 mod redis;
 mod secrets;
