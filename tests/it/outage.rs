@@ -52,7 +52,13 @@ async fn tick(source: &CoordinatedSource, clock: Clock, products: &[ProductId], 
 #[tokio::test(start_paused = true)]
 async fn after_a_minute_of_500s_the_first_tick_is_fresh_and_the_outage_cost_little() {
     let clock = fixed_clock();
-    let sim = SimExchange::builder().products(25).clock(clock).start().await.unwrap();
+    let sim = SimExchange::builder()
+        .latency(Duration::from_millis(30))
+        .products(25)
+        .clock(clock)
+        .start()
+        .await
+        .unwrap();
     let source = CoordinatedSource::coinbase(sim.client_builder().clock(clock).build().unwrap())
         .clock(clock)
         .candle_jitter(Duration::ZERO)
@@ -64,10 +70,11 @@ async fn after_a_minute_of_500s_the_first_tick_is_fresh_and_the_outage_cost_litt
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = sim.stats().total_calls;
-    sim.add_fault(Fault::status(500).for_duration(Duration::from_secs(60)));
+    // From 5 s to 60 s every request fails with 500.
+    sim.add_fault(Fault::status(500).for_duration(Duration::from_secs(55)));
     let mut during = Vec::new();
-    // Ticks at 10, 20, ..., 60 s: inside the outage (it ends at 65 s).
-    for _ in 0..6 {
+    // Ticks at 15, 25, ..., 55 s: inside the outage.
+    for _ in 0..5 {
         tokio::time::sleep(TICK).await;
         during.push(tick(&source, clock, &products, ReadOptions::default()).await);
     }
