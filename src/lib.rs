@@ -31,8 +31,26 @@
 //! ```text
 //! bot ─► BatchEvaluator ─► SourceSelector ─┬─ legacy ──► DirectSource ─────────────────────┐
 //!                                          └─ coordinated ► CoordinatedSource               ├─► CoinbaseClient ─► exchange
-//!                                              cache ► single-flight ► batcher ─────────────┘   (JWT, RateLimiter)
+//!                                              cache ► single-flight ► batcher ► upstream ──┘   (JWT, RateLimiter)
 //! ```
+//!
+//! # Layout
+//!
+//! Each concern has the file named after it (the README's Architecture section has the table):
+//!
+//! - `source.rs`: the [`MarketDataSource`] trait; `direct.rs`: [`DirectSource`].
+//! - `coordinated.rs`: [`CoordinatedSource`]'s read paths; beside it `coordinated/config.rs`
+//!   (config and builder), `cache.rs`, `coalesce.rs` (single-flight), `batch.rs`, `series.rs`
+//!   (incremental candles), `upstream.rs` (the one way out: breaker, gate, outcome, retries),
+//!   `breaker.rs`, `stats.rs`, `feed.rs` (what the stream pushes).
+//! - `retry.rs`: [`RetryPolicy`], used by every layer that retries.
+//! - `limiter.rs` with `limiter/{config,queue}.rs`: [`RateLimiter`]; `clock.rs`: [`Clock`] and
+//!   governor's clock adapter.
+//! - `coinbase.rs` with `coinbase/{auth,body,classify,validate,wire}.rs`: [`CoinbaseClient`].
+//! - `error.rs`: [`Error`] and every classification of it.
+//! - `evaluator.rs`, `strategy.rs`, `schedule.rs`, `flags.rs`, `selector.rs`: the bots' side.
+//! - `stream.rs`, `redis.rs`, `sim.rs` (features `stream`, `redis`, `sim`), each with a folder.
+//! - `util.rs`: crate plumbing (`lock`, counters, duration serde, builder setters).
 //!
 //! # Crate features
 //!
