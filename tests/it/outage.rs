@@ -49,22 +49,21 @@ async fn tick(source: &CoordinatedSource, clock: Clock, products: &[ProductId], 
     seen
 }
 
+/// 25 products on the simulated exchange with `latency`, and a coordinated source with its
+/// default settings over it.
+async fn start(latency: Duration) -> (SimExchange, CoordinatedSource, Clock, Vec<ProductId>) {
+    let clock = fixed_clock();
+    let sim = SimExchange::builder().latency(latency).products(25).clock(clock).start().await.unwrap();
+    let client = sim.client_builder().clock(clock).build().unwrap();
+    let source =
+        CoordinatedSource::coinbase(client).clock(clock).candle_jitter(Duration::ZERO).build().unwrap();
+    let products = sim.products();
+    (sim, source, clock, products)
+}
+
 #[tokio::test(start_paused = true)]
 async fn after_a_minute_of_500s_the_first_tick_is_fresh_and_the_outage_cost_little() {
-    let clock = fixed_clock();
-    let sim = SimExchange::builder()
-        .latency(Duration::from_millis(30))
-        .products(25)
-        .clock(clock)
-        .start()
-        .await
-        .unwrap();
-    let source = CoordinatedSource::coinbase(sim.client_builder().clock(clock).build().unwrap())
-        .clock(clock)
-        .candle_jitter(Duration::ZERO)
-        .build()
-        .unwrap();
-    let products = sim.products();
+    let (sim, source, clock, products) = start(Duration::from_millis(30)).await;
     let healthy = tick(&source, clock, &products, ReadOptions::default()).await;
     assert_eq!(healthy, Seen { fresh: 28, stale: 0, failed: 0 });
 
@@ -96,14 +95,7 @@ async fn after_a_minute_of_500s_the_first_tick_is_fresh_and_the_outage_cost_litt
 
 #[tokio::test(start_paused = true)]
 async fn a_stalled_exchange_does_not_stall_a_tick_with_a_deadline() {
-    let clock = fixed_clock();
-    let sim = SimExchange::builder().products(25).clock(clock).start().await.unwrap();
-    let source = CoordinatedSource::coinbase(sim.client_builder().clock(clock).build().unwrap())
-        .clock(clock)
-        .candle_jitter(Duration::ZERO)
-        .build()
-        .unwrap();
-    let products = sim.products();
+    let (sim, source, clock, products) = start(Duration::ZERO).await;
     assert_eq!(tick(&source, clock, &products, ReadOptions::default()).await.failed, 0);
 
     // Every request now hangs for 40 s: the client's timeout (10 s) × (1 + 2 retries) is 31 s.
