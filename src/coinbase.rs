@@ -17,7 +17,7 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -143,6 +143,7 @@ pub struct CoinbaseClientBuilder {
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
+    unauthorized_retry: Option<Duration>,
     accounts_max_pages: u32,
     max_body_bytes: usize,
     max_retry_after: Duration,
@@ -163,6 +164,7 @@ impl Default for CoinbaseClientBuilder {
             candle_max_buckets: MAX_CANDLES_PER_REQUEST,
             accounts_page_limit: 250,
             retry: RetryPolicy::none(),
+            unauthorized_retry: Some(Duration::from_millis(500)),
             accounts_max_pages: 100,
             max_body_bytes: body::DEFAULT_MAX_BODY_BYTES,
             max_retry_after: body::DEFAULT_MAX_RETRY_AFTER,
@@ -272,6 +274,17 @@ impl CoinbaseClientBuilder {
         self
     }
 
+    /// After a 401 on a private request, re-read the exchange's clock
+    /// ([`CoinbaseClient::sync_clock`]) and, if the clock was off by a second or more or the key
+    /// has worked before, wait `backoff` and send once more with a fresh token (default on,
+    /// 500 ms; `None` turns it off). Coinbase answers 401 for a token minted by a clock ahead of
+    /// its own, and has been seen answering throttled requests 401. A key that is refused from
+    /// the start costs one `/time` request before [`Error::Unauthorized`].
+    pub fn unauthorized_retry(mut self, backoff: Option<Duration>) -> Self {
+        self.unauthorized_retry = backoff;
+        self
+    }
+
     /// The whole retry policy of idempotent GETs (default [`RetryPolicy::none`]).
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
@@ -351,6 +364,9 @@ impl CoinbaseClientBuilder {
                 candle_max_buckets: self.candle_max_buckets,
                 accounts_page_limit: self.accounts_page_limit,
                 retry: self.retry,
+                unauthorized_retry: self.unauthorized_retry,
+                exchange_offset_ms: AtomicI64::new(0),
+                key_worked: AtomicBool::new(false),
                 accounts_max_pages: self.accounts_max_pages,
                 limits: body::Limits {
                     max_body_bytes: self.max_body_bytes,
@@ -394,6 +410,11 @@ struct ClientInner {
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
+    unauthorized_retry: Option<Duration>,
+    /// The exchange's clock minus ours, milliseconds ([`CoinbaseClient::sync_clock`]).
+    exchange_offset_ms: AtomicI64,
+    /// A private request has succeeded with this key.
+    key_worked: AtomicBool,
     accounts_max_pages: u32,
     /// Body size and rate-limit wait bounds (body.rs).
     limits: body::Limits,
@@ -528,7 +549,67 @@ impl CoinbaseClient {
         let on_retry = |retry: u32, e: &Error, wait: Duration| {
             tracing::debug!(endpoint = endpoint.as_str(), attempt = retry, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
         };
-        inner.retry.run(|| self.attempt(endpoint, class, &url, &full_path), on_retry).await
+        let r = inner.retry.run(|| self.attempt(endpoint, class, &url, &full_path), on_retry).await;
+        match (r, inner.unauthorized_retry) {
+            (Err(Error::Unauthorized(m)), Some(backoff))
+                if class == EndpointClass::Private && inner.creds.is_some() =>
+            {
+                // A token from a clock ahead of the exchange's, or throttling answered 401
+                // (both seen on Coinbase): re-read the exchange's clock; try once more, after
+                // a backoff and with a fresh token, if the key has worked before or the clock
+                // was off by a second or more. A key that never worked and a right clock: the
+                // key is refused, and retrying would only count another failure.
+                let before = self.clock_offset();
+                let skewed = match Box::pin(self.sync_clock()).await {
+                    Ok(after) => (after - before).abs() >= time::Duration::SECOND,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not read the exchange's clock after a 401");
+                        false
+                    }
+                };
+                if !(skewed || inner.key_worked.load(Ordering::Relaxed)) {
+                    return Err(Error::Unauthorized(m));
+                }
+                tokio::time::sleep(backoff).await;
+                tracing::debug!(endpoint = endpoint.as_str(), skewed, "retrying once after 401");
+                self.attempt(endpoint, class, &url, &full_path).await
+            }
+            (r, _) => r,
+        }
+    }
+
+    /// Read the exchange's clock (`GET /time`, public) and mint every later JWT from it: `nbf`
+    /// is the system time plus the offset found. Called by the client after a 401; call it at
+    /// start-up on a host whose clock may be off. Returns the offset (the exchange's clock minus
+    /// this client's [`Clock`]).
+    ///
+    /// # Errors
+    /// Transport, rate-limit, decode errors of `/time`; the offset is then left as it was.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the offset is written only once the answer is in.
+    pub async fn sync_clock(&self) -> Result<time::Duration> {
+        let server = self.server_time().await?;
+        // Compared with the time the answer arrived: its transit makes the offset a little
+        // low, never high, so a token is never minted ahead of the exchange's clock.
+        let offset = server - self.inner.clock.now_utc();
+        let ms = i64::try_from(offset.whole_milliseconds()).unwrap_or(0);
+        self.inner.exchange_offset_ms.store(ms, Ordering::Relaxed);
+        tracing::debug!(offset_ms = ms, "exchange clock offset");
+        Ok(offset)
+    }
+
+    /// The offset to the exchange's clock in use for JWTs (zero until
+    /// [`sync_clock`](CoinbaseClient::sync_clock) has run).
+    pub fn clock_offset(&self) -> time::Duration {
+        time::Duration::milliseconds(self.inner.exchange_offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// The exchange's "now" for a JWT's `nbf`, UNIX seconds (rounded down).
+    fn jwt_now(&self) -> u64 {
+        let ms = i128::from(auth::unix_now()) * 1000
+            + i128::from(self.inner.exchange_offset_ms.load(Ordering::Relaxed));
+        u64::try_from(ms.div_euclid(1000)).unwrap_or(0)
     }
 
     /// One HTTP request: the limiter admits it, it is signed and sent, and its outcome is
@@ -552,7 +633,7 @@ impl CoinbaseClient {
                     endpoint.as_str()
                 ))
             })?;
-            req = req.bearer_auth(creds.rest_jwt("GET", &inner.jwt_host, path));
+            req = req.bearer_auth(creds.rest_jwt_at("GET", &inner.jwt_host, path, self.jwt_now()));
         }
         inner.requests[endpoint.index()].fetch_add(1, Ordering::Relaxed);
         let outcome = async {
@@ -565,6 +646,7 @@ impl CoinbaseClient {
             l.record(class, &outcome);
         }
         match &outcome {
+            Ok(_) if class == EndpointClass::Private => inner.key_worked.store(true, Ordering::Relaxed),
             Ok(_) => {}
             Err(Error::RateLimited { .. }) => {
                 inner.rate_limited.fetch_add(1, Ordering::Relaxed);

@@ -483,6 +483,9 @@ struct Shared {
     market: Market,
     seed: u64,
     jwt_key: Option<VerifyingKey>,
+    /// How far the exchange's clock is ahead of the host's ([`SimBuilder::clock_skew`]).
+    clock_skew: time::Duration,
+    jwt_leeway_secs: i64,
     accounts: Mutex<Arc<Vec<SimAccount>>>,
     limiter: Mutex<Limiter>,
     counters: Mutex<Counters>,

@@ -396,6 +396,12 @@ impl Credentials {
         self.mint(Some(format!("{method} {host}{path}")), unix_now())
     }
 
+    /// As [`rest_jwt`](Credentials::rest_jwt), with `nbf` = `unix_secs` (the exchange's clock,
+    /// e.g. the system time corrected by [`CoinbaseClient::sync_clock`](crate::CoinbaseClient::sync_clock)).
+    pub fn rest_jwt_at(&self, method: &str, host: &str, path: &str, unix_secs: u64) -> String {
+        self.mint(Some(format!("{method} {host}{path}")), unix_secs)
+    }
+
     /// Mint a JWT for a WebSocket subscribe message (no `uri` claim).
     pub fn ws_jwt(&self) -> String {
         self.mint(None, unix_now())

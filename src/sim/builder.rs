@@ -183,6 +183,8 @@ pub struct SimBuilder {
     pub(super) latency: Duration,
     pub(super) jitter: Duration,
     pub(super) jwt_public_key_pem: Option<String>,
+    pub(super) clock_skew: time::Duration,
+    pub(super) jwt_leeway: Duration,
     pub(super) html_429: bool,
     pub(super) retry_after: bool,
     pub(super) accounts: Vec<SimAccount>,
@@ -203,6 +205,8 @@ impl Default for SimBuilder {
             latency: Duration::ZERO,
             jitter: Duration::ZERO,
             jwt_public_key_pem: None,
+            clock_skew: time::Duration::ZERO,
+            jwt_leeway: Duration::from_secs(super::jwt::LEEWAY_SECS.unsigned_abs()),
             html_429: false,
             retry_after: false,
             accounts: SimAccount::defaults(),
@@ -262,6 +266,22 @@ impl SimBuilder {
     /// A random extra latency in `[0, jitter]` per response, from the seeded generator.
     pub fn jitter(mut self, jitter: Duration) -> Self {
         self.jitter = jitter;
+        self
+    }
+
+    /// The exchange's clock runs `skew` ahead of the host's (negative: behind): `/time`
+    /// answers with it, and a pinned key's JWTs are judged by it (`nbf`, `exp`). Default zero.
+    /// With [`jwt_leeway`](SimBuilder::jwt_leeway) zero, a client that mints tokens from its
+    /// own clock is refused as soon as its clock is ahead of the exchange's.
+    pub fn clock_skew(mut self, skew: time::Duration) -> Self {
+        self.clock_skew = skew;
+        self
+    }
+
+    /// How far outside `nbf`..`exp` a pinned key's JWT is still accepted (default 5 s; Coinbase
+    /// has been seen refusing a token minted about a second ahead).
+    pub fn jwt_leeway(mut self, leeway: Duration) -> Self {
+        self.jwt_leeway = leeway;
         self
     }
 
@@ -347,6 +367,8 @@ impl SimBuilder {
             market: Market::new(self.seed, &ids),
             seed: self.seed,
             jwt_key,
+            clock_skew: self.clock_skew,
+            jwt_leeway_secs: i64::try_from(self.jwt_leeway.as_secs()).unwrap_or(i64::MAX),
             accounts: Mutex::new(Arc::new(self.accounts)),
             limiter: Mutex::new(Limiter::new(limits(self.public_limit), limits(self.private_limit))),
             counters: Mutex::new(Counters::default()),

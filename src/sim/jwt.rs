@@ -16,6 +16,7 @@ use serde_json::Value;
 use crate::coinbase::auth::VerifyingKey;
 
 /// Seconds of clock skew tolerated on `nbf` and `exp`.
+/// The default leeway of `nbf`/`exp` checks ([`SimBuilder::jwt_leeway`](super::SimBuilder::jwt_leeway)).
 pub(crate) const LEEWAY_SECS: i64 = 5;
 
 /// Why a request was not authenticated; the text goes into the 401 body.
@@ -55,12 +56,25 @@ fn json_object(segment: &str) -> Result<serde_json::Map<String, Value>, AuthErro
     }
 }
 
+/// The exchange's "now" (UNIX seconds) and how far outside `nbf`..`exp` a token may be.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    pub(crate) now: i64,
+    pub(crate) leeway: i64,
+}
+
+/// The system time in UNIX seconds.
+pub(crate) fn system_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// Check the `Authorization` header value of a request to `method path`.
 pub(crate) fn check(
     authorization: Option<&[u8]>,
     key: Option<&VerifyingKey>,
     method: &str,
     path: &str,
+    window: Window,
 ) -> Result<(), AuthError> {
     let raw = authorization.ok_or(AuthError::Missing)?;
     let raw = std::str::from_utf8(raw).map_err(|_| AuthError::Malformed)?;
@@ -88,16 +102,14 @@ pub(crate) fn check(
     }
 
     let claims = json_object(c)?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let Window { now, leeway } = window;
     let exp = claims.get("exp").and_then(Value::as_i64).ok_or(AuthError::Malformed)?;
-    if now > exp.saturating_add(LEEWAY_SECS) {
+    if now > exp.saturating_add(leeway) {
         return Err(AuthError::Expired);
     }
     if let Some(nbf) = claims.get("nbf") {
         let nbf = nbf.as_i64().ok_or(AuthError::Malformed)?;
-        if nbf > now.saturating_add(LEEWAY_SECS) {
+        if nbf > now.saturating_add(leeway) {
             return Err(AuthError::NotYetValid);
         }
     }
@@ -127,6 +139,11 @@ fn uri_matches(uri: &str, method: &str, path: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// The system clock with the default leeway.
+    fn window() -> Window {
+        Window { now: system_now(), leeway: LEEWAY_SECS }
+    }
+
     use super::*;
     use p256::{
         ecdsa::signature::Signer,
@@ -262,7 +279,11 @@ mod tests {
                 ),
             ];
             for (i, (header, expected)) in rows.into_iter().enumerate() {
-                assert_eq!(check(header.as_deref(), Some(&vk), "GET", PATH), expected, "{alg} row {i}");
+                assert_eq!(
+                    check(header.as_deref(), Some(&vk), "GET", PATH, window()),
+                    expected,
+                    "{alg} row {i}"
+                );
             }
         }
     }
@@ -271,13 +292,13 @@ mod tests {
     fn without_a_key_any_well_formed_token_passes() {
         let sk = Key::ec();
         let tok = token(&sk, &sk.header(), "{}");
-        assert_eq!(check(Some(format!("Bearer {tok}").as_bytes()), None, "GET", "/"), Ok(()));
+        assert_eq!(check(Some(format!("Bearer {tok}").as_bytes()), None, "GET", "/", window()), Ok(()));
         let no_alg = token(&sk, r#"{"typ":"JWT"}"#, "{}");
         assert_eq!(
-            check(Some(format!("Bearer {no_alg}").as_bytes()), None, "GET", "/"),
+            check(Some(format!("Bearer {no_alg}").as_bytes()), None, "GET", "/", window()),
             Err(AuthError::Malformed)
         );
-        assert_eq!(check(Some(b"Bearer x.y.z.w"), None, "GET", "/"), Err(AuthError::Malformed));
-        assert_eq!(check(Some(&[0xFF, 0xFE]), None, "GET", "/"), Err(AuthError::Malformed));
+        assert_eq!(check(Some(b"Bearer x.y.z.w"), None, "GET", "/", window()), Err(AuthError::Malformed));
+        assert_eq!(check(Some(&[0xFF, 0xFE]), None, "GET", "/", window()), Err(AuthError::Malformed));
     }
 }

@@ -199,6 +199,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) accounts: &'a [SimAccount],
     pub(crate) seed: u64,
     pub(crate) now: OffsetDateTime,
+    /// How far the exchange's own clock (what `/time` says) is ahead of the market's.
+    pub(crate) skew: time::Duration,
 }
 
 /// The answer of a handler, and the candle request to log if it served one.
@@ -238,7 +240,7 @@ pub(crate) fn handle(endpoint: Endpoint, product: Option<&str>, query: &Query, c
 }
 
 fn time(ctx: &Ctx<'_>) -> Reply {
-    let t = ctx.now;
+    let t = ctx.now + ctx.skew;
     let ms = unix_ms(t);
     let iso = format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -571,7 +573,7 @@ mod tests {
 
     fn run(path: &str, query: &str, now: OffsetDateTime, accounts: &[SimAccount]) -> Handled {
         let m = market();
-        let ctx = Ctx { market: &m, accounts, seed: 1, now };
+        let ctx = Ctx { market: &m, accounts, seed: 1, now, skew: time::Duration::ZERO };
         let (endpoint, product) = route(&format!("{API_BASE_PATH}{path}")).unwrap();
         handle(endpoint, product.as_deref(), &Query::parse(Some(query)), &ctx)
     }
@@ -779,7 +781,7 @@ mod tests {
                 .map(|_| format!("{}={}", pick(&mut rng, &keys), pick(&mut rng, &values)))
                 .collect();
             let now = NOW + time::Duration::seconds(rng.i64(-1_000_000..1_000_000));
-            let ctx = Ctx { market: &m, accounts: &accounts, seed: 1, now };
+            let ctx = Ctx { market: &m, accounts: &accounts, seed: 1, now, skew: time::Duration::ZERO };
             if let Some((endpoint, product)) = route(&format!("{API_BASE_PATH}{path}")) {
                 let q = Query::parse(Some(&query.join("&")));
                 let h = handle(endpoint, product.as_deref(), &q, &ctx);

@@ -213,8 +213,16 @@ async fn respond(
 
     if endpoint.class() == EndpointClass::Private {
         let auth = req.headers().get(hyper::header::AUTHORIZATION);
-        let checked =
-            jwt::check(auth.map(HeaderValue::as_bytes), shared.jwt_key.as_ref(), req.method().as_str(), path);
+        let checked = jwt::check(
+            auth.map(HeaderValue::as_bytes),
+            shared.jwt_key.as_ref(),
+            req.method().as_str(),
+            path,
+            jwt::Window {
+                now: jwt::system_now().saturating_add(shared.clock_skew.whole_seconds()),
+                leeway: shared.jwt_leeway_secs,
+            },
+        );
         if let Err(e) = checked {
             let mut c = lock(&shared.counters);
             c.auth_failure();
@@ -224,8 +232,13 @@ async fn respond(
     }
 
     let accounts = Arc::clone(&lock(&shared.accounts));
-    let ctx =
-        Ctx { market: &shared.market, accounts: &accounts, seed: shared.seed, now: shared.clock.now_utc() };
+    let ctx = Ctx {
+        market: &shared.market,
+        accounts: &accounts,
+        seed: shared.seed,
+        now: shared.clock.now_utc(),
+        skew: shared.clock_skew,
+    };
     let handled = routes::handle(endpoint, product.as_deref(), &query, &ctx);
     let mut reply = handled.reply;
     {

@@ -615,7 +615,8 @@ async fn an_echoed_authorization_header_never_reaches_error_text() {
         )
     })
     .await;
-    let client = server.client().build().unwrap();
+    // One request per answer: no clock sync and retry after the 401s (tests/it/clock.rs).
+    let client = server.client().unauthorized_retry(None).build().unwrap();
     let btc = pid("BTC-USD");
     let mut errors = Vec::new();
     for _ in 0..count {

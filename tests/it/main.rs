@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod client;
+mod clock;
 mod coordinated;
 mod evaluator;
 mod faults;
