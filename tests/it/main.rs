@@ -10,6 +10,7 @@ mod fuzz;
 mod hostile;
 mod load;
 mod props;
+mod proxy;
 mod redis;
 mod secrets;
 mod sim;
