@@ -156,7 +156,12 @@ pub fn samples(stats: &CoordinatedStats, cfg: &CoordinatedConfig) -> Vec<Sample>
                 lab(),
                 c.rate_limit_pauses,
             ));
-            out.push(gauge("tickshare_limiter_waiting", "Requests waiting now.", lab(), c.waiting_now as f64));
+            out.push(gauge(
+                "tickshare_limiter_waiting",
+                "Requests waiting now.",
+                lab(),
+                c.waiting_now as f64,
+            ));
             out.push(gauge(
                 "tickshare_limiter_paused_ms",
                 "Remaining pause after a 429, ms.",
@@ -249,8 +254,13 @@ mod tests {
         stats.upstream_calls_by_endpoint.insert("best_bid_ask".into(), 2);
         stats.cache_hits = 7;
         let text = prometheus_text(&stats, &CoordinatedConfig::default());
-        assert!(text.contains("tickshare_upstream_calls_total{endpoint=\"ticker\",class=\"public\"} 3\n"), "{text}");
-        assert!(text.contains("tickshare_upstream_calls_total{endpoint=\"best_bid_ask\",class=\"private\"} 2\n"));
+        assert!(
+            text.contains("tickshare_upstream_calls_total{endpoint=\"ticker\",class=\"public\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tickshare_upstream_calls_total{endpoint=\"best_bid_ask\",class=\"private\"} 2\n")
+        );
         assert!(text.contains("tickshare_cache_hits_total 7\n"));
         assert_eq!(text.matches("# TYPE tickshare_upstream_calls_total counter").count(), 1);
         assert!(text.contains("tickshare_breaker_state{class=\"public\",state=\"closed\"} 1\n"));

@@ -214,7 +214,8 @@ impl ProxyBuilder {
     /// and a local token, a local token under 16 bytes, zero limits, a bad upstream URL or an
     /// invalid coordinated configuration; [`Error::Transport`] if the address cannot be bound.
     pub async fn start(self) -> Result<Proxy> {
-        if !self.listen.ip().is_loopback() && !(self.allow_remote && !self.local_tokens.is_empty()) {
+        let remote_ok = self.allow_remote && !self.local_tokens.is_empty();
+        if !self.listen.ip().is_loopback() && !remote_ok {
             return Err(Error::Config(format!(
                 "refusing to listen on {} (not loopback): set allow_remote(true) and a local_token",
                 self.listen

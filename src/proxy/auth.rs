@@ -72,7 +72,10 @@ mod tests {
         let path = "/api/v3/brokerage/accounts";
         let with = |name: &str, v: String| {
             let mut h = HeaderMap::new();
-            h.insert(hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(&v).unwrap());
+            h.insert(
+                hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(&v).unwrap(),
+            );
             h
         };
         assert!(!auth.check(&HeaderMap::new(), "GET", path));
@@ -82,7 +85,11 @@ mod tests {
         let sdk = creds.rest_jwt("GET", "api.coinbase.com", path);
         assert!(auth.check(&with(AUTHORIZATION.as_str(), format!("Bearer {sdk}")), "GET", path));
         assert!(!auth.check(&with(AUTHORIZATION.as_str(), format!("Bearer {sdk}")), "POST", path));
-        assert!(!auth.check(&with(AUTHORIZATION.as_str(), format!("Bearer {sdk}")), "GET", "/api/v3/brokerage/orders"));
+        assert!(!auth.check(
+            &with(AUTHORIZATION.as_str(), format!("Bearer {sdk}")),
+            "GET",
+            "/api/v3/brokerage/orders"
+        ));
         let ccxt = creds.rest_jwt("GET", "http://127.0.0.1:8787", path);
         assert!(auth.check(&with(AUTHORIZATION.as_str(), format!("Bearer {ccxt}")), "GET", path));
         let other = Credentials::generate("x").rest_jwt("GET", "h", path);

@@ -107,7 +107,8 @@ impl Forwarder {
                 status = tracing::field::Empty,
                 latency_ms = tracing::field::Empty,
             );
-            let outcome = self.attempt(method, class, &url, path, headers, body.clone()).instrument(span).await;
+            let outcome =
+                self.attempt(method, class, &url, path, headers, body.clone()).instrument(span).await;
             let retry_worthy = match &outcome {
                 Ok(f) => f.status == 429 || f.status >= 500,
                 Err(e) => e.is_retryable(),
@@ -133,10 +134,11 @@ impl Forwarder {
             l.acquire_with(class, Priority::High).await?;
         }
         let started = tokio::time::Instant::now();
-        let mut req = self
-            .http
-            .request(method.clone(), url)
-            .bearer_auth(self.creds.rest_jwt(method.as_str(), &self.jwt_host, path));
+        let mut req = self.http.request(method.clone(), url).bearer_auth(self.creds.rest_jwt(
+            method.as_str(),
+            &self.jwt_host,
+            path,
+        ));
         for name in RELAYED_REQUEST {
             if let Some(v) = headers.get(name) {
                 req = req.header(name, v.clone());
@@ -181,7 +183,9 @@ impl Forwarder {
         tracing::debug!("pass-through answered");
         if let Some(l) = &self.limiter {
             let recorded: Result<()> = match &outcome {
-                Ok(f) if f.status == 429 => Err(Error::RateLimited { retry_after: retry_after(f), local: false }),
+                Ok(f) if f.status == 429 => {
+                    Err(Error::RateLimited { retry_after: retry_after(f), local: false })
+                }
                 Ok(_) => Ok(()),
                 Err(_) => Err(Error::Timeout),
             };

@@ -36,8 +36,17 @@ pub(super) enum Route {
 }
 
 impl Route {
-    pub(super) const NAMES: [&'static str; 9] =
-        ["ticker", "candles", "best_bid_ask", "products", "product", "accounts", "time", "passthrough", "operator"];
+    pub(super) const NAMES: [&'static str; 9] = [
+        "ticker",
+        "candles",
+        "best_bid_ask",
+        "products",
+        "product",
+        "accounts",
+        "time",
+        "passthrough",
+        "operator",
+    ];
 
     pub(super) fn index(&self) -> usize {
         match self {
@@ -122,7 +131,9 @@ impl Reply {
             Error::RateLimited { .. } | Error::Overloaded(_) => {
                 Reply::error(429, "RATE_LIMIT_EXCEEDED", "Too many requests")
             }
-            Error::Unauthorized(_) => Reply::error(502, "UNAVAILABLE", "the proxy's key was refused upstream"),
+            Error::Unauthorized(_) => {
+                Reply::error(502, "UNAVAILABLE", "the proxy's key was refused upstream")
+            }
             Error::Upstream { status, .. } if (400..500).contains(status) => {
                 Reply::error(*status, "UNKNOWN", &e.to_string())
             }
@@ -312,7 +323,8 @@ fn trades_of(t: &Ticker) -> MarketTrades {
 async fn ticker(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
     let id = product(p)?;
     q.required_int::<u32>("limit")?;
-    let t = shared.source.ticker_with(&id, ReadOptions::default()).await.map_err(|e| Reply::from_error(&e))?;
+    let t =
+        shared.source.ticker_with(&id, ReadOptions::default()).await.map_err(|e| Reply::from_error(&e))?;
     Ok(Reply::json(200, &trades_of(&t.value)))
 }
 
@@ -343,7 +355,8 @@ async fn candles(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
     if last < start {
         return Ok(Reply::json(200, &Candles { candles: Vec::new() }));
     }
-    let range = CandleRange::new(from_unix(start), from_unix(last + 1)).map_err(|e| Reply::bad_request(&e.to_string()))?;
+    let range = CandleRange::new(from_unix(start), from_unix(last + 1))
+        .map_err(|e| Reply::bad_request(&e.to_string()))?;
     let got = shared
         .source
         .candles_with(&id, g, range, ReadOptions::default())
@@ -415,9 +428,9 @@ async fn products(private: bool, q: &Query, shared: &Shared) -> Result<Reply, Re
         .cloned()
         .collect();
     let n = selected.len();
-    let pagination = private.then(|| {
-        serde_json::json!({"prev_cursor": "", "next_cursor": "", "has_next": false, "has_prev": false})
-    });
+    let pagination = private.then(
+        || serde_json::json!({"prev_cursor": "", "next_cursor": "", "has_next": false, "has_prev": false}),
+    );
     Ok(Reply::json(200, &Products { products: selected, num_products: n.into(), pagination }))
 }
 

@@ -105,7 +105,11 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: 
     conns.shutdown().await;
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let limits = shared.limits;
     let bucket = Arc::new(Mutex::new(Bucket { tokens: f64::from(limits.burst), last: Instant::now() }));
@@ -146,7 +150,11 @@ async fn respond(
     }
     if !lock(&bucket).take(&shared.limits) {
         inc(&c.limited);
-        return Ok(reply(Reply::error(429, "RATE_LIMIT_EXCEEDED", "proxy: too many requests on this connection")));
+        return Ok(reply(Reply::error(
+            429,
+            "RATE_LIMIT_EXCEEDED",
+            "proxy: too many requests on this connection",
+        )));
     }
     let method = req.method().clone();
     if !shared.auth.check(req.headers(), method.as_str(), &path) {
@@ -164,7 +172,11 @@ async fn respond(
     }
     if method == Method::GET && (path == "/metrics" || path == "/stats") {
         inc(&c.by_route[Route::Operator.index()]);
-        return Ok(reply(if path == "/metrics" { metrics_reply(&shared) } else { Reply::json(200, &shared.stats()) }));
+        return Ok(reply(if path == "/metrics" {
+            metrics_reply(&shared)
+        } else {
+            Reply::json(200, &shared.stats())
+        }));
     }
     let route = if method == Method::GET { Route::of(&path) } else { Route::Passthrough };
     let query = req.uri().query().map(str::to_string);
@@ -251,5 +263,9 @@ fn metrics_reply(shared: &Shared) -> Reply {
     let samples = proxy_samples(shared);
     #[cfg(feature = "metrics")]
     metrics::publish(&samples);
-    Reply { status: 200, content_type: "text/plain; version=0.0.4", body: metrics::render(&samples).into_bytes() }
+    Reply {
+        status: 200,
+        content_type: "text/plain; version=0.0.4",
+        body: metrics::render(&samples).into_bytes(),
+    }
 }

@@ -148,7 +148,12 @@ async fn respond(
     // The few v2 (and other) paths ccxt calls to start: src/sim/v2.rs.
     if !*shared.down.borrow() {
         let accounts = Arc::clone(&lock(&shared.accounts));
-        let ctx = Ctx { market: &shared.market, accounts: &accounts, seed: shared.seed, now: shared.clock.now_utc() };
+        let ctx = Ctx {
+            market: &shared.market,
+            accounts: &accounts,
+            seed: shared.seed,
+            now: shared.clock.now_utc(),
+        };
         let auth = req.headers().get(hyper::header::AUTHORIZATION).map(HeaderValue::as_bytes);
         if let Some(reply) = super::v2::answer(req.method(), path, auth, shared.jwt_key.as_ref(), &ctx) {
             let mut c = lock(&shared.counters);

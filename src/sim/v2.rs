@@ -29,10 +29,9 @@ pub(super) fn answer(
         return None;
     }
     Some(match path {
-        "/v2/time" => Reply::json(
-            200,
-            &json!({"data": {"epoch": ctx.now.unix_timestamp(), "iso": iso(ctx.now)}}),
-        ),
+        "/v2/time" => {
+            Reply::json(200, &json!({"data": {"epoch": ctx.now.unix_timestamp(), "iso": iso(ctx.now)}}))
+        }
         "/v2/currencies" => Reply::json(200, &json!({"data": fiat(ctx)})),
         "/v2/currencies/crypto" => Reply::json(200, &json!({"data": crypto(ctx)})),
         "/v2/exchange-rates" => Reply::json(200, &json!({"data": {"currency": "USD", "rates": rates(ctx)}})),

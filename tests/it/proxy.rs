@@ -69,10 +69,12 @@ async fn twenty_five_legacy_clients_through_the_proxy_cost_what_the_coordinated_
     let creds = Credentials::generate("organizations/t/apiKeys/proxy");
     // What CoordinatedSource alone makes for the same reads.
     let reference_sim = sim(&creds).await;
-    let reference = CoordinatedSource::coinbase(reference_sim.client_builder().credentials(creds.clone()).build().unwrap())
-        .clock(reference_sim.clock())
-        .build()
-        .unwrap();
+    let reference = CoordinatedSource::coinbase(
+        reference_sim.client_builder().credentials(creds.clone()).build().unwrap(),
+    )
+    .clock(reference_sim.clock())
+    .build()
+    .unwrap();
     // The proxy in front of its own simulator (same seed, same clock).
     let upstream = sim(&creds).await;
     let proxy = proxy(&creds, &upstream).await;
@@ -143,7 +145,10 @@ async fn an_order_passes_through_once_and_the_next_balance_read_is_fresh() {
     assert_eq!(upstream.stats().calls_by_endpoint["unknown"], 1);
     assert_eq!(upstream.stats().auth_failures, 0);
     let s = proxy.stats();
-    assert_eq!((s.requests_by_route["passthrough"], s.passthrough_retries, s.accounts_invalidations), (1, 0, 1));
+    assert_eq!(
+        (s.requests_by_route["passthrough"], s.passthrough_retries, s.accounts_invalidations),
+        (1, 0, 1)
+    );
 
     let after = b.accounts().await.unwrap();
     assert_eq!(upstream.stats().calls_by_endpoint["accounts"], 2, "fresh after the order");
@@ -183,14 +188,16 @@ async fn unauthenticated_clients_get_401_and_nothing_is_forwarded() {
     assert_eq!(proxy.stats().unauthorized, 21);
     // /healthz needs no credentials; the local token and an SDK-style JWT both work.
     assert_eq!(get(&c, &format!("{base}/healthz"), None).await.json()["status"], "ok");
-    let ok = get(&c, &format!("{base}/api/v3/brokerage/market/products/BTC-USD/ticker?limit=1"), Some(TOKEN)).await;
+    let ok = get(&c, &format!("{base}/api/v3/brokerage/market/products/BTC-USD/ticker?limit=1"), Some(TOKEN))
+        .await;
     assert_eq!(ok.status, 200);
     let sdk = creds.rest_jwt("GET", "api.coinbase.com", "/api/v3/brokerage/time");
     assert_eq!(get(&c, &format!("{base}/api/v3/brokerage/time"), Some(&sdk)).await.status, 200);
     // Non-loopback needs explicit configuration and a token.
     let remote = Proxy::builder(creds.clone()).listen("0.0.0.0:0".parse().unwrap()).start().await;
     assert!(matches!(remote, Err(tickshare::Error::Config(_))));
-    let remote = Proxy::builder(creds.clone()).listen("0.0.0.0:0".parse().unwrap()).allow_remote(true).start().await;
+    let remote =
+        Proxy::builder(creds.clone()).listen("0.0.0.0:0".parse().unwrap()).allow_remote(true).start().await;
     assert!(matches!(remote, Err(tickshare::Error::Config(_))));
 }
 
@@ -218,18 +225,29 @@ async fn bodies_are_coinbase_shaped_and_metrics_are_scraped() {
     assert_eq!(two["num_products"], 2);
     let product = get(&c, &format!("{api}/market/products/ETH-USD"), Some(TOKEN)).await.json();
     assert_eq!(product["product_id"], "ETH-USD");
-    assert_eq!(get(&c, &format!("{api}/market/products/NOPE-USD/ticker?limit=1"), Some(TOKEN)).await.status, 404);
+    assert_eq!(
+        get(&c, &format!("{api}/market/products/NOPE-USD/ticker?limit=1"), Some(TOKEN)).await.status,
+        404
+    );
     let page = get(&c, &format!("{api}/accounts?limit=2"), Some(TOKEN)).await.json();
     assert_eq!(page["has_next"], true);
-    let next = get(&c, &format!("{api}/accounts?limit=2&cursor={}", page["cursor"].as_str().unwrap()), Some(TOKEN)).await;
+    let next =
+        get(&c, &format!("{api}/accounts?limit=2&cursor={}", page["cursor"].as_str().unwrap()), Some(TOKEN))
+            .await;
     assert_eq!(next.status, 200);
     let now = upstream.clock().now_utc().unix_timestamp();
     let window = format!("start={}&end={now}&granularity=ONE_MINUTE", now - 3600);
-    let candles = get(&c, &format!("{api}/market/products/BTC-USD/candles?{window}"), Some(TOKEN)).await.json();
-    let direct = get(&c, &format!("{}/market/products/BTC-USD/candles?{window}", upstream.api_url()), None).await.json();
+    let candles =
+        get(&c, &format!("{api}/market/products/BTC-USD/candles?{window}"), Some(TOKEN)).await.json();
+    let direct = get(&c, &format!("{}/market/products/BTC-USD/candles?{window}", upstream.api_url()), None)
+        .await
+        .json();
     assert_eq!(candles, direct, "the same bytes' meaning as the exchange's own answer");
     let wide = format!("start={}&end={now}&granularity=ONE_MINUTE", now - 400 * 60);
-    assert_eq!(get(&c, &format!("{api}/market/products/BTC-USD/candles?{wide}"), Some(TOKEN)).await.status, 400);
+    assert_eq!(
+        get(&c, &format!("{api}/market/products/BTC-USD/candles?{wide}"), Some(TOKEN)).await.status,
+        400
+    );
 
     let scrape = || async {
         let got = get(&c, &format!("{base}/metrics"), Some(TOKEN)).await;
