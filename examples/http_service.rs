@@ -7,6 +7,7 @@
 //! curl localhost:8080/ticker/NOPE-USD      # 404 {"detail":"Ticker unavailable"}
 //! curl localhost:8080/accounts
 //! curl localhost:8080/migration/stats
+//! curl localhost:8080/metrics              # Prometheus text (tickshare::metrics)
 //! ```
 //!
 //! It runs its own simulated exchange; `--serve-secs N` stops after N seconds (for scripted
@@ -66,6 +67,11 @@ async fn migration_stats(State(s): State<AppState>) -> Response {
     .into_response()
 }
 
+async fn metrics(State(s): State<AppState>) -> Response {
+    let text = tickshare::metrics::prometheus_text(&s.coordinated.stats(), s.coordinated.config());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let mut port: u16 = 8080;
@@ -93,6 +99,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .route("/ticker/{product_id}", get(ticker))
         .route("/accounts", get(accounts))
         .route("/migration/stats", get(migration_stats))
+        .route("/metrics", get(metrics))
         .with_state(AppState { coordinated, selector, bot_ids });
 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;

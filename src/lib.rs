@@ -60,6 +60,8 @@
 //! | `mock` | off | `MockMarketDataSource` (mockall) for host applications' unit tests |
 //! | `stream` | off (on with `sim`) | [`MarketStream`]: Coinbase's market-data WebSocket feed keeping a [`CoordinatedSource`] hot |
 //! | `redis` | off | [`SharedTier`]: a shared tier on Redis so that many worker processes on one API key act as one client |
+//! | `proxy` | off | `proxy::Proxy`: a local Coinbase-compatible caching proxy, so bots in any language share one [`CoordinatedSource`] by changing their base URL |
+//! | `metrics` | off | `metrics::publish`: the stats through the `metrics` facade ([`metrics::prometheus_text`] needs no feature) |
 //!
 //! # Testing with time
 //!
@@ -87,7 +89,11 @@ mod error;
 mod evaluator;
 mod flags;
 mod limiter;
+pub mod metrics;
 mod model;
+#[cfg(feature = "proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
+pub mod proxy;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;

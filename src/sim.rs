@@ -98,6 +98,7 @@ mod market;
 mod routes;
 mod server;
 mod stats;
+mod v2;
 mod ws;
 
 use std::{

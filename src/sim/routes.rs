@@ -539,7 +539,7 @@ fn amount(d: Decimal) -> String {
     d.to_string()
 }
 
-fn wire_account(i: usize, a: &SimAccount, seed: u64) -> WireAccount {
+pub(super) fn wire_account(i: usize, a: &SimAccount, seed: u64) -> WireAccount {
     let currency = a.currency.clone();
     WireAccount {
         uuid: uuid(seed, &currency, i),

@@ -145,6 +145,23 @@ async fn respond(
         return Ok(control(&shared, req.method(), rest));
     }
     let query = Query::parse(req.uri().query());
+    // The few v2 (and other) paths ccxt calls to start: src/sim/v2.rs.
+    if !*shared.down.borrow() {
+        let accounts = Arc::clone(&lock(&shared.accounts));
+        let ctx = Ctx {
+            market: &shared.market,
+            accounts: &accounts,
+            seed: shared.seed,
+            now: shared.clock.now_utc(),
+        };
+        let auth = req.headers().get(hyper::header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        if let Some(reply) = super::v2::answer(req.method(), path, auth, shared.jwt_key.as_ref(), &ctx) {
+            let mut c = lock(&shared.counters);
+            c.call(None);
+            c.status(reply.status);
+            return Ok(http_response(reply, &[]));
+        }
+    }
     let routed = (req.method() == Method::GET).then(|| routes::route(path)).flatten();
     let Some((endpoint, product)) = routed else {
         let mut c = lock(&shared.counters);

@@ -13,6 +13,7 @@ mod jwt;
 mod load;
 mod outage;
 mod props;
+mod proxy;
 mod redis;
 mod secrets;
 mod sim;

@@ -1,0 +1,437 @@
+//! A local Coinbase-compatible caching proxy (feature `proxy`): every bot, in any language,
+//! migrates by changing its base URL.
+//!
+//! [`Proxy`] listens on loopback and serves the Advanced Trade v3 market-data and balance
+//! paths from one [`CoordinatedSource`], in Coinbase's JSON (the [`wire`](crate::coinbase::wire)
+//! structs). Concurrent requests from every client coalesce, ticker requests within the batch
+//! window merge into one `best_bid_ask`, and the rate limiter, 429 pause, circuit breaker and
+//! stale contract apply to all clients together. Every other path is passed through, signed
+//! with the proxy's own key.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use tickshare::{Credentials, proxy::Proxy};
+//! let proxy = Proxy::builder(Credentials::from_env()?)
+//!     .listen("127.0.0.1:8787".parse()?)
+//!     .local_token("a-long-random-string")
+//!     .start()
+//!     .await?;
+//! println!("point bots at {}", proxy.base_url());
+//! # Ok(()) }
+//! ```
+//!
+//! # Served from the cache
+//!
+//! Paths under `/api/v3/brokerage`; the public `/market/...` and private twins answer alike.
+//!
+//! | path | answered from | notes |
+//! |---|---|---|
+//! | `GET [/market]/products/{id}/ticker?limit=1` | [`CoordinatedSource::ticker_with`] (batched into `best_bid_ask`) | one trade (price, time, product); `trade_id`, `size`, `side` are `""`. With batching the price is the bid/ask mid. `limit` > 1 asks for a trade history the cache does not keep: passed through. |
+//! | `GET [/market]/products/{id}/candles?start=&end=&granularity=[&limit=]` | [`CoordinatedSource::candles_with`] | inclusive bounds, newest first, as Coinbase; a window over 350 buckets is 400 |
+//! | `GET /best_bid_ask[?product_ids=..]` | [`CoordinatedSource::tickers_with`] | one level per side, `size` `""`; no ids means every listed product |
+//! | `GET [/market]/products[?product_ids=..&product_type=&limit=&offset=]` | the product list, cached for `products_ttl` | |
+//! | `GET [/market]/products/{id}` | the same list | |
+//! | `GET /accounts[?limit=&cursor=]` | [`CoordinatedSource::accounts_with`], paginated locally | `limit` 49 by default, at most 250; the cursor is the proxy's own |
+//! | `GET /time` | the proxy's clock plus the exchange's offset (refreshed every minute) | |
+//!
+//! # Passed through
+//!
+//! Any other path and method (orders, fills, portfolios, v2, ...) is forwarded to the upstream
+//! with a fresh JWT for that path, through the same rate limiter at
+//! [`Priority::High`](crate::Priority::High), never cached. Only GET and HEAD are retried (on a
+//! transport error, 5xx or 429, with a fresh JWT each time); anything else is sent once. A
+//! non-GET to a path containing `/orders` invalidates the cached accounts
+//! ([`CoordinatedSource::invalidate_accounts`]) when its answer arrives, so the next balance
+//! read is fresh.
+//!
+//! # Security
+//!
+//! - The proxy binds loopback unless [`ProxyBuilder::allow_remote`] is set, and then only with
+//!   a local token configured.
+//! - Every path but `/healthz` needs either a bearer JWT signed by the proxy's own CDP key
+//!   (ES256, verified with its public key; `nbf`/`exp` with 5 s leeway; `uri` checked for
+//!   method and path, any host, with or without scheme — so both ccxt's and the SDK's tokens
+//!   pass) or a configured local token, as `Authorization: Bearer <token>` or
+//!   `X-Tickshare-Token: <token>`. Anything else is 401 and nothing is forwarded.
+//! - Client tokens are never sent upstream: the proxy drops `Authorization`, cookies and
+//!   hop-by-hop headers, and signs its own.
+//! - Request bodies ([`ProxyBuilder::max_body_bytes`], 64 KiB) and headers
+//!   ([`ProxyBuilder::max_header_bytes`], 16 KiB) are bounded; each connection gets a token
+//!   bucket ([`ProxyBuilder::per_connection_rate`]); connections are capped
+//!   ([`ProxyBuilder::max_connections`]). Whatever clients send, upstream traffic goes through
+//!   one [`RateLimiter`](crate::RateLimiter), so it cannot exceed the exchange's limit.
+//!
+//! # Operator paths
+//!
+//! `GET /healthz` (no auth) answers `{"status":"ok"|"degraded",..}`; `GET /metrics` the
+//! Prometheus text of [`metrics`](crate::metrics) plus the proxy's own counters; `GET /stats`
+//! the JSON [`ProxyStats`].
+
+mod auth;
+mod forward;
+mod routes;
+mod server;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    clock::Clock,
+    coinbase::{CoinbaseClient, Credentials, DEFAULT_BASE_URL},
+    coordinated::{CoordinatedConfig, CoordinatedSource, CoordinatedStats},
+    error::{Error, Result},
+    limiter::EndpointClass,
+};
+
+/// Builder of a [`Proxy`].
+#[must_use]
+pub struct ProxyBuilder {
+    credentials: Credentials,
+    upstream: String,
+    listen: SocketAddr,
+    local_tokens: Vec<String>,
+    allow_remote: bool,
+    max_body_bytes: usize,
+    max_header_bytes: usize,
+    per_connection_rate: u32,
+    per_connection_burst: u32,
+    max_connections: usize,
+    header_read_timeout: Option<Duration>,
+    coordinated: Option<CoordinatedConfig>,
+    products_ttl: Duration,
+    clock: Clock,
+}
+
+impl fmt::Debug for ProxyBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyBuilder")
+            .field("credentials", &self.credentials)
+            .field("upstream", &self.upstream)
+            .field("listen", &self.listen)
+            .field("local_tokens", &format_args!("<{} redacted>", self.local_tokens.len()))
+            .field("allow_remote", &self.allow_remote)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyBuilder {
+    /// The upstream host (default `https://api.coinbase.com`; the simulated exchange's
+    /// `base_url` in tests).
+    pub fn upstream(mut self, url: impl Into<String>) -> Self {
+        self.upstream = url.into();
+        self
+    }
+
+    /// The address to listen on (default `127.0.0.1:8787`; port 0 picks a free one).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Accept `token` as a client credential (as `Authorization: Bearer <token>` or
+    /// `X-Tickshare-Token`), besides JWTs signed by the proxy's key. May be called more than
+    /// once. Tokens shorter than 16 bytes are refused by [`start`](Self::start).
+    pub fn local_token(mut self, token: impl Into<String>) -> Self {
+        self.local_tokens.push(token.into());
+        self
+    }
+
+    /// Allow binding a non-loopback address (default `false`). Needs a local token.
+    pub fn allow_remote(mut self, allow: bool) -> Self {
+        self.allow_remote = allow;
+        self
+    }
+
+    /// The largest request body accepted (default 64 KiB); larger is 413, nothing forwarded.
+    pub fn max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body_bytes = n;
+        self
+    }
+
+    /// The most bytes of request head (line and headers) buffered per request (default
+    /// 16 KiB, at least 8 KiB); larger closes the connection with 431.
+    pub fn max_header_bytes(mut self, n: usize) -> Self {
+        self.max_header_bytes = n;
+        self
+    }
+
+    /// Requests per second each connection may send (default 500) and its burst (default
+    /// 1,000); beyond, 429 from the proxy itself.
+    pub fn per_connection_rate(mut self, per_second: u32, burst: u32) -> Self {
+        self.per_connection_rate = per_second;
+        self.per_connection_burst = burst;
+        self
+    }
+
+    /// The most open client connections (default 4,096); further ones are closed at once.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// How long a client may take to send a request head (default 10 s; `None` disables it,
+    /// e.g. in paused-clock tests).
+    pub fn header_read_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// The coordinated source's settings (default [`CoordinatedConfig::default`]; the endpoint
+    /// classes and batch size are then matched to the client as
+    /// [`CoordinatedSource::coinbase`] does).
+    pub fn coordinated(mut self, cfg: CoordinatedConfig) -> Self {
+        self.coordinated = Some(cfg);
+        self
+    }
+
+    /// How long the product list stays fresh (default 60 s).
+    pub fn products_ttl(mut self, ttl: Duration) -> Self {
+        self.products_ttl = ttl;
+        self
+    }
+
+    /// The clock (default [`Clock::system`]); give it the simulated exchange's in tests.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Bind and start serving on the current tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a non-loopback address without [`allow_remote`](Self::allow_remote)
+    /// and a local token, a local token under 16 bytes, zero limits, a bad upstream URL or an
+    /// invalid coordinated configuration; [`Error::Transport`] if the address cannot be bound.
+    pub async fn start(self) -> Result<Proxy> {
+        let remote_ok = self.allow_remote && !self.local_tokens.is_empty();
+        if !self.listen.ip().is_loopback() && !remote_ok {
+            return Err(Error::Config(format!(
+                "refusing to listen on {} (not loopback): set allow_remote(true) and a local_token",
+                self.listen
+            )));
+        }
+        if self.local_tokens.iter().any(|t| t.len() < 16) {
+            return Err(Error::Config("local tokens must be at least 16 bytes".into()));
+        }
+        if self.max_body_bytes == 0
+            || self.per_connection_rate == 0
+            || self.per_connection_burst == 0
+            || self.max_connections == 0
+        {
+            return Err(Error::Config(
+                "max_body_bytes, per_connection_rate, its burst and max_connections must be >= 1".into(),
+            ));
+        }
+        let client = CoinbaseClient::builder()
+            .base_url(self.upstream.clone())
+            .credentials(self.credentials.clone())
+            .clock(self.clock)
+            .build()?;
+        let mut source = CoordinatedSource::coinbase(client.clone()).clock(self.clock);
+        if let Some(cfg) = self.coordinated {
+            let batch = client.best_bid_ask_chunk().min(cfg.batch_size);
+            source = source
+                .config(cfg)
+                .market_data_class(client.market_data_class())
+                .batch_class(EndpointClass::Private)
+                .batch_size(batch);
+        }
+        let source = source.build()?;
+        let key = crate::coinbase::auth::parse_public_key_pem(&self.credentials.public_key_pem())?;
+        let forwarder = forward::Forwarder::new(&self.upstream, self.credentials.clone(), client.clone())?;
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| Error::Transport(format!("could not bind {}: {e}", self.listen)))?;
+        let addr = listener.local_addr().map_err(|e| Error::Transport(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            source,
+            client,
+            forwarder,
+            auth: auth::Auth::new(key, self.local_tokens),
+            limits: server::Limits {
+                max_body_bytes: self.max_body_bytes,
+                max_header_bytes: self.max_header_bytes.max(8192),
+                rate: self.per_connection_rate,
+                burst: self.per_connection_burst,
+                max_connections: self.max_connections,
+                header_read_timeout: self.header_read_timeout,
+            },
+            products: routes::ProductsCache::new(self.products_ttl),
+            time: routes::TimeOffset::default(),
+            clock: self.clock,
+            counters: ProxyCounters::default(),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(server::serve(listener, Arc::clone(&shared), stop_rx));
+        tracing::info!(%addr, "tickshare proxy listening");
+        Ok(Proxy { shared, addr, stop, task: Some(task) })
+    }
+}
+
+/// What the proxy shares between connections.
+struct Shared {
+    source: CoordinatedSource,
+    client: CoinbaseClient,
+    forwarder: forward::Forwarder,
+    auth: auth::Auth,
+    limits: server::Limits,
+    products: routes::ProductsCache,
+    time: routes::TimeOffset,
+    clock: Clock,
+    counters: ProxyCounters,
+}
+
+/// The proxy's own counters.
+#[derive(Debug, Default)]
+struct ProxyCounters {
+    /// Requests by route name (`ticker`, `candles`, ..., `passthrough`, `operator`).
+    by_route: [AtomicU64; routes::Route::NAMES.len()],
+    unauthorized: AtomicU64,
+    limited: AtomicU64,
+    too_large: AtomicU64,
+    refused_connections: AtomicU64,
+    connections: AtomicU64,
+    passthrough_retries: AtomicU64,
+    accounts_invalidations: AtomicU64,
+    products_upstream: AtomicU64,
+    time_upstream: AtomicU64,
+}
+
+/// A snapshot of a proxy's counters and its coordinated source's stats.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ProxyStats {
+    /// Client requests by route: `ticker`, `candles`, `best_bid_ask`, `products`, `product`,
+    /// `accounts`, `time`, `passthrough`, `operator` (`/healthz`, `/metrics`, `/stats`).
+    pub requests_by_route: BTreeMap<String, u64>,
+    /// Requests refused with 401.
+    pub unauthorized: u64,
+    /// Requests refused by the per-connection limit (429 from the proxy).
+    pub limited: u64,
+    /// Requests refused for their size (413).
+    pub too_large: u64,
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused_connections: u64,
+    /// Pass-through retries (GET and HEAD only).
+    pub passthrough_retries: u64,
+    /// Times an order invalidated the cached accounts.
+    pub accounts_invalidations: u64,
+    /// Product-list fetches from the upstream.
+    pub products_upstream: u64,
+    /// Server-time fetches from the upstream.
+    pub time_upstream: u64,
+    /// The coordinated source's stats.
+    pub coordinated: CoordinatedStats,
+}
+
+impl Shared {
+    fn stats(&self) -> ProxyStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ProxyStats {
+            requests_by_route: routes::Route::NAMES
+                .iter()
+                .zip(c.by_route.iter())
+                .map(|(n, a)| ((*n).to_string(), get(a)))
+                .collect(),
+            unauthorized: get(&c.unauthorized),
+            limited: get(&c.limited),
+            too_large: get(&c.too_large),
+            connections: get(&c.connections),
+            refused_connections: get(&c.refused_connections),
+            passthrough_retries: get(&c.passthrough_retries),
+            accounts_invalidations: get(&c.accounts_invalidations),
+            products_upstream: get(&c.products_upstream),
+            time_upstream: get(&c.time_upstream),
+            coordinated: self.source.stats(),
+        }
+    }
+}
+
+/// A running proxy; see the [module docs](self). Dropping it stops the server.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared").field("source", &self.source).finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A builder signing with `credentials` (the CDP key whose tokens clients may present).
+    pub fn builder(credentials: Credentials) -> ProxyBuilder {
+        ProxyBuilder {
+            credentials,
+            upstream: DEFAULT_BASE_URL.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            local_tokens: Vec::new(),
+            allow_remote: false,
+            max_body_bytes: 64 * 1024,
+            max_header_bytes: 16 * 1024,
+            per_connection_rate: 500,
+            per_connection_burst: 1000,
+            max_connections: 4096,
+            header_read_timeout: Some(Duration::from_secs(10)),
+            coordinated: None,
+            products_ttl: Duration::from_secs(60),
+            clock: Clock::system(),
+        }
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`: the base URL to give bots (ccxt's `urls['api']['rest']`,
+    /// [`CoinbaseClientBuilder::base_url`](crate::CoinbaseClientBuilder::base_url)).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The coordinated source behind the proxy.
+    pub fn source(&self) -> &CoordinatedSource {
+        &self.shared.source
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ProxyStats {
+        self.shared.stats()
+    }
+
+    /// Stop accepting, let requests in flight finish (up to 5 s) and wait.
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves the shutdown running in the background.
+    pub async fn shutdown(mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}

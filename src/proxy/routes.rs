@@ -1,0 +1,530 @@
+//! The paths answered from the cache, in Coinbase's JSON (the wire structs).
+
+use std::{sync::Arc, time::Duration};
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::{sync::Mutex, time::Instant};
+
+use super::Shared;
+use crate::{
+    coinbase::{
+        API_PREFIX, MAX_CANDLES_PER_REQUEST,
+        wire::{
+            Accounts, BestBidAsk, Candles, ErrorBody, Level, MarketTrades, Money, PriceBook, Product,
+            Products, ServerTime, Trade, WireAccount, WireCandle, format_time,
+        },
+    },
+    coordinated::ReadOptions,
+    error::Error,
+    model::{Account, CandleRange, Granularity, ProductId, Ticker, from_unix},
+    util::inc,
+};
+
+/// A cached route, or pass-through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Route {
+    Ticker(String),
+    Candles(String),
+    BestBidAsk,
+    Products { private: bool },
+    Product(String),
+    Accounts,
+    Time,
+    Passthrough,
+    Operator,
+}
+
+impl Route {
+    pub(super) const NAMES: [&'static str; 9] = [
+        "ticker",
+        "candles",
+        "best_bid_ask",
+        "products",
+        "product",
+        "accounts",
+        "time",
+        "passthrough",
+        "operator",
+    ];
+
+    pub(super) fn index(&self) -> usize {
+        match self {
+            Route::Ticker(_) => 0,
+            Route::Candles(_) => 1,
+            Route::BestBidAsk => 2,
+            Route::Products { .. } => 3,
+            Route::Product(_) => 4,
+            Route::Accounts => 5,
+            Route::Time => 6,
+            Route::Passthrough => 7,
+            Route::Operator => 8,
+        }
+    }
+
+    /// The route of a GET to `path` (a non-GET is always passed through).
+    pub(super) fn of(path: &str) -> Route {
+        let Some(rest) = path.strip_prefix(API_PREFIX) else {
+            return Route::Passthrough;
+        };
+        let segments: Vec<&str> = rest.trim_matches('/').split('/').collect();
+        let s = match segments.as_slice() {
+            ["market", tail @ ..] => tail,
+            tail => tail,
+        };
+        let public = segments.first() == Some(&"market");
+        match s {
+            ["time"] if !public => Route::Time,
+            ["best_bid_ask"] if !public => Route::BestBidAsk,
+            ["accounts"] if !public => Route::Accounts,
+            ["products"] => Route::Products { private: !public },
+            ["products", p] => Route::Product((*p).to_string()),
+            ["products", p, "ticker"] => Route::Ticker((*p).to_string()),
+            ["products", p, "candles"] => Route::Candles((*p).to_string()),
+            _ => Route::Passthrough,
+        }
+    }
+}
+
+/// An answer.
+#[derive(Debug)]
+pub(super) struct Reply {
+    pub(super) status: u16,
+    pub(super) content_type: &'static str,
+    pub(super) body: Vec<u8>,
+}
+
+impl Reply {
+    pub(super) fn json(status: u16, value: &impl Serialize) -> Reply {
+        match serde_json::to_vec(value) {
+            Ok(body) => Reply { status, content_type: "application/json", body },
+            Err(_) => Reply::error(500, "INTERNAL", "could not encode the response"),
+        }
+    }
+
+    /// The observed v3 error shape `{"error","error_details","message"}`.
+    pub(super) fn error(status: u16, error: &str, details: &str) -> Reply {
+        let body = ErrorBody {
+            error: error.into(),
+            code: None,
+            message: details.into(),
+            error_details: Some(details.into()),
+        };
+        let body = serde_json::to_vec(&body).unwrap_or_else(|_| details.as_bytes().to_vec());
+        Reply { status, content_type: "application/json", body }
+    }
+
+    fn bad_request(details: &str) -> Reply {
+        Reply::error(400, "INVALID_ARGUMENT", details)
+    }
+
+    fn not_found() -> Reply {
+        Reply::error(404, "NOT_FOUND", "ProductID is invalid")
+    }
+
+    /// The answer for an error of the coordinated source. Messages are the crate's own (no
+    /// secrets: [`Error`]'s messages are scrubbed).
+    pub(super) fn from_error(e: &Error) -> Reply {
+        match e {
+            Error::NotFound(_) => Reply::not_found(),
+            Error::InvalidInput(m) => Reply::bad_request(m),
+            Error::RateLimited { .. } | Error::Overloaded(_) => {
+                Reply::error(429, "RATE_LIMIT_EXCEEDED", "Too many requests")
+            }
+            Error::Unauthorized(_) => {
+                Reply::error(502, "UNAVAILABLE", "the proxy's key was refused upstream")
+            }
+            Error::Upstream { status, .. } if (400..500).contains(status) => {
+                Reply::error(*status, "UNKNOWN", &e.to_string())
+            }
+            Error::Timeout => Reply::error(504, "DEADLINE_EXCEEDED", &e.to_string()),
+            _ => Reply::error(503, "UNAVAILABLE", &e.to_string()),
+        }
+    }
+}
+
+/// A parsed query string: repeated keys kept in order, percent-decoded.
+#[derive(Debug, Default)]
+pub(super) struct Query(Vec<(String, String)>);
+
+impl Query {
+    pub(super) fn parse(query: Option<&str>) -> Query {
+        let pairs = query
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(k), percent_decode(v))
+            })
+            .collect();
+        Query(pairs)
+    }
+
+    fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub(super) fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn int<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, Reply> {
+        match self.get(key) {
+            None | Some("") => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| Reply::bad_request(&format!("{key} is not a valid integer"))),
+        }
+    }
+
+    fn required_int<T: std::str::FromStr>(&self, key: &str) -> Result<T, Reply> {
+        self.int(key)?.ok_or_else(|| Reply::bad_request(&format!("{key} is required")))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The product list, cached; concurrent misses wait for one fetch (the async mutex is held
+/// across the fetch on purpose: that is the single flight).
+#[derive(Debug)]
+pub(super) struct ProductsCache {
+    ttl: Duration,
+    slot: Mutex<Option<(Instant, Arc<Vec<Product>>)>>,
+}
+
+impl ProductsCache {
+    pub(super) fn new(ttl: Duration) -> Self {
+        ProductsCache { ttl, slot: Mutex::new(None) }
+    }
+
+    async fn get(&self, shared: &Shared) -> Result<Arc<Vec<Product>>, Error> {
+        let mut slot = self.slot.lock().await;
+        if let Some((at, list)) = &*slot
+            && at.elapsed() < self.ttl
+        {
+            return Ok(Arc::clone(list));
+        }
+        inc(&shared.counters.products_upstream);
+        match shared.client.products().await {
+            Ok(list) => {
+                let list = Arc::new(list);
+                *slot = Some((Instant::now(), Arc::clone(&list)));
+                Ok(list)
+            }
+            // The stale contract, as for the source: an old list beats none.
+            Err(e) if e.allows_stale() => match &*slot {
+                Some((_, list)) => Ok(Arc::clone(list)),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The exchange's clock minus ours, refreshed every minute.
+#[derive(Debug, Default)]
+pub(super) struct TimeOffset {
+    slot: Mutex<Option<(Instant, time::Duration)>>,
+}
+
+impl TimeOffset {
+    async fn now(&self, shared: &Shared) -> Result<OffsetDateTime, Error> {
+        let mut slot = self.slot.lock().await;
+        let fresh = slot.filter(|(at, _)| at.elapsed() < Duration::from_secs(60));
+        let offset = match (fresh, *slot) {
+            (Some((_, off)), _) => off,
+            (None, old) => {
+                inc(&shared.counters.time_upstream);
+                match shared.client.server_time().await {
+                    Ok(t) => {
+                        let off = t - shared.clock.now_utc();
+                        *slot = Some((Instant::now(), off));
+                        off
+                    }
+                    Err(e) => match old {
+                        Some((_, off)) => off,
+                        None => return Err(e),
+                    },
+                }
+            }
+        };
+        Ok(shared.clock.now_utc() + offset)
+    }
+}
+
+fn product(id: &str) -> Result<ProductId, Reply> {
+    ProductId::new(id).map_err(|_| Reply::not_found())
+}
+
+fn dec(d: Option<rust_decimal::Decimal>) -> String {
+    d.map(|d| d.to_string()).unwrap_or_default()
+}
+
+/// Answer a cached route (`None`: pass it through after all).
+pub(super) async fn answer(route: &Route, query: &Query, shared: &Shared) -> Option<Reply> {
+    let result = match route {
+        Route::Ticker(p) => {
+            // A trade history is not cached: pass a request for more than one trade through.
+            if matches!(query.int::<u32>("limit"), Ok(Some(l)) if l > 1) {
+                return None;
+            }
+            ticker(p, query, shared).await
+        }
+        Route::Candles(p) => candles(p, query, shared).await,
+        Route::BestBidAsk => best_bid_ask(query, shared).await,
+        Route::Products { private } => products(*private, query, shared).await,
+        Route::Product(p) => one_product(p, shared).await,
+        Route::Accounts => accounts(query, shared).await,
+        Route::Time => time_now(shared).await,
+        Route::Passthrough | Route::Operator => return None,
+    };
+    Some(result.unwrap_or_else(|r| r))
+}
+
+fn trades_of(t: &Ticker) -> MarketTrades {
+    let trade = Trade {
+        trade_id: String::new(),
+        product_id: t.product.to_string(),
+        price: t.price.to_string(),
+        size: String::new(),
+        time: format_time(t.time),
+        side: String::new(),
+        bid: Some(String::new()),
+        ask: Some(String::new()),
+        exchange: None,
+    };
+    MarketTrades { trades: vec![trade], best_bid: dec(t.best_bid), best_ask: dec(t.best_ask) }
+}
+
+async fn ticker(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+    let id = product(p)?;
+    q.required_int::<u32>("limit")?;
+    let t =
+        shared.source.ticker_with(&id, ReadOptions::default()).await.map_err(|e| Reply::from_error(&e))?;
+    Ok(Reply::json(200, &trades_of(&t.value)))
+}
+
+async fn candles(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+    let id = product(p)?;
+    let start: i64 = q.required_int("start")?;
+    let end: i64 = q.required_int("end")?;
+    let g: Granularity = q
+        .get("granularity")
+        .ok_or_else(|| Reply::bad_request("granularity is required"))?
+        .parse()
+        .map_err(|e: Error| Reply::bad_request(&e.to_string()))?;
+    let limit: Option<u32> = q.int("limit")?;
+    if matches!(limit, Some(l) if l == 0 || l > MAX_CANDLES_PER_REQUEST) {
+        return Err(Reply::bad_request("limit must be between 1 and 350"));
+    }
+    if end < start {
+        return Err(Reply::bad_request("end must not be before start"));
+    }
+    if (end - start) / g.seconds() + 1 > i64::from(MAX_CANDLES_PER_REQUEST) {
+        return Err(Reply::bad_request(
+            "start and end argument is invalid - number of candles requested should be less than 350",
+        ));
+    }
+    // Inclusive bounds on the wire, never past now (a future window is empty upstream too).
+    let now = shared.clock.now_utc().unix_timestamp();
+    let last = end.min(now);
+    if last < start {
+        return Ok(Reply::json(200, &Candles { candles: Vec::new() }));
+    }
+    let range = CandleRange::new(from_unix(start), from_unix(last + 1))
+        .map_err(|e| Reply::bad_request(&e.to_string()))?;
+    let got = shared
+        .source
+        .candles_with(&id, g, range, ReadOptions::default())
+        .await
+        .map_err(|e| Reply::from_error(&e))?;
+    let mut candles: Vec<WireCandle> = got
+        .value
+        .iter()
+        .rev()
+        .filter(|c| (start..=last).contains(&c.start.unix_timestamp()))
+        .map(|c| WireCandle {
+            start: c.start.unix_timestamp().to_string(),
+            low: c.low.to_string(),
+            high: c.high.to_string(),
+            open: c.open.to_string(),
+            close: c.close.to_string(),
+            volume: c.volume.to_string(),
+        })
+        .collect();
+    if let Some(l) = limit {
+        candles.truncate(l as usize);
+    }
+    Ok(Reply::json(200, &Candles { candles }))
+}
+
+async fn best_bid_ask(q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+    let mut ids: Vec<ProductId> = q.all("product_ids").filter_map(|p| ProductId::new(p).ok()).collect();
+    if q.all("product_ids").next().is_none() {
+        let list = shared.products.get(shared).await.map_err(|e| Reply::from_error(&e))?;
+        ids = list.iter().filter_map(|p| ProductId::new(&p.product_id).ok()).collect();
+    }
+    let mut pricebooks = Vec::with_capacity(ids.len());
+    for (_, r) in shared.source.tickers_with(&ids, ReadOptions::default()).await {
+        match r {
+            Ok(f) => {
+                let t = f.value;
+                let level = |p: Option<rust_decimal::Decimal>| {
+                    p.map(|p| Level { price: p.to_string(), size: String::new() }).into_iter().collect()
+                };
+                pricebooks.push(PriceBook {
+                    product_id: t.product.to_string(),
+                    bids: level(t.best_bid),
+                    asks: level(t.best_ask),
+                    time: format_time(t.time),
+                });
+            }
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(Reply::from_error(&e)),
+        }
+    }
+    Ok(Reply::json(200, &BestBidAsk { pricebooks }))
+}
+
+async fn products(private: bool, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+    let list = shared.products.get(shared).await.map_err(|e| Reply::from_error(&e))?;
+    let wanted: Vec<&str> = q.all("product_ids").collect();
+    let kind = q.get("product_type").map(str::to_ascii_uppercase);
+    let offset: usize = q.int("offset")?.unwrap_or(0);
+    let limit: Option<usize> = q.int("limit")?.filter(|l| *l > 0);
+    let selected: Vec<Product> = list
+        .iter()
+        .filter(|p| wanted.is_empty() || wanted.contains(&p.product_id.as_str()))
+        .filter(|p| match kind.as_deref() {
+            None | Some("UNKNOWN_PRODUCT_TYPE") => true,
+            Some(k) => p.product_type.is_empty() || p.product_type.eq_ignore_ascii_case(k),
+        })
+        .skip(offset)
+        .take(limit.unwrap_or(usize::MAX))
+        .cloned()
+        .collect();
+    let n = selected.len();
+    let pagination = private.then(
+        || serde_json::json!({"prev_cursor": "", "next_cursor": "", "has_next": false, "has_prev": false}),
+    );
+    Ok(Reply::json(200, &Products { products: selected, num_products: n.into(), pagination }))
+}
+
+async fn one_product(p: &str, shared: &Shared) -> Result<Reply, Reply> {
+    let list = shared.products.get(shared).await.map_err(|e| Reply::from_error(&e))?;
+    match list.iter().find(|x| x.product_id == p) {
+        Some(found) => Ok(Reply::json(200, found)),
+        None => Err(Reply::not_found()),
+    }
+}
+
+fn wire_account(a: &Account) -> WireAccount {
+    let money = |d: rust_decimal::Decimal| Money { value: d.to_string(), currency: a.currency.clone() };
+    WireAccount {
+        uuid: a.uuid.clone(),
+        name: a.name.clone(),
+        currency: a.currency.clone(),
+        available_balance: money(a.available),
+        default: false,
+        active: a.active,
+        created_at: String::new(),
+        updated_at: String::new(),
+        deleted_at: None,
+        account_type: a.account_type.clone(),
+        ready: true,
+        hold: Some(money(a.hold)),
+        retail_portfolio_id: None,
+        platform: None,
+    }
+}
+
+async fn accounts(q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+    let limit = match q.int::<usize>("limit")? {
+        None | Some(0) => 49,
+        Some(l) => l.min(250),
+    };
+    let from: usize = match q.get("cursor").map(str::trim) {
+        None | Some("") => 0,
+        Some(c) => c.parse().map_err(|_| Reply::bad_request("cursor is invalid"))?,
+    };
+    let all = shared.source.accounts_with(ReadOptions::default()).await.map_err(|e| Reply::from_error(&e))?;
+    let all = &all.value;
+    let page: Vec<WireAccount> = all.iter().skip(from).take(limit).map(wire_account).collect();
+    let next = from + page.len();
+    let has_next = next < all.len();
+    let size = i64::try_from(page.len()).unwrap_or(i64::MAX);
+    Ok(Reply::json(
+        200,
+        &Accounts {
+            accounts: page,
+            has_next,
+            cursor: if has_next { next.to_string() } else { String::new() },
+            size,
+        },
+    ))
+}
+
+async fn time_now(shared: &Shared) -> Result<Reply, Reply> {
+    let t = shared.time.now(shared).await.map_err(|e| Reply::from_error(&e))?;
+    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    let iso = format!("{}Z", format_time(t).split('.').next().unwrap_or_default());
+    Ok(Reply::json(
+        200,
+        &ServerTime { iso, epoch_seconds: t.unix_timestamp().to_string(), epoch_millis: ms.to_string() },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_table() {
+        let p = |s: &str| Route::of(&format!("{API_PREFIX}{s}"));
+        assert_eq!(p("/market/products/BTC-USD/ticker"), Route::Ticker("BTC-USD".into()));
+        assert_eq!(p("/products/BTC-USD/ticker"), Route::Ticker("BTC-USD".into()));
+        assert_eq!(p("/products/BTC-USD/candles"), Route::Candles("BTC-USD".into()));
+        assert_eq!(p("/products"), Route::Products { private: true });
+        assert_eq!(p("/market/products"), Route::Products { private: false });
+        assert_eq!(p("/products/ETH-USD"), Route::Product("ETH-USD".into()));
+        assert_eq!(p("/accounts"), Route::Accounts);
+        assert_eq!(p("/market/accounts"), Route::Passthrough);
+        assert_eq!(p("/time"), Route::Time);
+        assert_eq!(p("/best_bid_ask"), Route::BestBidAsk);
+        assert_eq!(p("/orders"), Route::Passthrough);
+        assert_eq!(p("/accounts/abc"), Route::Passthrough);
+        assert_eq!(Route::of("/v2/currencies"), Route::Passthrough);
+    }
+
+    #[test]
+    fn queries_decode() {
+        let q = Query::parse(Some("product_ids=BTC-USD&product_ids=ETH%2DUSD&x=%zz&y=%4"));
+        assert_eq!(q.all("product_ids").collect::<Vec<_>>(), ["BTC-USD", "ETH-USD"]);
+        assert_eq!(q.get("x"), Some("%zz"));
+        assert_eq!(q.get("y"), Some("%4"));
+    }
+}

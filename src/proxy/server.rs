@@ -1,0 +1,271 @@
+//! The HTTP side of the proxy: the accept loop with its connection cap, one hyper connection
+//! per client with its own token bucket, and the answer to one request (operator paths, limits,
+//! auth, cached routes, pass-through).
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+    task::JoinSet,
+    time::Instant,
+};
+
+use super::{
+    Shared,
+    routes::{self, Query, Reply, Route},
+};
+use crate::{
+    coordinated::BreakerState,
+    metrics::{self, Sample},
+    util::{inc, lock},
+};
+
+/// The bounds on what clients may send.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    pub(super) max_body_bytes: usize,
+    pub(super) max_header_bytes: usize,
+    pub(super) rate: u32,
+    pub(super) burst: u32,
+    pub(super) max_connections: usize,
+    pub(super) header_read_timeout: Option<Duration>,
+}
+
+/// One connection's token bucket.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, limits: &Limits) -> bool {
+        let now = Instant::now();
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(limits.rate);
+        self.tokens = (self.tokens + refill).min(f64::from(limits.burst));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// The accept loop, until `stop`; then up to 5 s for connections to finish.
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = until_true(&mut stop) => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else {
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                    inc(&shared.counters.refused_connections);
+                    drop(stream);
+                    continue;
+                };
+                inc(&shared.counters.connections);
+                let shared = Arc::clone(&shared);
+                let stop = stop.clone();
+                conns.spawn(async move {
+                    serve_connection(stream, shared, stop).await;
+                    drop(permit);
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let drain = async { while conns.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    conns.shutdown().await;
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let limits = shared.limits;
+    let bucket = Arc::new(Mutex::new(Bucket { tokens: f64::from(limits.burst), last: Instant::now() }));
+    let service = service_fn(move |req| respond(Arc::clone(&shared), req, Arc::clone(&bucket)));
+    let mut builder = http1::Builder::new();
+    builder.max_buf_size(limits.max_header_bytes);
+    if let Some(t) = limits.header_read_timeout {
+        builder.timer(TokioTimer::new()).header_read_timeout(t);
+    }
+    let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), service));
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = until_true(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+fn reply(r: Reply) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(r.body)));
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+    resp
+}
+
+/// Answer one request.
+async fn respond(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    bucket: Arc<Mutex<Bucket>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let c = &shared.counters;
+    let path = req.uri().path().to_string();
+    if path == "/healthz" {
+        inc(&c.by_route[Route::Operator.index()]);
+        return Ok(reply(healthz(&shared)));
+    }
+    if !lock(&bucket).take(&shared.limits) {
+        inc(&c.limited);
+        return Ok(reply(Reply::error(
+            429,
+            "RATE_LIMIT_EXCEEDED",
+            "proxy: too many requests on this connection",
+        )));
+    }
+    let method = req.method().clone();
+    if !shared.auth.check(req.headers(), method.as_str(), &path) {
+        inc(&c.unauthorized);
+        return Ok(reply(Reply::error(
+            401,
+            "UNAUTHENTICATED",
+            "proxy: present a JWT signed by the proxy's CDP key or a local token",
+        )));
+    }
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > shared.limits.max_body_bytes) {
+        inc(&c.too_large);
+        return Ok(reply(Reply::error(413, "INVALID_ARGUMENT", "proxy: request body too large")));
+    }
+    if method == Method::GET && (path == "/metrics" || path == "/stats") {
+        inc(&c.by_route[Route::Operator.index()]);
+        return Ok(reply(if path == "/metrics" {
+            metrics_reply(&shared)
+        } else {
+            Reply::json(200, &shared.stats())
+        }));
+    }
+    let route = if method == Method::GET { Route::of(&path) } else { Route::Passthrough };
+    let query = req.uri().query().map(str::to_string);
+    if route != Route::Passthrough
+        && let Some(r) = routes::answer(&route, &Query::parse(query.as_deref()), &shared).await
+    {
+        inc(&c.by_route[route.index()]);
+        return Ok(reply(r));
+    }
+    inc(&c.by_route[Route::Passthrough.index()]);
+    let headers = req.headers().clone();
+    let body = match Limited::new(req.into_body(), shared.limits.max_body_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            inc(&c.too_large);
+            return Ok(reply(Reply::error(413, "INVALID_ARGUMENT", "proxy: request body too large")));
+        }
+    };
+    let on_retry = || inc(&shared.counters.passthrough_retries);
+    let forwarded = shared.forwarder.send(&method, &path, query.as_deref(), &headers, body, on_retry).await;
+    // An order changes balances: the next accounts read must not be served from before it.
+    if method != Method::GET && method != Method::HEAD && path.contains("/orders") {
+        shared.source.invalidate_accounts();
+        inc(&c.accounts_invalidations);
+    }
+    Ok(match forwarded {
+        Ok(f) => {
+            let mut resp = Response::new(Full::new(f.body));
+            *resp.status_mut() = StatusCode::from_u16(f.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            for (name, value) in f.headers {
+                resp.headers_mut().insert(name, value);
+            }
+            resp
+        }
+        Err(r) => reply(r),
+    })
+}
+
+fn healthz(shared: &Shared) -> Reply {
+    let b = shared.source.stats().breaker;
+    let open = |s: BreakerState| s != BreakerState::Closed;
+    let status = if open(b.public.state) || open(b.private.state) { "degraded" } else { "ok" };
+    Reply::json(
+        200,
+        &serde_json::json!({"status": status, "breaker": {"public": b.public.state, "private": b.private.state}}),
+    )
+}
+
+/// The proxy's own samples, after the source's.
+fn proxy_samples(shared: &Shared) -> Vec<Sample> {
+    let s = shared.stats();
+    let mut out = metrics::samples(&s.coordinated, shared.source.config());
+    for (route, n) in &s.requests_by_route {
+        out.push(Sample {
+            name: "tickshare_proxy_requests_total",
+            labels: vec![("route", route.clone())],
+            value: *n as f64,
+            counter: true,
+            help: "Client requests by route.",
+        });
+    }
+    let plain: [(&'static str, &'static str, u64); 9] = [
+        ("tickshare_proxy_unauthorized_total", "Requests refused with 401.", s.unauthorized),
+        ("tickshare_proxy_limited_total", "Requests refused by the per-connection limit.", s.limited),
+        ("tickshare_proxy_too_large_total", "Requests refused for their size.", s.too_large),
+        ("tickshare_proxy_connections_total", "Connections accepted.", s.connections),
+        ("tickshare_proxy_refused_connections_total", "Connections over the cap.", s.refused_connections),
+        ("tickshare_proxy_passthrough_retries_total", "Pass-through retries.", s.passthrough_retries),
+        (
+            "tickshare_proxy_accounts_invalidations_total",
+            "Orders that invalidated the cached accounts.",
+            s.accounts_invalidations,
+        ),
+        ("tickshare_proxy_products_upstream_total", "Product-list fetches.", s.products_upstream),
+        ("tickshare_proxy_time_upstream_total", "Server-time fetches.", s.time_upstream),
+    ];
+    for (name, help, v) in plain {
+        out.push(Sample { name, labels: Vec::new(), value: v as f64, counter: true, help });
+    }
+    out
+}
+
+fn metrics_reply(shared: &Shared) -> Reply {
+    let samples = proxy_samples(shared);
+    #[cfg(feature = "metrics")]
+    metrics::publish(&samples);
+    Reply {
+        status: 200,
+        content_type: "text/plain; version=0.0.4",
+        body: metrics::render(&samples).into_bytes(),
+    }
+}

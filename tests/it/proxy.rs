@@ -1,0 +1,310 @@
+//! Issue 17: the caching proxy in front of the simulated exchange, with 25 legacy clients
+//! (each a `CoinbaseClient` with its own limiter) pointed at it.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tickshare::{
+    CandleRange, CoinbaseClient, CoordinatedSource, Credentials, Granularity, MarketDataSource, ProductId,
+    proxy::Proxy,
+    sim::{SimExchange, SimHandle},
+};
+
+use crate::support::{fixed_clock, get, http};
+
+const TOKEN: &str = "local-token-for-the-proxy-tests";
+const BOTS: usize = 25;
+const TICKS: usize = 12;
+const PRODUCTS: usize = 10;
+
+async fn sim(creds: &Credentials) -> SimExchange {
+    SimExchange::builder()
+        .products(PRODUCTS)
+        .clock(fixed_clock())
+        .jwt_public_key_pem(&creds.public_key_pem())
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn proxy(creds: &Credentials, sim: &SimHandle) -> Proxy {
+    Proxy::builder(creds.clone())
+        .upstream(sim.base_url())
+        .listen("127.0.0.1:0".parse().unwrap())
+        .local_token(TOKEN)
+        .header_read_timeout(None)
+        .clock(sim.clock())
+        .start()
+        .await
+        .unwrap()
+}
+
+/// One bot of the legacy pattern: its own client (own limiter), pointed at `base`.
+fn bot(base: &str, creds: &Credentials, sim: &SimHandle) -> CoinbaseClient {
+    CoinbaseClient::builder().base_url(base).credentials(creds.clone()).clock(sim.clock()).build().unwrap()
+}
+
+/// One tick of one bot: ticker, candles of the last hour, accounts, a balance check.
+async fn tick(src: &dyn MarketDataSource, p: &ProductId, sim: &SimHandle) {
+    let now = sim.clock().now_utc();
+    let t = src.ticker(p).await.unwrap();
+    // Within the freshness contract (ticker TTL 5 s), the price the exchange had then.
+    assert!(now - t.time <= time::Duration::seconds(5), "{now} {}", t.time);
+    assert_eq!(Some(t.price), sim.price_at(p, t.time), "{p}");
+    let range = CandleRange::new(now - time::Duration::hours(1), now).unwrap();
+    let candles = src.candles(p, Granularity::OneMinute, range).await.unwrap();
+    assert!(candles.len() >= 59, "{}", candles.len());
+    for c in candles.iter().filter(|c| Granularity::OneMinute.is_closed(c.start, now)) {
+        assert_eq!(Some(*c), sim.candle_at(p, Granularity::OneMinute, c.start), "{p} {}", c.start);
+    }
+    assert!(!src.accounts().await.unwrap().is_empty());
+    src.validate_trade_balance("USD", 10.into()).await.unwrap();
+}
+
+fn calls(sim: &SimHandle) -> BTreeMap<String, u64> {
+    sim.stats().calls_by_endpoint.into_iter().filter(|(_, n)| *n > 0).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn twenty_five_legacy_clients_through_the_proxy_cost_what_the_coordinated_source_costs() {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    // What CoordinatedSource alone makes for the same reads.
+    let reference_sim = sim(&creds).await;
+    let reference = CoordinatedSource::coinbase(
+        reference_sim.client_builder().credentials(creds.clone()).build().unwrap(),
+    )
+    .clock(reference_sim.clock())
+    .build()
+    .unwrap();
+    // The proxy in front of its own simulator (same seed, same clock).
+    let upstream = sim(&creds).await;
+    let proxy = proxy(&creds, &upstream).await;
+    let bots: Vec<CoinbaseClient> = (0..BOTS).map(|_| bot(&proxy.base_url(), &creds, &upstream)).collect();
+    let products = upstream.products();
+
+    for _ in 0..TICKS {
+        let through_proxy = futures_util::future::join_all(
+            bots.iter().enumerate().map(|(i, b)| tick(b, &products[i % PRODUCTS], &upstream)),
+        );
+        let alone = futures_util::future::join_all(
+            (0..BOTS).map(|i| tick(&reference, &products[i % PRODUCTS], &reference_sim)),
+        );
+        tokio::join!(through_proxy, alone);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+
+    let (got, want) = (upstream.stats(), reference_sim.stats());
+    eprintln!("through the proxy: {:?}\nalone: {:?}", calls(&upstream), calls(&reference_sim));
+    assert!(got.total_calls <= want.total_calls, "{} > {}", got.total_calls, want.total_calls);
+    assert_eq!(got.rate_limited_429, 0);
+    assert_eq!(got.auth_failures, 0, "the proxy signs with the key the exchange knows");
+    assert!(got.max_requests_in_any_1s.private <= 30 && got.max_requests_in_any_1s.public <= 10);
+    let s = proxy.stats();
+    // Every bot read: ticker, candles, accounts twice, per tick.
+    assert_eq!(s.requests_by_route["ticker"], (BOTS * TICKS) as u64);
+    assert_eq!(s.requests_by_route["candles"], (BOTS * TICKS) as u64);
+    assert_eq!(s.requests_by_route["accounts"], (2 * BOTS * TICKS) as u64);
+    assert_eq!(s.requests_by_route["passthrough"], 0);
+    assert!(s.coordinated.coalesced_waiters > 0 || s.coordinated.cache_hits > 0);
+    assert!(s.coordinated.batch_calls >= 1, "ticker reads merged into best_bid_ask");
+    assert_eq!(got.calls_by_endpoint["ticker"] + got.calls_by_endpoint["market/ticker"], 0);
+
+    // Accounts equal a direct read.
+    let direct = upstream.client_builder().credentials(creds.clone()).build().unwrap();
+    let mut want = direct.accounts().await.unwrap();
+    let mut have = bots[0].accounts().await.unwrap();
+    want.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+    have.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+    assert_eq!(have, want);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_order_passes_through_once_and_the_next_balance_read_is_fresh() {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = sim(&creds).await;
+    let proxy = proxy(&creds, &upstream).await;
+    let b = bot(&proxy.base_url(), &creds, &upstream);
+    let before = b.accounts().await.unwrap();
+    assert_eq!(upstream.stats().calls_by_endpoint["accounts"], 1);
+    b.accounts().await.unwrap();
+    assert_eq!(upstream.stats().calls_by_endpoint["accounts"], 1, "served from the cache");
+
+    // The balances change on the exchange, and an order is placed through the proxy.
+    upstream.set_accounts([tickshare::sim::SimAccount::new("USD", 123.into())]);
+    let path = "/api/v3/brokerage/orders";
+    let host = proxy.addr().to_string();
+    let resp = http()
+        .post(format!("{}{path}", proxy.base_url()))
+        .bearer_auth(creds.rest_jwt("POST", &host, path))
+        .header("content-type", "application/json")
+        .body(r#"{"client_order_id":"1","product_id":"BTC-USD","side":"BUY"}"#)
+        .send()
+        .await
+        .unwrap();
+    // The simulator has no order endpoint: its 404 comes back as it was, sent once, not retried.
+    assert_eq!(resp.status(), 404);
+    assert_eq!(upstream.stats().calls_by_endpoint["unknown"], 1);
+    assert_eq!(upstream.stats().auth_failures, 0);
+    let s = proxy.stats();
+    assert_eq!(
+        (s.requests_by_route["passthrough"], s.passthrough_retries, s.accounts_invalidations),
+        (1, 0, 1)
+    );
+
+    let after = b.accounts().await.unwrap();
+    assert_eq!(upstream.stats().calls_by_endpoint["accounts"], 2, "fresh after the order");
+    assert_ne!(after, before);
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].available, 123.into());
+}
+
+#[tokio::test(start_paused = true)]
+async fn unauthenticated_clients_get_401_and_nothing_is_forwarded() {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = sim(&creds).await;
+    let proxy = proxy(&creds, &upstream).await;
+    let base = proxy.base_url();
+    let c = http();
+    let other = Credentials::generate("organizations/x/apiKeys/other");
+    let paths = [
+        "/api/v3/brokerage/accounts",
+        "/api/v3/brokerage/market/products/BTC-USD/ticker?limit=1",
+        "/api/v3/brokerage/orders/historical/batch",
+        "/metrics",
+        "/stats",
+    ];
+    for p in paths {
+        let bare = p.split('?').next().unwrap();
+        assert_eq!(get(&c, &format!("{base}{p}"), None).await.status, 401, "{p}");
+        let forged = other.rest_jwt("GET", &proxy.addr().to_string(), bare);
+        assert_eq!(get(&c, &format!("{base}{p}"), Some(&forged)).await.status, 401, "{p}");
+        assert_eq!(get(&c, &format!("{base}{p}"), Some("not-the-token-but-long")).await.status, 401, "{p}");
+        // A token of the right key for another path is refused too.
+        let wrong_path = creds.rest_jwt("GET", "api.coinbase.com", "/api/v3/brokerage/time");
+        assert_eq!(get(&c, &format!("{base}{p}"), Some(&wrong_path)).await.status, 401, "{p}");
+    }
+    let order = c.post(format!("{base}/api/v3/brokerage/orders")).body("{}").send().await.unwrap();
+    assert_eq!(order.status(), 401);
+    assert_eq!(upstream.stats().total_calls, 0, "nothing forwarded");
+    assert_eq!(proxy.stats().unauthorized, 21);
+    // /healthz needs no credentials; the local token and an SDK-style JWT both work.
+    assert_eq!(get(&c, &format!("{base}/healthz"), None).await.json()["status"], "ok");
+    let ok = get(&c, &format!("{base}/api/v3/brokerage/market/products/BTC-USD/ticker?limit=1"), Some(TOKEN))
+        .await;
+    assert_eq!(ok.status, 200);
+    let sdk = creds.rest_jwt("GET", "api.coinbase.com", "/api/v3/brokerage/time");
+    assert_eq!(get(&c, &format!("{base}/api/v3/brokerage/time"), Some(&sdk)).await.status, 200);
+    // Non-loopback needs explicit configuration and a token.
+    let remote = Proxy::builder(creds.clone()).listen("0.0.0.0:0".parse().unwrap()).start().await;
+    assert!(matches!(remote, Err(tickshare::Error::Config(_))));
+    let remote =
+        Proxy::builder(creds.clone()).listen("0.0.0.0:0".parse().unwrap()).allow_remote(true).start().await;
+    assert!(matches!(remote, Err(tickshare::Error::Config(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodies_are_coinbase_shaped_and_metrics_are_scraped() {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = sim(&creds).await;
+    let proxy = proxy(&creds, &upstream).await;
+    let (base, c) = (proxy.base_url(), http());
+    let api = format!("{base}/api/v3/brokerage");
+    let ids = "product_ids=BTC-USD&product_ids=ETH-USD";
+    for (path, key) in [
+        ("/market/products/BTC-USD/ticker?limit=1".to_string(), "trades"),
+        (format!("/best_bid_ask?{ids}"), "pricebooks"),
+        (format!("/market/products?{ids}"), "products"),
+        ("/products".to_string(), "products"),
+        ("/accounts?limit=2".to_string(), "accounts"),
+        ("/time".to_string(), "epochMillis"),
+    ] {
+        let got = get(&c, &format!("{api}{path}"), Some(TOKEN)).await;
+        assert_eq!(got.status, 200, "{path}: {}", String::from_utf8_lossy(&got.body));
+        assert!(got.json().get(key).is_some(), "{path}: {}", String::from_utf8_lossy(&got.body));
+    }
+    let two = get(&c, &format!("{api}/market/products?{ids}"), Some(TOKEN)).await.json();
+    assert_eq!(two["num_products"], 2);
+    let product = get(&c, &format!("{api}/market/products/ETH-USD"), Some(TOKEN)).await.json();
+    assert_eq!(product["product_id"], "ETH-USD");
+    assert_eq!(
+        get(&c, &format!("{api}/market/products/NOPE-USD/ticker?limit=1"), Some(TOKEN)).await.status,
+        404
+    );
+    let page = get(&c, &format!("{api}/accounts?limit=2"), Some(TOKEN)).await.json();
+    assert_eq!(page["has_next"], true);
+    let next =
+        get(&c, &format!("{api}/accounts?limit=2&cursor={}", page["cursor"].as_str().unwrap()), Some(TOKEN))
+            .await;
+    assert_eq!(next.status, 200);
+    let now = upstream.clock().now_utc().unix_timestamp();
+    let window = format!("start={}&end={now}&granularity=ONE_MINUTE", now - 3600);
+    let candles =
+        get(&c, &format!("{api}/market/products/BTC-USD/candles?{window}"), Some(TOKEN)).await.json();
+    let direct = get(&c, &format!("{}/market/products/BTC-USD/candles?{window}", upstream.api_url()), None)
+        .await
+        .json();
+    assert_eq!(candles, direct, "the same bytes' meaning as the exchange's own answer");
+    let wide = format!("start={}&end={now}&granularity=ONE_MINUTE", now - 400 * 60);
+    assert_eq!(
+        get(&c, &format!("{api}/market/products/BTC-USD/candles?{wide}"), Some(TOKEN)).await.status,
+        400
+    );
+
+    let scrape = || async {
+        let got = get(&c, &format!("{base}/metrics"), Some(TOKEN)).await;
+        assert_eq!(got.status, 200);
+        parse_prometheus(&String::from_utf8(got.body).unwrap())
+    };
+    let first = scrape().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    get(&c, &format!("{api}/market/products/BTC-USD/ticker?limit=1"), Some(TOKEN)).await;
+    get(&c, &format!("{api}/market/products/BTC-USD/ticker?limit=1"), Some(TOKEN)).await;
+    let second = scrape().await;
+    for name in [
+        "tickshare_upstream_calls_total{endpoint=\"best_bid_ask\",class=\"private\"}",
+        "tickshare_cache_hits_total",
+        "tickshare_cache_misses_total",
+        "tickshare_coalesced_waiters_total",
+        "tickshare_batch_calls_total",
+        "tickshare_batched_products_total",
+        "tickshare_rate_limited_total",
+        "tickshare_stale_serves_total",
+        "tickshare_breaker_state{class=\"private\",state=\"closed\"}",
+        "tickshare_proxy_requests_total{route=\"ticker\"}",
+        "tickshare_limiter_acquired_total{class=\"private\"}",
+    ] {
+        assert!(first.contains_key(name) && second.contains_key(name), "{name} missing: {second:?}");
+    }
+    for (k, v) in &first {
+        if k.contains("_total") {
+            assert!(second[k] >= *v, "{k} went down");
+        }
+    }
+    assert!(second["tickshare_cache_hits_total"] > first["tickshare_cache_hits_total"]);
+    assert_eq!(second["tickshare_breaker_state{class=\"private\",state=\"closed\"}"], 1.0);
+    assert_eq!(second["tickshare_rate_limited_total"], 0.0);
+    let stats = get(&c, &format!("{base}/stats"), Some(TOKEN)).await.json();
+    assert!(stats["coordinated"]["upstream_calls"].as_u64().unwrap() >= 1);
+}
+
+/// `name{labels} value` lines; HELP/TYPE lines are checked for every name.
+fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(kind == "counter" || kind == "gauge", "{line}");
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
+        assert!(typed.contains(name), "no TYPE for {name}");
+        out.insert(series.to_string(), value.parse::<f64>().unwrap());
+    }
+    out
+}
