@@ -248,7 +248,7 @@ impl ProxyBuilder {
                 .batch_size(batch);
         }
         let source = source.build()?;
-        let key = crate::coinbase::auth::parse_public_key_pem(&self.credentials.public_key_pem())?;
+        let key = self.credentials.verifying_key();
         let forwarder = forward::Forwarder::new(&self.upstream, self.credentials.clone(), client.clone())?;
         let listener = tokio::net::TcpListener::bind(self.listen)
             .await

@@ -1,9 +1,7 @@
 //! Client authentication: a bearer JWT signed by the proxy's own CDP key, or a local token.
 
+use crate::coinbase::auth::{VerifyingKey, unix_now, verify_jwt};
 use hyper::HeaderMap;
-use p256::ecdsa::VerifyingKey;
-
-use crate::coinbase::auth::{unix_now, verify_jwt};
 
 /// Seconds of clock skew tolerated on a client JWT's `nbf` and `exp`.
 const LEEWAY_SECS: u64 = 5;
@@ -62,13 +60,13 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coinbase::{Credentials, auth::parse_public_key_pem};
+    use crate::coinbase::Credentials;
     use hyper::header::{AUTHORIZATION, HeaderValue};
 
     #[test]
     fn tokens_and_jwts() {
         let creds = Credentials::generate("organizations/o/apiKeys/k");
-        let auth = Auth::new(parse_public_key_pem(&creds.public_key_pem()).unwrap(), vec!["t".repeat(20)]);
+        let auth = Auth::new(creds.verifying_key(), vec!["t".repeat(20)]);
         let path = "/api/v3/brokerage/accounts";
         let with = |name: &str, v: String| {
             let mut h = HeaderMap::new();

@@ -286,7 +286,7 @@ impl SimBuilder {
     }
 
     /// Verify JWTs against this P-256 (ES256) or Ed25519 (EdDSA) public key (PEM,
-    /// `-----BEGIN PUBLIC KEY-----`, as [`Credentials::public_key_pem`] writes it). Without it
+    /// `-----BEGIN PUBLIC KEY-----`, as [`Credentials::public_key_pem`](crate::Credentials::public_key_pem) writes it). Without it
     /// any well-formed JWT is accepted.
     pub fn jwt_public_key_pem(mut self, pem: &str) -> Self {
         self.jwt_public_key_pem = Some(pem.to_string());

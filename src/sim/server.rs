@@ -153,9 +153,12 @@ async fn respond(
             accounts: &accounts,
             seed: shared.seed,
             now: shared.clock.now_utc(),
+            skew: shared.clock_skew,
         };
         let auth = req.headers().get(hyper::header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        if let Some(reply) = super::v2::answer(req.method(), path, auth, shared.jwt_key.as_ref(), &ctx) {
+        if let Some(reply) =
+            super::v2::answer(req.method(), path, auth, shared.jwt_key.as_ref(), jwt_window(&shared), &ctx)
+        {
             let mut c = lock(&shared.counters);
             c.call(None);
             c.status(reply.status);
@@ -471,5 +474,13 @@ impl AsyncWrite for ResettableStream {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+/// The exchange's clock for JWT checks: the system time plus [`SimBuilder::clock_skew`](super::SimBuilder::clock_skew).
+fn jwt_window(shared: &Shared) -> jwt::Window {
+    jwt::Window {
+        now: jwt::system_now().saturating_add(shared.clock_skew.whole_seconds()),
+        leeway: shared.jwt_leeway_secs,
     }
 }

@@ -22,7 +22,8 @@ pub(super) fn answer(
     method: &Method,
     path: &str,
     authorization: Option<&[u8]>,
-    jwt_key: Option<&p256::ecdsa::VerifyingKey>,
+    jwt_key: Option<&crate::coinbase::auth::VerifyingKey>,
+    window: jwt::Window,
     ctx: &Ctx<'_>,
 ) -> Option<Reply> {
     if method != Method::GET {
@@ -36,13 +37,13 @@ pub(super) fn answer(
         "/v2/currencies/crypto" => Reply::json(200, &json!({"data": crypto(ctx)})),
         "/v2/exchange-rates" => Reply::json(200, &json!({"data": {"currency": "USD", "rates": rates(ctx)}})),
         "/v2/accounts" => {
-            if let Err(e) = jwt::check(authorization, jwt_key, "GET", path) {
+            if let Err(e) = jwt::check(authorization, jwt_key, "GET", path, window) {
                 return Some(Reply::error(401, "UNAUTHENTICATED", e.message()));
             }
             Reply::json(200, &accounts(ctx))
         }
         "/api/v3/brokerage/transaction_summary" => {
-            if let Err(e) = jwt::check(authorization, jwt_key, "GET", path) {
+            if let Err(e) = jwt::check(authorization, jwt_key, "GET", path, window) {
                 return Some(Reply::error(401, "UNAUTHENTICATED", e.message()));
             }
             Reply::json(200, &transaction_summary())
