@@ -94,7 +94,9 @@ pub use self::redis::{
     TierMode,
 };
 pub use clock::Clock;
-pub use coinbase::{ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath};
+pub use coinbase::{
+    ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath, TickerBatch,
+};
 pub use coordinated::{
     BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats, CoordinatedBuilder, CoordinatedConfig,
     CoordinatedSource, CoordinatedStats, Fresh, LatencyStats, Origin, ReadOptions,
@@ -109,7 +111,7 @@ pub use limiter::{
     ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, Priority, RateLimiter, RateLimiterConfig,
 };
 pub use model::{
-    Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, ProductId, Ticker,
+    Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, PriceKind, ProductId, Ticker,
 };
 pub use retry::RetryPolicy;
 pub use rust_decimal::Decimal;

@@ -320,6 +320,7 @@ mod tests {
             best_bid: None,
             best_ask: None,
             time: datetime!(2024-01-01 0:00 UTC),
+            price_kind: crate::model::PriceKind::LastTrade,
         };
         let rest = Ticker { price: Decimal::ONE, ..t.clone() };
         mock.expect_tickers().times(1).returning(move |_| Ok(vec![rest.clone()]));

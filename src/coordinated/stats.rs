@@ -34,7 +34,7 @@ impl Op {
     pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Op::Ticker => "ticker",
-            Op::Tickers => "best_bid_ask",
+            Op::Tickers => "tickers",
             Op::Candles => "candles",
             Op::Accounts => "accounts",
         }
@@ -180,7 +180,8 @@ pub struct CoordinatedStats {
     /// Upstream calls (each one HTTP request to the exchange when the upstream is a
     /// [`CoinbaseClient`](crate::CoinbaseClient)), all endpoints.
     pub upstream_calls: u64,
-    /// Upstream calls by endpoint: `ticker`, `best_bid_ask`, `candles`, `accounts`.
+    /// Upstream calls by operation: `ticker`, `tickers` (one batched call: `products` or
+    /// `best_bid_ask`, see [`TickerBatch`](crate::TickerBatch)), `candles`, `accounts`.
     pub upstream_calls_by_endpoint: BTreeMap<String, u64>,
     /// Reads answered from fresh cache.
     pub cache_hits: u64,
