@@ -99,7 +99,8 @@ pub use coinbase::{
 };
 pub use coordinated::{
     BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats, CoordinatedBuilder, CoordinatedConfig,
-    CoordinatedSource, CoordinatedStats, Fresh, LatencyStats, Origin, ReadOptions,
+    CandleFidelity, CoordinatedSource, CoordinatedStats, Fresh, InProgress, InProgressCandle, LatencyStats, Origin,
+    ReadOptions,
 };
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};

@@ -73,6 +73,8 @@ pub(crate) struct Counters {
     pub(crate) retries: AtomicU64,
     pub(crate) rate_limit_errors: AtomicU64,
     pub(crate) candles_fetched: AtomicU64,
+    pub(crate) live_patches: AtomicU64,
+    pub(crate) in_progress_refetches: AtomicU64,
     pub(crate) errors: [AtomicU64; Error::KINDS.len()],
     latencies_us: Mutex<VecDeque<u64>>,
 }
@@ -143,6 +145,8 @@ impl Counters {
             retries: get(&self.retries),
             rate_limit_errors: get(&self.rate_limit_errors),
             candles_fetched: get(&self.candles_fetched),
+            live_patches: get(&self.live_patches),
+            in_progress_refetches: get(&self.in_progress_refetches),
             errors_by_kind,
             upstream_latency_ms: LatencyStats {
                 samples: lat.len() as u64,
@@ -209,6 +213,13 @@ pub struct CoordinatedStats {
     pub rate_limit_errors: u64,
     /// Candles received from the upstream.
     pub candles_fetched: u64,
+    /// Candles in progress moved by a newer last-trade price, at no upstream call
+    /// ([`InProgressCandle::Live`](crate::InProgressCandle::Live)).
+    pub live_patches: u64,
+    /// Series refreshed because their candle in progress was older than
+    /// `in_progress_max_age` ([`InProgressCandle::Exact`](crate::InProgressCandle::Exact)):
+    /// each one upstream call, also counted in `upstream_calls`.
+    pub in_progress_refetches: u64,
     /// Upstream errors by [`Error::kind`](crate::Error::kind).
     pub errors_by_kind: BTreeMap<String, u64>,
     /// Upstream latency.

@@ -6,6 +6,7 @@ mod client;
 mod coordinated;
 mod evaluator;
 mod faults;
+mod freshness;
 mod fuzz;
 mod hostile;
 mod load;
