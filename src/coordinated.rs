@@ -353,7 +353,8 @@ impl CoordinatedSource {
         // As in `ticker_with`: the negative cache is consulted on a miss only.
         let cached = inner.series.get(&key).await;
         let now_utc = inner.clock.utc_at(now);
-        let refetch = cached.as_ref().is_some_and(|e| inner.in_progress_too_old(e, granularity, now, now_utc));
+        let refetch =
+            cached.as_ref().is_some_and(|e| inner.in_progress_too_old(e, granularity, now, now_utc));
         if let Some(e) = &cached
             && !refetch
             && inner.series_covers(e, range, granularity, now)
@@ -393,7 +394,12 @@ impl CoordinatedSource {
         let inner = &self.inner;
         let now_utc = inner.clock.utc_at(Instant::now());
         let latest = match inner.cfg.in_progress {
-            InProgressCandle::Live => inner.tickers.get(product).await.map(|e| e.value),
+            InProgressCandle::Live => {
+                // A ticker of this product in flight lands first: the candle then carries the
+                // price it brings (no extra call; at most the wait for that fetch).
+                inner.ticker_flight.wait_if_running(product).await;
+                inner.tickers.get(product).await.map(|e| e.value)
+            }
             InProgressCandle::Exact | InProgressCandle::ClosedOnly => None,
         };
         let (candles, in_progress) = inner.serve_series(&series.value, g, range, now_utc, latest.as_ref());
@@ -411,7 +417,10 @@ impl CoordinatedSource {
         async move {
             let k = key.clone();
             flight
-                .run(key, move || async move { Inner::fetch_series(inner, k, range, refetch_in_progress).await })
+                .run(
+                    key,
+                    move || async move { Inner::fetch_series(inner, k, range, refetch_in_progress).await },
+                )
                 .await
         }
     }
@@ -525,13 +534,23 @@ impl Inner {
     ) -> Option<Fresh<&'e T>> {
         if e.is_fresh(now, opts.max_age) {
             inc(&self.counters.cache_hits);
-            return Some(Fresh { value: &e.value, origin: Origin::Cache, age: e.age(now), in_progress: None });
+            return Some(Fresh {
+                value: &e.value,
+                origin: Origin::Cache,
+                age: e.age(now),
+                in_progress: None,
+            });
         }
         if self.cfg.stale_while_revalidate && opts.max_age.is_none() && e.age(now) <= self.cfg.max_stale {
             revalidate();
             inc(&self.counters.cache_hits);
             inc(&self.counters.stale_serves);
-            return Some(Fresh { value: &e.value, origin: Origin::Stale, age: e.age(now), in_progress: None });
+            return Some(Fresh {
+                value: &e.value,
+                origin: Origin::Stale,
+                age: e.age(now),
+                in_progress: None,
+            });
         }
         None
     }
@@ -545,12 +564,19 @@ impl Inner {
         T: Clone,
     {
         match result {
-            Ok(e) => Ok(Fresh { age: e.age(now), value: e.value, origin: Origin::Upstream, in_progress: None }),
+            Ok(e) => {
+                Ok(Fresh { age: e.age(now), value: e.value, origin: Origin::Upstream, in_progress: None })
+            }
             Err(err) => match cached {
                 Some(c) if err.allows_stale() && c.age(now) <= self.cfg.max_stale => {
                     inc(&self.counters.stale_serves);
                     tracing::debug!(error = %err, age_ms = c.age(now).as_millis() as u64, "serving stale data");
-                    Ok(Fresh { value: c.value.clone(), origin: Origin::Stale, age: c.age(now), in_progress: None })
+                    Ok(Fresh {
+                        value: c.value.clone(),
+                        origin: Origin::Stale,
+                        age: c.age(now),
+                        in_progress: None,
+                    })
                 }
                 _ => Err(err),
             },

@@ -98,9 +98,9 @@ pub use coinbase::{
     ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath, TickerBatch,
 };
 pub use coordinated::{
-    BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats, CoordinatedBuilder, CoordinatedConfig,
-    CandleFidelity, CoordinatedSource, CoordinatedStats, Fresh, InProgress, InProgressCandle, LatencyStats, Origin,
-    ReadOptions,
+    BreakerConfig, BreakerState, BreakerStats, CandleFidelity, ClassBreakerStats, CoordinatedBuilder,
+    CoordinatedConfig, CoordinatedSource, CoordinatedStats, Fresh, InProgress, InProgressCandle,
+    LatencyStats, Origin, ReadOptions,
 };
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};
@@ -112,14 +112,15 @@ pub use limiter::{
     ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, Priority, RateLimiter, RateLimiterConfig,
 };
 pub use model::{
-    Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, PriceKind, ProductId, Ticker,
+    Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, PriceKind, ProductId,
+    Ticker,
 };
 pub use retry::RetryPolicy;
 pub use rust_decimal::Decimal;
 pub use schedule::{ScheduledTick, TickLoop, TickSchedule};
 pub use selector::{
-    FlagsWatcher, MethodShadowStats, MigrationProgress, PathLatency, SelectorStats, ShadowSource,
-    ShadowStats, SourceSelector,
+    FlagsWatcher, GateVerdict, MethodShadowStats, MigrationGate, MigrationProgress, MigrationReport,
+    PathLatency, SelectorStats, ShadowSource, ShadowStats, ShadowTolerance, SourceSelector,
 };
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use super::{CandleFidelity, InProgress, InProgressCandle, cache::Patch};
 use super::{
     Inner,
     cache::{Entry, Series, SeriesEntry},
@@ -16,7 +17,6 @@ use crate::{
     model::{Candle, CandleRange, Granularity, PriceKind, ProductId, Ticker},
     util::{add, inc},
 };
-use super::{CandleFidelity, InProgress, InProgressCandle, cache::Patch};
 
 impl Inner {
     pub(super) fn series_covers(
@@ -121,8 +121,11 @@ impl Inner {
                 (now, now_utc, this.series_fresh_until(*g, now_utc, this.cfg.candle_grace + jitter, now))
             }
         };
-        let entry =
-            Entry::new(Arc::new(Series { candles, from, to, fetched_utc, patch: None }), fetched_at, fresh_until.max(now));
+        let entry = Entry::new(
+            Arc::new(Series { candles, from, to, fetched_utc, patch: None }),
+            fetched_at,
+            fresh_until.max(now),
+        );
         this.series.insert(key, entry.clone()).await;
         Ok(entry)
     }

@@ -26,6 +26,9 @@ const LEVELS: [(i64, i64, u64); 4] =
 
 const PPM: i128 = 1_000_000;
 
+/// The shortest deviation period: the price is linear between its boundaries.
+const FINEST_PERIOD_MS: i64 = 10_000;
+
 /// Scale of sizes and volumes (base increment 0.00000001).
 const SIZE_SCALE: u32 = 8;
 
@@ -237,11 +240,19 @@ impl Market {
         }
         let len_ms = g.seconds() * 1000;
         let close_ms = (start_ms + len_ms - 1).min(now_ms);
-        let step = len_ms / SAMPLES_PER_CANDLE;
+        // The price path is piecewise linear between ten-second boundaries, so up to an hour
+        // every boundary is sampled and high/low are the path's own extremes (to a tick of
+        // rounding): a live candle patched from prices in between stays inside them. Longer
+        // buckets take SAMPLES_PER_CANDLE samples.
+        let (step, samples) = if len_ms <= 3_600_000 {
+            (FINEST_PERIOD_MS, len_ms / FINEST_PERIOD_MS)
+        } else {
+            (len_ms / SAMPLES_PER_CANDLE, SAMPLES_PER_CANDLE)
+        };
         let open = self.price_ticks(p, start_ms);
         let close = self.price_ticks(p, close_ms);
         let (mut high, mut low) = (open.max(close), open.min(close));
-        for k in 1..SAMPLES_PER_CANDLE {
+        for k in 1..samples {
             let t = start_ms + k * step;
             if t > close_ms {
                 break;

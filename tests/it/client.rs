@@ -65,7 +65,8 @@ async fn public_paths_without_credentials() {
     assert_eq!(st.calls_by_endpoint["market/products"], 1);
     assert_eq!(st.calls_by_endpoint["best_bid_ask"], 0);
     // With `TickerBatch::Book` and no key: one public ticker request per product.
-    let book = CoinbaseClient::builder().base_url(sim.base_url()).ticker_batch(TickerBatch::Book).build().unwrap();
+    let book =
+        CoinbaseClient::builder().base_url(sim.base_url()).ticker_batch(TickerBatch::Book).build().unwrap();
     assert_eq!(book.tickers(&[btc.clone(), pid("ETH-USD"), btc.clone()]).await.unwrap().len(), 2);
     assert_eq!(sim.stats().calls_by_endpoint["market/ticker"], 3);
     assert!(matches!(client.accounts().await, Err(Error::Unauthorized(_))));

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use tickshare::{
-    CandleFidelity, CandleRange, CoordinatedSource, Granularity, InProgressCandle, MarketDataSource, ProductId,
-    ReadOptions, sim::SimExchange,
+    CandleFidelity, CandleRange, CoordinatedSource, Granularity, InProgressCandle, MarketDataSource,
+    ProductId, ReadOptions, sim::SimExchange,
 };
 
 use crate::support::fixed_clock;
@@ -71,10 +71,11 @@ async fn live_in_progress_candle_follows_every_price_the_source_served() {
             // The patched in-progress candle is close to the exchange's own (the sim's last
             // trade is the price now, so the close matches to the millisecond of the tick).
             let truth = fresh.last().unwrap();
-            let bps: f64 = ((last.close - truth.close).abs() / truth.close * tickshare::Decimal::from(10_000))
-                .to_string()
-                .parse()
-                .unwrap();
+            let bps: f64 = ((last.close - truth.close).abs() / truth.close
+                * tickshare::Decimal::from(10_000))
+            .to_string()
+            .parse()
+            .unwrap();
             mismatched_close_bps.push(bps);
         }
         tokio::time::sleep(Duration::from_secs(37)).await;
@@ -139,4 +140,78 @@ async fn closed_only_never_returns_the_bucket_in_progress() {
         tokio::time::sleep(Duration::from_secs(53)).await;
     }
     assert_eq!(source.stats().live_patches, 0);
+}
+
+/// A coordinated path that really diverges: its tickers are 1 % high.
+struct Inflated(CoordinatedSource);
+
+#[async_trait::async_trait]
+impl MarketDataSource for Inflated {
+    async fn ticker(&self, p: &ProductId) -> tickshare::Result<tickshare::Ticker> {
+        let mut t = self.0.ticker(p).await?;
+        t.price *= tickshare::Decimal::new(101, 2);
+        Ok(t)
+    }
+    async fn tickers(&self, p: &[ProductId]) -> tickshare::Result<Vec<tickshare::Ticker>> {
+        let mut out = Vec::new();
+        for q in p {
+            out.push(self.ticker(q).await?);
+        }
+        Ok(out)
+    }
+    async fn candles(
+        &self,
+        p: &ProductId,
+        g: Granularity,
+        r: CandleRange,
+    ) -> tickshare::Result<Vec<tickshare::Candle>> {
+        self.0.candles(p, g, r).await
+    }
+    async fn accounts(&self) -> tickshare::Result<Vec<tickshare::Account>> {
+        self.0.accounts().await
+    }
+}
+
+async fn shadow_run(broken: bool) -> tickshare::MigrationReport {
+    use std::sync::Arc;
+    let (sim, source) = setup(InProgressCandle::Live).await;
+    let legacy = tickshare::DirectSource::new(sim.client_builder().clock(sim.clock()).build().unwrap());
+    let coordinated: Arc<dyn MarketDataSource> =
+        if broken { Arc::new(Inflated(source)) } else { Arc::new(source) };
+    let shadow = tickshare::ShadowSource::new(Arc::new(legacy), coordinated);
+    let products = sim.products();
+    for _ in 0..60 {
+        for p in &products {
+            shadow.ticker(p).await.unwrap();
+            // A bot reads its ticker, then its candles (as the evaluator's snapshot does).
+            shadow.wait_idle().await;
+            shadow.candles(p, G, range(&sim)).await.unwrap();
+        }
+        shadow.validate_trade_balance("USD", tickshare::Decimal::ONE).await.unwrap();
+        shadow.wait_idle().await;
+        tokio::time::sleep(Duration::from_secs(61)).await;
+    }
+    shadow.report()
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_report_is_safe_on_a_faithful_path_and_holds_on_a_broken_one() {
+    let ok = shadow_run(false).await;
+    assert!(ok.comparisons >= 200, "{ok:?}");
+    assert_eq!(ok.closed_candle_mismatches, 0, "{ok:?}");
+    assert!(ok.safe_to_migrate, "{ok:?}");
+    let gate = tickshare::MigrationGate { min_comparisons: 200, ..Default::default() };
+    assert!(ok.gate(&gate).is_proceed());
+    // Requiring decision agreement that was not measured holds the rollout, saying why.
+    let strict = tickshare::MigrationGate { min_decision_agreement: 1.0, ..gate };
+    assert!(
+        matches!(ok.gate(&strict), tickshare::GateVerdict::Hold { reasons } if reasons[0].contains("decision"))
+    );
+
+    let bad = shadow_run(true).await;
+    assert!(!bad.safe_to_migrate, "{bad:?}");
+    assert!(bad.worst_ticker_bps >= 99.0, "{bad:?}");
+    assert!(bad.reasons.iter().any(|r| r.contains("ticker")), "{:?}", bad.reasons);
+    let json = serde_json::to_value(&bad).unwrap();
+    assert_eq!(json["safe_to_migrate"], false);
 }

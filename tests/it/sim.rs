@@ -91,7 +91,10 @@ async fn every_endpoint_answers_its_documented_shape() {
     let ids: Vec<&str> = books.iter().map(|t| t.product.as_str()).collect();
     assert_eq!(ids, ["ETH-USD", "BTC-USD"]);
     let last = sim.price(&btc).unwrap();
-    assert!(books[1].best_bid.unwrap() < last && last < books[1].best_ask.unwrap(), "the last trade inside the book");
+    assert!(
+        books[1].best_bid.unwrap() < last && last < books[1].best_ask.unwrap(),
+        "the last trade inside the book"
+    );
     assert!(r.json()["pricebooks"][0]["time"].is_string());
     let all = get(&c, &format!("{api}/best_bid_ask"), Some(&jwt)).await;
     assert_eq!(wire::decode_best_bid_ask(&all.body).unwrap().len(), 5);
