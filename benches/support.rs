@@ -59,6 +59,7 @@ fn ticker(product: &ProductId) -> Ticker {
         best_bid: Some(p - Decimal::ONE),
         best_ask: Some(p + Decimal::ONE),
         time: OffsetDateTime::UNIX_EPOCH,
+        price_kind: tickshare::PriceKind::LastTrade,
     }
 }
 

@@ -63,6 +63,7 @@ async fn migration_stats(State(s): State<AppState>) -> Response {
         "coordinated": s.coordinated.stats(),
         "migration_progress": s.selector.migration_progress(s.bot_ids.iter()),
         "selector": s.selector.stats(),
+        "migration_report": s.selector.shadow().report(),
     }))
     .into_response()
 }

@@ -137,6 +137,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let mut phases = Vec::new();
     let mut final_stats = serde_json::Value::Null;
     let mut shadow_stats = serde_json::Value::Null;
+    let mut migration_report: Option<tickshare::MigrationReport> = None;
     let phase_names =
         [("legacy", 0u8), ("mixed", 50), ("coordinated", 100), ("prefetched", 100), ("streaming", 100)];
     for (name, percent) in phase_names {
@@ -223,10 +224,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
         if name == "mixed" {
             selector.shadow().wait_idle().await;
             shadow_stats = serde_json::to_value(selector.stats().shadow)?;
+            migration_report = Some(selector.shadow().report());
         }
         if name == "coordinated" {
             final_stats = json!({
                 "shadow_during_mixed_phase": shadow_stats,
+                "migration_report": migration_report,
                 "coordinated": cs,
                 "legacy": legacy.stats(),
                 "migration_progress": selector.migration_progress(&bot_ids),
@@ -302,6 +305,22 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 c.bot_errors,
                 l.bot_errors
             );
+        }
+        if let Some(r) = &migration_report {
+            let gate = tickshare::MigrationGate { min_comparisons: 200, ..Default::default() };
+            println!(
+                "mixed phase shadow: {} comparisons, {} unexplained mismatches, worst ticker {:.2} bps, worst candle in progress {:.2} bps, closed candles differing {}; safe_to_migrate {}; gate(>= 200 comparisons, 0 unexplained): {:?}",
+                r.comparisons,
+                r.unexplained_mismatches,
+                r.worst_ticker_bps,
+                r.worst_in_progress_candle_bps,
+                r.closed_candle_mismatches,
+                r.safe_to_migrate,
+                r.gate(&gate),
+            );
+            for reason in &r.reasons {
+                println!("  - {reason}");
+            }
         }
         if let (Some(c), Some(pf)) = (phase("coordinated"), phase("prefetched")) {
             println!(

@@ -23,6 +23,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -31,7 +32,7 @@ use crate::{
     clock::Clock,
     error::{Error, Result},
     limiter::{ClassLimit, ClassLimiterStats, EndpointClass, Priority, RateLimiter},
-    model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
+    model::{Account, Candle, CandleRange, Granularity, PriceKind, ProductId, Ticker},
     retry::RetryPolicy,
     source::{MarketDataSource, distinct},
 };
@@ -129,6 +130,28 @@ pub enum MarketDataPath {
     Balanced,
 }
 
+/// What one batched ticker read ([`MarketDataSource::tickers`] on a [`CoinbaseClient`], and so
+/// every coordinated ticker batch) asks the exchange.
+///
+/// No Coinbase endpoint returns the last trade *and* the book for many products in one call:
+/// `GET /market/products?product_ids=…` carries each product's last trade price,
+/// `GET /best_bid_ask` only the book. The default keeps [`Ticker::price`] the last trade on
+/// every path at one call per batch; a host that needs the book too pays one more call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TickerBatch {
+    /// One `products?product_ids=…` call per chunk: `price` is the last trade (as on the
+    /// legacy and WebSocket paths); `best_bid`/`best_ask` are `None` (this call does not carry
+    /// the book). Public or private per [`MarketDataPath`]; works without a key. Default.
+    #[default]
+    LastTrade,
+    /// One `best_bid_ask` call per chunk: the book, and `price` is the bid/ask mid, flagged
+    /// [`PriceKind::Mid`]. Needs credentials.
+    Book,
+    /// Both calls per chunk, merged: the last trade and the book (twice the calls).
+    LastTradeAndBook,
+}
+
 /// Builder of a [`CoinbaseClient`].
 #[must_use]
 #[derive(Debug, Clone)]
@@ -140,6 +163,7 @@ pub struct CoinbaseClientBuilder {
     limiter: Option<Option<RateLimiter>>,
     market_data: MarketDataPath,
     best_bid_ask_chunk: usize,
+    ticker_batch: TickerBatch,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
@@ -161,6 +185,7 @@ impl Default for CoinbaseClientBuilder {
             limiter: None,
             market_data: MarketDataPath::Auto,
             best_bid_ask_chunk: 100,
+            ticker_batch: TickerBatch::LastTrade,
             candle_max_buckets: MAX_CANDLES_PER_REQUEST,
             accounts_page_limit: 250,
             retry: RetryPolicy::none(),
@@ -223,6 +248,12 @@ impl CoinbaseClientBuilder {
     }
 
     /// Most products per `best_bid_ask` request (default 100).
+    pub fn ticker_batch(mut self, batch: TickerBatch) -> Self {
+        self.ticker_batch = batch;
+        self
+    }
+
+    /// How many products one `best_bid_ask` (or batched `products`) request carries.
     pub fn best_bid_ask_chunk(mut self, n: usize) -> Self {
         self.best_bid_ask_chunk = n;
         self
@@ -361,6 +392,7 @@ impl CoinbaseClientBuilder {
                 private_md,
                 balanced_md: self.market_data == MarketDataPath::Balanced,
                 best_bid_ask_chunk: self.best_bid_ask_chunk,
+                ticker_batch: self.ticker_batch,
                 candle_max_buckets: self.candle_max_buckets,
                 accounts_page_limit: self.accounts_page_limit,
                 retry: self.retry,
@@ -407,6 +439,7 @@ struct ClientInner {
     /// [`MarketDataPath::Balanced`]: market data may overflow to the public class.
     balanced_md: bool,
     best_bid_ask_chunk: usize,
+    ticker_batch: TickerBatch,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
@@ -468,6 +501,11 @@ impl CoinbaseClient {
     /// first choice with [`MarketDataPath::Balanced`], which may overflow to the public one).
     pub fn market_data_class(&self) -> EndpointClass {
         if self.inner.private_md { EndpointClass::Private } else { EndpointClass::Public }
+    }
+
+    /// What a batched ticker read asks the exchange.
+    pub fn ticker_batch(&self) -> TickerBatch {
+        self.inner.ticker_batch
     }
 
     /// How many products one `best_bid_ask` request carries.
@@ -703,6 +741,50 @@ impl CoinbaseClient {
         Ok(out)
     }
 
+    /// The last trade of each of `products`, from `GET /market/products?product_ids=…` (or the
+    /// private `/products`, per [`MarketDataPath`]), chunked like `best_bid_ask`. The tickers
+    /// carry no book (`best_bid`/`best_ask` `None`) and the client's clock as their time (the
+    /// list has no trade time). Unknown products, products not asked for and products without
+    /// a price (`""`) are left out.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] for a malformed body or a price that is not positive; transport,
+    /// rate-limit errors.
+    pub async fn last_trades(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
+        let products = distinct(products);
+        let mut out = Vec::with_capacity(products.len());
+        for chunk in products.chunks(self.inner.best_bid_ask_chunk) {
+            let query: Vec<(&str, String)> = chunk.iter().map(|p| ("product_ids", p.to_string())).collect();
+            let (class, path) = self.md_route("/products");
+            let body = self.get(Endpoint::Products, class, &path, &query).await?;
+            let now = self.inner.clock.now_utc();
+            let listed = wire::decode_products(&body)?;
+            for p in chunk {
+                let Some(w) = listed.iter().find(|w| w.product_id == p.as_str()) else { continue };
+                if w.price.trim().is_empty() {
+                    continue;
+                }
+                let price = w
+                    .price
+                    .trim()
+                    .parse::<Decimal>()
+                    .map_err(|_| Error::decode(format_args!("products[{p}].price is not a decimal")))?;
+                if price <= Decimal::ZERO {
+                    return Err(Error::decode(format_args!("products[{p}].price is not positive")));
+                }
+                out.push(Ticker {
+                    product: p.clone(),
+                    price,
+                    best_bid: None,
+                    best_ask: None,
+                    time: now,
+                    price_kind: PriceKind::LastTrade,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Candles in `range`, split into requests of at most `candle_max_buckets` buckets and
     /// merged oldest first without duplicates.
     ///
@@ -823,21 +905,40 @@ impl MarketDataSource for CoinbaseClient {
         self.market_trades(product).await
     }
 
-    /// With credentials, batched `best_bid_ask` requests; without, one public ticker request
-    /// per product (unknown products left out).
+    /// Per [`TickerBatch`]: by default one batched `products` request per chunk (the last
+    /// trades, with or without a key); `Book` is `best_bid_ask` (needs a key; without one,
+    /// it falls back to one public ticker request per product); `LastTradeAndBook` merges
+    /// both. Unknown products are left out.
     async fn tickers(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
-        if self.inner.creds.is_some() {
-            return self.best_bid_ask(products).await;
-        }
-        let mut out = Vec::new();
-        for p in distinct(products) {
-            match self.market_trades(&p).await {
-                Ok(t) => out.push(t),
-                Err(Error::NotFound(_)) => {}
-                Err(e) => return Err(e),
+        match self.inner.ticker_batch {
+            TickerBatch::LastTrade => self.last_trades(products).await,
+            TickerBatch::Book if self.inner.creds.is_some() => self.best_bid_ask(products).await,
+            TickerBatch::Book => {
+                let mut out = Vec::new();
+                for p in distinct(products) {
+                    match self.market_trades(&p).await {
+                        Ok(t) => out.push(t),
+                        Err(Error::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
+            }
+            TickerBatch::LastTradeAndBook => {
+                let (last, book) = tokio::join!(self.last_trades(products), self.best_bid_ask(products));
+                let book = book?;
+                Ok(last?
+                    .into_iter()
+                    .map(|mut t| {
+                        if let Some(b) = book.iter().find(|b| b.product == t.product) {
+                            t.best_bid = b.best_bid;
+                            t.best_ask = b.best_ask;
+                        }
+                        t
+                    })
+                    .collect())
             }
         }
-        Ok(out)
     }
 
     async fn candles(

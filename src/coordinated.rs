@@ -28,6 +28,7 @@ use std::{
 use async_trait::async_trait;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use self::{
@@ -49,7 +50,7 @@ use crate::{
 
 pub use self::{
     breaker::{BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats},
-    config::{CoordinatedBuilder, CoordinatedConfig},
+    config::{CoordinatedBuilder, CoordinatedConfig, InProgressCandle},
     stats::{CoordinatedStats, LatencyStats},
 };
 
@@ -76,6 +77,37 @@ pub struct Fresh<T> {
     /// Time since it was fetched from the upstream.
     #[serde(with = "crate::util::duration_ms")]
     pub age: Duration,
+    /// For candles: what the last candle returned is, when it is the one in progress. `None`
+    /// for tickers and accounts, and for candle reads that end at a closed candle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_progress: Option<InProgress>,
+}
+
+/// The candle in progress at the end of a candle read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InProgress {
+    /// Start of its bucket.
+    #[serde(with = "time::serde::rfc3339")]
+    pub start: OffsetDateTime,
+    /// Whether it is the exchange's own answer or patched from later prices.
+    pub fidelity: CandleFidelity,
+    /// The exchange time of the newest price in it (the fetch, or the last patch).
+    #[serde(with = "time::serde::rfc3339")]
+    pub as_of: OffsetDateTime,
+    /// Last-trade prices applied since the fetch (0 when exact).
+    pub patches: u32,
+}
+
+/// How far a candle in progress can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandleFidelity {
+    /// As the exchange answered at `as_of`.
+    Exact,
+    /// The exchange's candle moved by later last-trade prices: `close` is the latest price the
+    /// source holds, `high`/`low` bracket every price it saw; `volume`, and extremes between
+    /// two of those prices, are as of the fetch.
+    Patched,
 }
 
 impl<T> Fresh<T> {
@@ -333,12 +365,19 @@ impl CoordinatedSource {
         let now = Instant::now();
         // As in `ticker_with`: the negative cache is consulted on a miss only.
         let cached = inner.series.get(&key).await;
+        let now_utc = inner.clock.utc_at(now);
+        let refetch =
+            cached.as_ref().is_some_and(|e| inner.in_progress_too_old(e, granularity, now, now_utc));
         if let Some(e) = &cached
+            && !refetch
             && inner.series_covers(e, range, granularity, now)
         {
             let swr = || self.spawn_series_refresh(key.clone(), range);
             if let Some(hit) = inner.serve_cached(e, now, opts, swr) {
-                return Ok(hit.map(|s| s.slice(range)));
+                let hit = hit.map(Arc::clone);
+                return Ok(self
+                    .serve_series(hit, product, granularity, range, inner.deadline(now, opts))
+                    .await);
             }
         }
         inner.check_negative(product).await?;
@@ -346,7 +385,7 @@ impl CoordinatedSource {
         // Up to two rounds: a joined fetch may have been for a narrower range.
         let mut result = Err(Error::Closed("no fetch was made".into()));
         for _ in 0..2 {
-            let (r, role) = inner.bounded(now, opts, self.series_flight(key.clone(), range)).await;
+            let (r, role) = inner.bounded(now, opts, self.series_flight(key.clone(), range, refetch)).await;
             inner.note_role(role);
             let retry = role == Role::Joined && matches!(&r, Ok(e) if !e.value.covers(range));
             result = r;
@@ -355,19 +394,58 @@ impl CoordinatedSource {
             }
         }
         let cached = cached.filter(|e| e.value.covers(range));
-        inner.settle(result, cached.as_ref(), Instant::now()).map(|f| f.map(|s| s.slice(range)))
+        let fresh = inner.settle(result, cached.as_ref(), Instant::now())?;
+        Ok(self.serve_series(fresh, product, granularity, range, inner.deadline(now, opts)).await)
+    }
+
+    /// A read's candles from `series` under the source's [`InProgressCandle`] contract.
+    async fn serve_series(
+        &self,
+        series: Fresh<Arc<cache::Series>>,
+        product: &ProductId,
+        g: Granularity,
+        range: CandleRange,
+        deadline: Option<Instant>,
+    ) -> Fresh<Vec<Candle>> {
+        let inner = &self.inner;
+        let now_utc = inner.clock.utc_at(Instant::now());
+        let latest = match inner.cfg.in_progress {
+            InProgressCandle::Live => {
+                // A ticker of this product in flight lands first: the candle then carries the
+                // price it brings (no extra call; at most the wait for that fetch).
+                // Never past the read's deadline: a stalled ticker fetch leaves the candle as
+                // the cache has it.
+                let wait = inner.ticker_flight.wait_if_running(product);
+                match deadline {
+                    Some(d) => {
+                        let _ = tokio::time::timeout_at(d, wait).await;
+                    }
+                    None => wait.await,
+                }
+                inner.tickers.get(product).await.map(|e| e.value)
+            }
+            InProgressCandle::Exact | InProgressCandle::ClosedOnly => None,
+        };
+        let (candles, in_progress) = inner.serve_series(&series.value, g, range, now_utc, latest.as_ref());
+        Fresh { value: candles, origin: series.origin, age: series.age, in_progress }
     }
 
     fn series_flight(
         &self,
         key: (ProductId, Granularity),
         range: CandleRange,
+        refetch_in_progress: bool,
     ) -> impl Future<Output = (Result<SeriesEntry>, Role)> + Send + '_ {
         let inner = Arc::clone(&self.inner);
         let flight = Arc::clone(&self.inner.series_flight);
         async move {
             let k = key.clone();
-            flight.run(key, move || async move { Inner::fetch_series(inner, k, range).await }).await
+            flight
+                .run(
+                    key,
+                    move || async move { Inner::fetch_series(inner, k, range, refetch_in_progress).await },
+                )
+                .await
         }
     }
 
@@ -375,7 +453,7 @@ impl CoordinatedSource {
         inc(&self.inner.counters.revalidations);
         let this = self.clone();
         tokio::spawn(async move {
-            let _ = this.series_flight(key, range).await;
+            let _ = this.series_flight(key, range, false).await;
         });
     }
 
@@ -442,11 +520,20 @@ impl CoordinatedSource {
 
 impl<T> Fresh<T> {
     fn map<U>(self, f: impl FnOnce(T) -> U) -> Fresh<U> {
-        Fresh { value: f(self.value), origin: self.origin, age: self.age }
+        Fresh { value: f(self.value), origin: self.origin, age: self.age, in_progress: self.in_progress }
     }
 }
 
 impl Inner {
+    /// The deadline of a read that started at `start`: its own, else `read_timeout` later
+    /// (`None`: unbounded).
+    fn deadline(&self, start: Instant, opts: ReadOptions) -> Option<Instant> {
+        opts.deadline.or_else(|| {
+            let t = self.cfg.read_timeout;
+            (!t.is_zero()).then(|| crate::clock::later(start, t))
+        })
+    }
+
     /// Wait for a flight until the read's deadline (`opts`, else `read_timeout` after
     /// `start`). The flight runs in its own task: a read that gives up leaves it to finish and
     /// fill the cache for the next read.
@@ -456,11 +543,7 @@ impl Inner {
         opts: ReadOptions,
         flight: impl Future<Output = (Result<T>, Role)>,
     ) -> (Result<T>, Role) {
-        let deadline = opts.deadline.or_else(|| {
-            let t = self.cfg.read_timeout;
-            (!t.is_zero()).then(|| crate::clock::later(start, t))
-        });
-        let Some(deadline) = deadline else { return flight.await };
+        let Some(deadline) = self.deadline(start, opts) else { return flight.await };
         match tokio::time::timeout_at(deadline, flight).await {
             Ok(r) => r,
             Err(_) => {
@@ -503,13 +586,23 @@ impl Inner {
     ) -> Option<Fresh<&'e T>> {
         if e.is_fresh(now, opts.max_age) {
             inc(&self.counters.cache_hits);
-            return Some(Fresh { value: &e.value, origin: Origin::Cache, age: e.age(now) });
+            return Some(Fresh {
+                value: &e.value,
+                origin: Origin::Cache,
+                age: e.age(now),
+                in_progress: None,
+            });
         }
         if self.cfg.stale_while_revalidate && opts.max_age.is_none() && e.age(now) <= self.cfg.max_stale {
             revalidate();
             inc(&self.counters.cache_hits);
             inc(&self.counters.stale_serves);
-            return Some(Fresh { value: &e.value, origin: Origin::Stale, age: e.age(now) });
+            return Some(Fresh {
+                value: &e.value,
+                origin: Origin::Stale,
+                age: e.age(now),
+                in_progress: None,
+            });
         }
         None
     }
@@ -523,12 +616,19 @@ impl Inner {
         T: Clone,
     {
         match result {
-            Ok(e) => Ok(Fresh { age: e.age(now), value: e.value, origin: Origin::Upstream }),
+            Ok(e) => {
+                Ok(Fresh { age: e.age(now), value: e.value, origin: Origin::Upstream, in_progress: None })
+            }
             Err(err) => match cached {
                 Some(c) if err.allows_stale() && c.age(now) <= self.cfg.max_stale => {
                     inc(&self.counters.stale_serves);
                     tracing::debug!(error = %err, age_ms = c.age(now).as_millis() as u64, "serving stale data");
-                    Ok(Fresh { value: c.value.clone(), origin: Origin::Stale, age: c.age(now) })
+                    Ok(Fresh {
+                        value: c.value.clone(),
+                        origin: Origin::Stale,
+                        age: c.age(now),
+                        in_progress: None,
+                    })
                 }
                 _ => Err(err),
             },

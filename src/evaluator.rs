@@ -218,7 +218,7 @@ impl<'a> Plan<'a> {
         self.series.iter().filter(|s| seen.insert(s.product)).map(|s| s.product.clone()).collect()
     }
 
-    /// One batched tickers call, each series once, accounts once — all concurrently.
+    /// One batched tickers call, then each series once; accounts once, concurrently.
     async fn fetch(&self, source: &dyn MarketDataSource, now: OffsetDateTime) -> Fetched {
         let products = self.products();
         let tickers_fut = async {
@@ -241,7 +241,15 @@ impl<'a> Plan<'a> {
             }
         }));
         let accounts_fut = async { source.accounts().await.map(|a| Balances::from_accounts(&a)) };
-        let (tickers, candles, balances) = tokio::join!(tickers_fut, candles_fut, accounts_fut);
+        // Candles after tickers: the candle in progress is patched from the tick's last trades
+        // (`InProgressCandle::Live`), so a series read before its ticker lands would carry the
+        // previous tick's close. Cached series cost nothing more; a series fetched at the tick
+        // waits one ticker round trip. Accounts run alongside.
+        let market = async {
+            let tickers = tickers_fut.await;
+            (tickers, candles_fut.await)
+        };
+        let ((tickers, candles), balances) = tokio::join!(market, accounts_fut);
         Fetched { tickers, candles, balances }
     }
 }

@@ -118,10 +118,13 @@ pub use self::redis::{
     TierMode,
 };
 pub use clock::Clock;
-pub use coinbase::{ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath};
+pub use coinbase::{
+    ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath, TickerBatch,
+};
 pub use coordinated::{
-    BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats, CoordinatedBuilder, CoordinatedConfig,
-    CoordinatedSource, CoordinatedStats, Fresh, LatencyStats, Origin, ReadOptions,
+    BreakerConfig, BreakerState, BreakerStats, CandleFidelity, ClassBreakerStats, CoordinatedBuilder,
+    CoordinatedConfig, CoordinatedSource, CoordinatedStats, Fresh, InProgress, InProgressCandle,
+    LatencyStats, Origin, ReadOptions,
 };
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};
@@ -133,14 +136,15 @@ pub use limiter::{
     ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, Priority, RateLimiter, RateLimiterConfig,
 };
 pub use model::{
-    Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, ProductId, Ticker,
+    Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, PriceKind, ProductId,
+    Ticker,
 };
 pub use retry::RetryPolicy;
 pub use rust_decimal::Decimal;
 pub use schedule::{ScheduledTick, TickLoop, TickSchedule};
 pub use selector::{
-    FlagsWatcher, MethodShadowStats, MigrationProgress, PathLatency, SelectorStats, ShadowSource,
-    ShadowStats, SourceSelector,
+    FlagsWatcher, GateVerdict, MethodShadowStats, MigrationGate, MigrationProgress, MigrationReport,
+    PathLatency, SelectorStats, ShadowSource, ShadowStats, ShadowTolerance, SourceSelector,
 };
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]

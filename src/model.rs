@@ -130,22 +130,40 @@ impl fmt::Debug for ProductId {
 
 /// The latest price of a product with the best bid and ask.
 ///
-/// `price` is the last trade price when the ticker comes from the market-trades endpoint,
-/// and the mid price of the best bid and ask when it comes from the batched `best_bid_ask`
-/// endpoint (which carries no trades). An empty side of the book is `None`.
+/// `price` is the **last trade** on every path of this crate (the legacy market-trades call,
+/// the coordinated source's batched `GET /market/products?product_ids=…` call, the WebSocket
+/// `ticker` channel, the Redis tier, the blocking facade). The one exception is a ticker
+/// built from the book alone (the `best_bid_ask` or product-book endpoints, which carry no
+/// trades): its price is the bid/ask mid and [`price_kind`](Self::price_kind) says so. An
+/// empty or unknown side of the book is `None`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticker {
     /// The product.
     pub product: ProductId,
-    /// The last trade price (or mid price, see above).
+    /// The last trade price (see [`price_kind`](Self::price_kind)).
     pub price: Decimal,
-    /// The best bid, if the book has one.
+    /// The best bid, if the book has one (and the path carries the book).
     pub best_bid: Option<Decimal>,
-    /// The best ask, if the book has one.
+    /// The best ask, if the book has one (and the path carries the book).
     pub best_ask: Option<Decimal>,
     /// When the exchange observed this price.
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
+    /// Which price `price` is: the last trade unless the path only knew the book.
+    #[serde(default)]
+    pub price_kind: PriceKind,
+}
+
+/// What [`Ticker::price`] carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PriceKind {
+    /// The last trade's price (every path by default).
+    #[default]
+    LastTrade,
+    /// The bid/ask mid: the ticker came from a book-only endpoint (`best_bid_ask`,
+    /// `product_book`) or a market-trades answer without trades.
+    Mid,
 }
 
 impl Ticker {

@@ -23,7 +23,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{task::JoinHandle, time::MissedTickBehavior};
 
-pub use self::shadow::{MethodShadowStats, PathLatency, ShadowSource, ShadowStats};
+pub use self::shadow::{
+    GateVerdict, MethodShadowStats, MigrationGate, MigrationReport, PathLatency, ShadowSource, ShadowStats,
+    ShadowTolerance,
+};
 use crate::{
     error::Result,
     flags::{MigrationFlags, Route},
@@ -472,6 +475,7 @@ mod tests {
             best_bid: None,
             best_ask: None,
             time: OffsetDateTime::UNIX_EPOCH,
+            price_kind: crate::model::PriceKind::LastTrade,
         }
     }
 

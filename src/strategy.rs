@@ -231,6 +231,7 @@ mod tests {
             best_bid: None,
             best_ask: None,
             time: OffsetDateTime::UNIX_EPOCH,
+            price_kind: crate::model::PriceKind::LastTrade,
         }
     }
 

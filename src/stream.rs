@@ -530,7 +530,7 @@ fn ms(d: Duration) -> u64 {
 /// REST market-data calls a source has made.
 fn rest_market_calls(source: &CoordinatedSource) -> u64 {
     let s = source.stats();
-    ["ticker", "best_bid_ask", "candles"]
+    ["ticker", "tickers", "candles"]
         .iter()
         .map(|k| s.upstream_calls_by_endpoint.get(*k).copied().unwrap_or(0))
         .sum()

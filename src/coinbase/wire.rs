@@ -51,7 +51,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use super::validate;
 use crate::{
     error::{Error, Result},
-    model::{Account, Candle, ProductId, Ticker, mid_price},
+    model::{Account, Candle, PriceKind, ProductId, Ticker, mid_price},
 };
 
 /// `GET /market/products/{id}/ticker` and `GET /products/{id}/ticker`.
@@ -380,17 +380,18 @@ pub fn decode_ticker(product: &ProductId, body: &[u8]) -> Result<Ticker> {
     let best_ask =
         parse_opt_decimal(&w.best_ask, "best_ask")?.map(|a| validate::price(a, "best_ask")).transpose()?;
     validate::book(best_bid, best_ask, "ticker")?;
-    let (price, time) = match w.trades.first() {
+    let (price, time, price_kind) = match w.trades.first() {
         Some(t) => (
             validate::price(parse_decimal(&t.price, "trades[0].price")?, "trades[0].price")?,
             validate::not_before_earliest(parse_time(&t.time, "trades[0].time")?, "trades[0].time")?,
+            PriceKind::LastTrade,
         ),
         None => match (best_bid, best_ask) {
-            (Some(b), Some(a)) => (mid_price(b, a), OffsetDateTime::UNIX_EPOCH),
+            (Some(b), Some(a)) => (mid_price(b, a), OffsetDateTime::UNIX_EPOCH, PriceKind::Mid),
             _ => return Err(Error::decode("ticker has no trades and no two-sided book")),
         },
     };
-    Ok(Ticker { product: product.clone(), price, best_bid, best_ask, time })
+    Ok(Ticker { product: product.clone(), price, best_bid, best_ask, time, price_kind })
 }
 
 /// Decode a candles body, oldest first, de-duplicated by start time.
@@ -517,7 +518,7 @@ fn book_ticker(entry: serde_json::Value) -> Result<Option<Ticker>> {
     } else {
         validate::not_before_earliest(parse_time(&book.time, "pricebook.time")?, "pricebook.time")?
     };
-    Ok(Some(Ticker { product, price, best_bid, best_ask, time }))
+    Ok(Some(Ticker { product, price, best_bid, best_ask, time, price_kind: PriceKind::Mid }))
 }
 
 /// Decode a product-book body into a top-of-book ticker (price = bid/ask mid).

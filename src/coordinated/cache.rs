@@ -44,6 +44,18 @@ pub(crate) struct Series {
     pub(crate) to: OffsetDateTime,
     /// Wall time of the last fetch: buckets starting before its bucket had closed.
     pub(crate) fetched_utc: OffsetDateTime,
+    /// Last-trade prices applied to the candle in progress since the fetch
+    /// ([`InProgressCandle::Live`](crate::InProgressCandle::Live)).
+    pub(crate) patch: Option<Patch>,
+}
+
+/// What moved the last candle of a series since its fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Patch {
+    /// Exchange time of the newest price applied.
+    pub(crate) as_of: OffsetDateTime,
+    /// Prices applied.
+    pub(crate) count: u32,
 }
 
 impl Series {
@@ -88,6 +100,7 @@ mod tests {
             from: datetime!(2024-01-01 00:00 UTC),
             to: datetime!(2024-01-01 03:00 UTC),
             fetched_utc: datetime!(2024-01-01 02:30 UTC),
+            patch: None,
         };
         let r = CandleRange::new(datetime!(2024-01-01 01:00 UTC), datetime!(2024-01-01 03:00 UTC)).unwrap();
         assert!(s.covers(r));

@@ -49,6 +49,14 @@ where
         lock(&self.inflight).len()
     }
 
+    /// Wait for the fetch of `key` in flight, if any, to finish (its result is the cache's).
+    pub(crate) async fn wait_if_running(&self, key: &K) {
+        let rx = lock(&self.inflight).get(key).cloned();
+        if let Some(mut rx) = rx {
+            let _ = rx.wait_for(Option::is_some).await;
+        }
+    }
+
     /// Run `make()` for `key` unless a fetch for it is already in flight, then wait for the
     /// result. `make` is called at most once, and only by the leader.
     pub(crate) async fn run<F, Fut>(self: &Arc<Self>, key: K, make: F) -> (Result<V>, Role)

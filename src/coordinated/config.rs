@@ -97,6 +97,36 @@ pub struct CoordinatedConfig {
     /// The circuit breaker of upstream calls, per endpoint class: after a run of failures
     /// reads get stale data or [`Error::CircuitOpen`] at once, until a probe succeeds.
     pub breaker: BreakerConfig,
+    /// What a read gets for the candle in progress: [`InProgressCandle::Live`] (default),
+    /// [`Exact`](InProgressCandle::Exact) or [`ClosedOnly`](InProgressCandle::ClosedOnly).
+    pub in_progress: InProgressCandle,
+    /// With [`InProgressCandle::Exact`]: the oldest a served candle in progress may be; an
+    /// older one is fetched again (one call per series, counted in
+    /// `stats().in_progress_refetches`). Default 5 s.
+    #[serde(with = "crate::util::duration_ms")]
+    pub in_progress_max_age: Duration,
+}
+
+/// The freshness contract of the candle in progress (closed candles are always exact and
+/// never fetched twice).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InProgressCandle {
+    /// At no extra call: every fresher last-trade price the source holds (each batched
+    /// ticker, each pushed ticker or trade) moves the candle's close and widens its high and
+    /// low. Its volume, and any extreme between two prices the source saw, stay as the exchange
+    /// answered at the last fetch; such a candle is flagged
+    /// [`CandleFidelity::Patched`](crate::CandleFidelity::Patched) in
+    /// [`Fresh::in_progress`](crate::Fresh::in_progress). Default.
+    #[default]
+    Live,
+    /// The bucket in progress is fetched again when older than
+    /// [`in_progress_max_age`](CoordinatedConfig::in_progress_max_age): exactly the exchange's
+    /// candle, at one call per series per refetch.
+    Exact,
+    /// Never return the bucket in progress (Freqtrade's convention): a read ends at the last
+    /// closed candle.
+    ClosedOnly,
 }
 
 impl Default for CoordinatedConfig {
@@ -122,6 +152,8 @@ impl Default for CoordinatedConfig {
             market_data_class: EndpointClass::Public,
             batch_class: EndpointClass::Private,
             breaker: BreakerConfig::default(),
+            in_progress: InProgressCandle::Live,
+            in_progress_max_age: Duration::from_secs(5),
         }
     }
 }
@@ -149,6 +181,9 @@ impl CoordinatedConfig {
         }
         if self.cache_capacity == 0 || self.max_candles_per_series == 0 {
             return bad("cache_capacity and max_candles_per_series must be at least 1");
+        }
+        if self.in_progress == InProgressCandle::Exact && self.in_progress_max_age.is_zero() {
+            return bad("in_progress_max_age must be greater than zero with in_progress = exact");
         }
         if self.max_stale < self.ticker_ttl {
             return bad("max_stale must be at least ticker_ttl");
@@ -218,6 +253,10 @@ impl CoordinatedBuilder {
         market_data_class: EndpointClass,
         /// See [`CoordinatedConfig::batch_class`].
         batch_class: EndpointClass,
+        /// See [`CoordinatedConfig::in_progress`].
+        in_progress: InProgressCandle,
+        /// See [`CoordinatedConfig::in_progress_max_age`].
+        in_progress_max_age: Duration,
     }
 
     /// The circuit breaker's settings (see [`CoordinatedConfig::breaker`]);

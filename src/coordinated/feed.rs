@@ -77,6 +77,7 @@ impl CoordinatedSource {
     pub(crate) async fn feed_ticker(&self, ticker: Ticker, hold: Duration) -> Instant {
         let now = Instant::now();
         let until = later(now, hold.max(self.inner.cfg.ticker_ttl));
+        self.inner.patch_live(&ticker).await;
         self.inner.tickers.insert(ticker.product.clone(), Entry::new(ticker, now, until)).await;
         now
     }
@@ -158,7 +159,7 @@ impl CoordinatedSource {
         trim(&mut candles, &mut from, inner.cfg.max_candles_per_series);
         let now = Instant::now();
         let fresh_until = inner.series_fresh_until(g, fetched_utc, grace, now);
-        let series = Series { candles, from, to, fetched_utc };
+        let series = Series { candles, from, to, fetched_utc, patch: None };
         inner.series.insert(key, Entry::new(Arc::new(series), now, fresh_until)).await;
         Merge::Merged(FeedMark { fetched_utc, to })
     }
@@ -206,7 +207,7 @@ impl CoordinatedSource {
             let fetched_utc = s.fetched_utc.max(f.fetched_utc);
             let to = s.to.max(cb + step);
             let fresh_until = inner.series_fresh_until(g, fetched_utc, grace, now);
-            let series = Series { candles, from, to, fetched_utc };
+            let series = Series { candles, from, to, fetched_utc, patch: None };
             inner.series.insert(key, Entry::new(Arc::new(series), now, fresh_until)).await;
             written.push(g);
         }
@@ -247,7 +248,7 @@ impl CoordinatedSource {
         self.feed_mark_stale(product, &[]).await;
         let now_utc = self.inner.clock.now_utc();
         let range = CandleRange::new(e.value.from, PUSHED.next_close(now_utc))?;
-        let (r, _) = self.series_flight(key, range).await;
+        let (r, _) = self.series_flight(key, range, false).await;
         r.map(|_| true)
     }
 }
@@ -320,6 +321,7 @@ mod tests {
             best_bid: None,
             best_ask: None,
             time: datetime!(2024-01-01 0:00 UTC),
+            price_kind: crate::model::PriceKind::LastTrade,
         };
         let rest = Ticker { price: Decimal::ONE, ..t.clone() };
         mock.expect_tickers().times(1).returning(move |_| Ok(vec![rest.clone()]));

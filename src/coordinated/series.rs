@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use super::{CandleFidelity, InProgress, InProgressCandle, cache::Patch};
 use super::{
     Inner,
     cache::{Entry, Series, SeriesEntry},
@@ -13,8 +14,8 @@ use super::{
 use crate::{
     clock::later,
     error::{Error, Result},
-    model::{Candle, CandleRange, Granularity, ProductId},
-    util::add,
+    model::{Candle, CandleRange, Granularity, PriceKind, ProductId, Ticker},
+    util::{add, inc},
 };
 
 impl Inner {
@@ -37,6 +38,7 @@ impl Inner {
         this: Arc<Inner>,
         key: (ProductId, Granularity),
         range: CandleRange,
+        refetch_in_progress: bool,
     ) -> Result<SeriesEntry> {
         let (product, g) = &key;
         let now = Instant::now();
@@ -44,7 +46,15 @@ impl Inner {
         let current_end = g.next_close(now_utc);
         let want_end = range.end.min(current_end).max(range.start + g.duration());
         let existing_entry = this.series.get(&key).await;
-        let still_fresh = existing_entry.as_ref().is_some_and(|e| now < e.fresh_until);
+        // `InProgressCandle::Exact`: a series whose candle in progress is too old is refreshed
+        // from that bucket (closed candles are still never fetched again), unless a flight
+        // since the caller's read already did.
+        let refetch = refetch_in_progress
+            && existing_entry.as_ref().is_some_and(|e| this.in_progress_too_old(e, *g, now, now_utc));
+        if refetch {
+            inc(&this.counters.in_progress_refetches);
+        }
+        let still_fresh = !refetch && existing_entry.as_ref().is_some_and(|e| now < e.fresh_until);
         let existing_fetched_at = existing_entry.as_ref().map(|e| e.fetched_at);
         let existing_fresh_until = existing_entry.as_ref().map(|e| e.fresh_until);
         let existing = existing_entry.map(|e| e.value);
@@ -111,10 +121,111 @@ impl Inner {
                 (now, now_utc, this.series_fresh_until(*g, now_utc, this.cfg.candle_grace + jitter, now))
             }
         };
-        let entry =
-            Entry::new(Arc::new(Series { candles, from, to, fetched_utc }), fetched_at, fresh_until.max(now));
+        let entry = Entry::new(
+            Arc::new(Series { candles, from, to, fetched_utc, patch: None }),
+            fetched_at,
+            fresh_until.max(now),
+        );
         this.series.insert(key, entry.clone()).await;
         Ok(entry)
+    }
+
+    /// With [`InProgressCandle::Exact`]: whether `e` holds the bucket in progress at
+    /// `now_utc` and was fetched longer than `in_progress_max_age` ago.
+    pub(super) fn in_progress_too_old(
+        &self,
+        e: &SeriesEntry,
+        g: Granularity,
+        now: Instant,
+        now_utc: OffsetDateTime,
+    ) -> bool {
+        self.cfg.in_progress == InProgressCandle::Exact
+            && e.value.to > g.bucket_start(now_utc)
+            && e.age(now) > self.cfg.in_progress_max_age
+    }
+
+    /// [`InProgressCandle::Live`]: move the candle in progress of every cached series of the
+    /// ticker's product by its last-trade price, if the price is newer than what the series
+    /// knows and falls in that candle's bucket. Atomic per series (a concurrent fetch's insert
+    /// is not overwritten with older data).
+    pub(super) async fn patch_live(&self, t: &Ticker) {
+        if self.cfg.in_progress != InProgressCandle::Live || t.price_kind != PriceKind::LastTrade {
+            return;
+        }
+        for g in Granularity::ALL {
+            let key = (t.product.clone(), g);
+            if !self.series.contains_key(&key) {
+                continue;
+            }
+            let t = t.clone();
+            let patched = self
+                .series
+                .entry(key)
+                .and_compute_with(|e| async move {
+                    use moka::ops::compute::Op;
+                    let Some(e) = e else { return Op::Nop };
+                    let e = e.into_value();
+                    match patched(&e.value, g, &t) {
+                        Some(s) => Op::Put(Entry::new(Arc::new(s), e.fetched_at, e.fresh_until)),
+                        None => Op::Nop,
+                    }
+                })
+                .await;
+            if matches!(patched, moka::ops::compute::CompResult::ReplacedWith(_)) {
+                inc(&self.counters.live_patches);
+            }
+        }
+    }
+
+    /// The candles of `s` in `range` as this source's contract for the candle in progress
+    /// says, with what the last one is. `latest` is the newest ticker the source holds (applied
+    /// at read time too, in case it arrived while the series was being fetched).
+    pub(super) fn serve_series(
+        &self,
+        s: &Series,
+        g: Granularity,
+        range: CandleRange,
+        now_utc: OffsetDateTime,
+        latest: Option<&Ticker>,
+    ) -> (Vec<Candle>, Option<InProgress>) {
+        let open_bucket = g.bucket_start(now_utc);
+        match self.cfg.in_progress {
+            InProgressCandle::ClosedOnly => {
+                let mut v = s.slice(range);
+                v.retain(|c| c.start < open_bucket);
+                (v, None)
+            }
+            InProgressCandle::Exact => {
+                let v = s.slice(range);
+                let ip = v.last().filter(|c| c.start >= open_bucket).map(|c| InProgress {
+                    start: c.start,
+                    fidelity: CandleFidelity::Exact,
+                    as_of: s.fetched_utc,
+                    patches: 0,
+                });
+                (v, ip)
+            }
+            InProgressCandle::Live => {
+                let late = latest.and_then(|t| patched(s, g, t));
+                let s = late.as_ref().unwrap_or(s);
+                let v = s.slice(range);
+                let ip = v.last().filter(|c| c.start >= open_bucket).map(|c| match s.patch {
+                    Some(p) => InProgress {
+                        start: c.start,
+                        fidelity: CandleFidelity::Patched,
+                        as_of: p.as_of,
+                        patches: p.count,
+                    },
+                    None => InProgress {
+                        start: c.start,
+                        fidelity: CandleFidelity::Exact,
+                        as_of: s.fetched_utc,
+                        patches: 0,
+                    },
+                });
+                (v, ip)
+            }
+        }
     }
 
     /// When a series fetched at `fetched_utc` stops being fresh: at the close of the bucket in
@@ -129,6 +240,26 @@ impl Inner {
     ) -> Instant {
         later(self.clock.instant_at(g.next_close(fetched_utc)), after).max(now)
     }
+}
+
+/// `s` with its last candle moved by `t`'s price, or `None` when `t` is not a last trade in
+/// that candle's bucket newer than what `s` already knows.
+fn patched(s: &Series, g: Granularity, t: &Ticker) -> Option<Series> {
+    if t.price_kind != PriceKind::LastTrade {
+        return None;
+    }
+    let last = s.candles.last()?;
+    let as_of = s.patch.map_or(s.fetched_utc, |p| p.as_of);
+    if t.time < last.start || t.time >= last.start + g.duration() || t.time <= as_of {
+        return None;
+    }
+    let mut out = s.clone();
+    let c = out.candles.last_mut()?;
+    c.close = t.price;
+    c.high = c.high.max(t.price);
+    c.low = c.low.min(t.price);
+    out.patch = Some(Patch { as_of: t.time, count: s.patch.map_or(0, |p| p.count) + 1 });
+    Some(out)
 }
 
 /// Drop the oldest candles beyond `max`, moving `from` up with them.

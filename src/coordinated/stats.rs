@@ -34,7 +34,7 @@ impl Op {
     pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Op::Ticker => "ticker",
-            Op::Tickers => "best_bid_ask",
+            Op::Tickers => "tickers",
             Op::Candles => "candles",
             Op::Accounts => "accounts",
         }
@@ -74,6 +74,8 @@ pub(crate) struct Counters {
     pub(crate) rate_limit_errors: AtomicU64,
     pub(crate) candles_fetched: AtomicU64,
     pub(crate) deadline_misses: AtomicU64,
+    pub(crate) live_patches: AtomicU64,
+    pub(crate) in_progress_refetches: AtomicU64,
     pub(crate) errors: [AtomicU64; Error::KINDS.len()],
     latencies_us: Mutex<VecDeque<u64>>,
 }
@@ -145,6 +147,8 @@ impl Counters {
             rate_limit_errors: get(&self.rate_limit_errors),
             candles_fetched: get(&self.candles_fetched),
             deadline_misses: get(&self.deadline_misses),
+            live_patches: get(&self.live_patches),
+            in_progress_refetches: get(&self.in_progress_refetches),
             errors_by_kind,
             upstream_latency_ms: LatencyStats {
                 samples: lat.len() as u64,
@@ -182,7 +186,8 @@ pub struct CoordinatedStats {
     /// Upstream calls (each one HTTP request to the exchange when the upstream is a
     /// [`CoinbaseClient`](crate::CoinbaseClient)), all endpoints.
     pub upstream_calls: u64,
-    /// Upstream calls by endpoint: `ticker`, `best_bid_ask`, `candles`, `accounts`.
+    /// Upstream calls by operation: `ticker`, `tickers` (one batched call: `products` or
+    /// `best_bid_ask`, see [`TickerBatch`](crate::TickerBatch)), `candles`, `accounts`.
     pub upstream_calls_by_endpoint: BTreeMap<String, u64>,
     /// Reads answered from fresh cache.
     pub cache_hits: u64,
@@ -214,6 +219,13 @@ pub struct CoordinatedStats {
     /// ([`ReadOptions::deadline`](crate::ReadOptions::deadline)) and answered stale or
     /// [`Error::Timeout`](crate::Error::Timeout) while the fetch went on.
     pub deadline_misses: u64,
+    /// Candles in progress moved by a newer last-trade price, at no upstream call
+    /// ([`InProgressCandle::Live`](crate::InProgressCandle::Live)).
+    pub live_patches: u64,
+    /// Series refreshed because their candle in progress was older than
+    /// `in_progress_max_age` ([`InProgressCandle::Exact`](crate::InProgressCandle::Exact)):
+    /// each one upstream call, also counted in `upstream_calls`.
+    pub in_progress_refetches: u64,
     /// Upstream errors by [`Error::kind`](crate::Error::kind).
     pub errors_by_kind: BTreeMap<String, u64>,
     /// Upstream latency.

@@ -20,6 +20,7 @@ fn ticker(p: &ProductId, price: i64) -> Ticker {
         best_bid: Some(Decimal::new(price - 1, 0)),
         best_ask: Some(Decimal::new(price + 1, 0)),
         time: OffsetDateTime::UNIX_EPOCH,
+        price_kind: crate::model::PriceKind::LastTrade,
     }
 }
 

@@ -100,6 +100,7 @@ impl Inner {
                 Ok(t) => {
                     let e = this.ticker_entry(t, Instant::now());
                     this.tickers.insert(product, e.clone()).await;
+                    this.patch_live(&e.value).await;
                     Ok(e)
                 }
                 Err(err) => {
@@ -180,6 +181,7 @@ impl Inner {
                         Some(t) => {
                             let e = this.ticker_entry(t, now);
                             this.tickers.insert(p, e.clone()).await;
+                            this.patch_live(&e.value).await;
                             Ok(e)
                         }
                         // Left out of the batch answer: unknown, or dropped by a server that

@@ -18,6 +18,7 @@ fn ticker(p: &ProductId) -> Ticker {
         best_bid: None,
         best_ask: None,
         time: OffsetDateTime::UNIX_EPOCH,
+        price_kind: crate::model::PriceKind::LastTrade,
     }
 }
 

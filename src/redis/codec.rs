@@ -184,6 +184,7 @@ mod tests {
             best_bid: Some(Decimal::new(6_543_200_000, 4)),
             best_ask: None,
             time: datetime!(2024-04-24 09:56:38.123456789 UTC),
+            price_kind: crate::model::PriceKind::LastTrade,
         }
     }
 

@@ -159,6 +159,7 @@ async fn unreachable_redis_at_start_is_degraded_not_an_error() {
         best_bid: None,
         best_ask: None,
         time: datetime!(2024-01-01 00:00 UTC),
+        price_kind: crate::model::PriceKind::LastTrade,
     };
     up.expect_tickers().times(2).returning(move |_| Ok(vec![t.clone()]));
     let tier = SharedTier::builder("redis://:secret@127.0.0.1:1/", "k", up)

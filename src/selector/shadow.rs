@@ -114,9 +114,58 @@ struct Recorder {
     idle: Notify,
     legacy_time: PathTime,
     coordinated_time: PathTime,
+    tolerance: ShadowTolerance,
+    /// Worst ticker and in-progress candle deltas, in basis points.
+    worst_bps: Mutex<(f64, f64)>,
+    closed_candle_mismatches: AtomicU64,
+}
+
+/// How far two answers may differ and still agree. Closed candles, accounts and balance checks
+/// must be identical; a ticker or the candle in progress moves between two reads, so they get
+/// a tolerance that grows with the time between the two prices.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ShadowTolerance {
+    /// Ticker prices within this many basis points agree. Default 5.
+    pub ticker_bps: f64,
+    /// Plus this many basis points per second between the two tickers' times. Default 2.
+    pub ticker_bps_per_second: f64,
+    /// The last candle agrees when its close is within this many basis points and its
+    /// high/low lie inside the legacy candle's range (or within this many basis points
+    /// outside it): a live candle cannot know extremes between two prices it saw, and its
+    /// volume (not compared) is as of its fetch. Default 25.
+    pub in_progress_candle_bps: f64,
+}
+
+impl Default for ShadowTolerance {
+    fn default() -> Self {
+        ShadowTolerance { ticker_bps: 5.0, ticker_bps_per_second: 2.0, in_progress_candle_bps: 25.0 }
+    }
+}
+
+fn bps(a: Decimal, b: Decimal) -> f64 {
+    if b.is_zero() {
+        return if a == b { 0.0 } else { f64::MAX };
+    }
+    let r = ((a - b).abs() / b.abs()) * Decimal::from(10_000);
+    r.to_string().parse().unwrap_or(f64::MAX)
 }
 
 impl Recorder {
+    fn worst(&self, ticker: f64, candle: f64) {
+        let mut w = lock(&self.worst_bps);
+        w.0 = w.0.max(ticker);
+        w.1 = w.1.max(candle);
+    }
+
+    /// A ticker pair within the tolerance.
+    fn ticker_within(&self, l: &Ticker, c: &Ticker) -> bool {
+        let exact = self.price_delta(l.price, c.price);
+        let d = bps(c.price, l.price);
+        self.worst(d, 0.0);
+        let apart = (l.time - c.time).abs().as_seconds_f64();
+        exact || d <= self.tolerance.ticker_bps + self.tolerance.ticker_bps_per_second * apart
+    }
+
     fn price_delta(&self, legacy: Decimal, coordinated: Decimal) -> bool {
         let delta = (legacy - coordinated).abs();
         let mut p = lock(&self.prices);
@@ -240,8 +289,7 @@ trait Comparable: Clone + Send + 'static {
 
 impl Comparable for Ticker {
     fn agree(rec: &Recorder, l: &Self, c: &Self) -> bool {
-        let same_price = rec.price_delta(l.price, c.price);
-        same_price && l.product == c.product
+        rec.ticker_within(l, c) && l.product == c.product
     }
 }
 
@@ -251,7 +299,7 @@ impl Comparable for Vec<Ticker> {
         let mut same = l.len() == c.len();
         for t in l {
             match coordinated.get(&t.product) {
-                Some(ct) => same &= rec.price_delta(t.price, ct.price),
+                Some(ct) => same &= rec.ticker_within(t, ct),
                 None => same = false,
             }
         }
@@ -264,10 +312,30 @@ impl Comparable for Vec<Candle> {
         let same = if l.len() != c.len() {
             inc(&rec.candle_count_mismatches);
             false
+        } else if l == c {
+            true
         } else {
-            let by_start: BTreeMap<_, &Candle> = c.iter().map(|k| (k.start, k)).collect();
-            // Same length and every legacy candle matched at its start: the same series.
-            l.iter().all(|k| by_start.get(&k.start) == Some(&k))
+            // Closed candles identical; the last one (possibly in progress) within tolerance.
+            let n = l.len().saturating_sub(1);
+            let closed_same = l[..n] == c[..n];
+            if !closed_same {
+                inc(&rec.closed_candle_mismatches);
+            }
+            let last_within = match (l.last(), c.last()) {
+                (Some(a), Some(b)) if a.start == b.start && a.open == b.open => {
+                    // The close within tolerance; the range inside the exchange's (a live
+                    // candle cannot know the extremes between two prices it saw), or within
+                    // tolerance of it. Volume is not compared (a live candle's is as of its fetch).
+                    let tol = rec.tolerance.in_progress_candle_bps;
+                    let d = bps(b.close, a.close);
+                    let over = |x: Decimal, y: Decimal| if x > y { bps(x, y) } else { 0.0 };
+                    let range = over(b.high, a.high).max(over(a.low, b.low));
+                    rec.worst(0.0, d.max(range));
+                    d <= tol && range <= tol
+                }
+                _ => false,
+            };
+            closed_same && last_within
         };
         if !same {
             inc(&rec.candle_mismatches);
@@ -370,6 +438,110 @@ pub struct ShadowStats {
     pub by_method: BTreeMap<String, MethodShadowStats>,
 }
 
+/// What a shadow run shows about migrating: the input of a rollout decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Answers compared (both paths answered).
+    pub comparisons: u64,
+    /// Comparisons beyond [`ShadowTolerance`], by method.
+    pub mismatches_by_method: BTreeMap<String, u64>,
+    /// Closed candles that differed (must be 0: closed candles are exact on both paths).
+    pub closed_candle_mismatches: u64,
+    /// Worst ticker price delta seen, basis points.
+    pub worst_ticker_bps: f64,
+    /// Worst delta of the last candle (close, high or low), basis points.
+    pub worst_in_progress_candle_bps: f64,
+    /// Mismatches beyond tolerance plus calls only the coordinated path failed: nothing in
+    /// the tolerance explains them.
+    pub unexplained_mismatches: u64,
+    /// Decisions compared (a strategy evaluated on both answers); `None` when not measured.
+    pub decision_comparisons: Option<u64>,
+    /// Share of compared decisions that agreed; `None` when not measured.
+    pub decision_agreement: Option<f64>,
+    /// Whether [`MigrationGate::default`] passes.
+    pub safe_to_migrate: bool,
+    /// Why not (empty when safe), or what the verdict rests on.
+    pub reasons: Vec<String>,
+}
+
+/// What a host requires before a rollout step, e.g. "≥ 200 comparisons and no unexplained
+/// mismatch".
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MigrationGate {
+    /// At least this many comparisons. Default 200.
+    pub min_comparisons: u64,
+    /// At most this many unexplained mismatches. Default 0.
+    pub max_unexplained_mismatches: u64,
+    /// At least this share of agreeing decisions (0 = not required). When required and not
+    /// measured, the gate holds. Default 0.
+    pub min_decision_agreement: f64,
+}
+
+impl Default for MigrationGate {
+    fn default() -> Self {
+        MigrationGate { min_comparisons: 200, max_unexplained_mismatches: 0, min_decision_agreement: 0.0 }
+    }
+}
+
+/// The typed answer of [`MigrationReport::gate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "verdict")]
+pub enum GateVerdict {
+    /// Every requirement is met: the rollout step may proceed.
+    Proceed,
+    /// At least one is not; the reasons say which.
+    Hold {
+        /// One sentence per unmet requirement.
+        reasons: Vec<String>,
+    },
+}
+
+impl GateVerdict {
+    /// Whether the rollout step may proceed.
+    pub fn is_proceed(&self) -> bool {
+        matches!(self, GateVerdict::Proceed)
+    }
+}
+
+impl MigrationReport {
+    /// Judge the report against `gate`.
+    pub fn gate(&self, gate: &MigrationGate) -> GateVerdict {
+        let mut reasons = Vec::new();
+        if self.comparisons < gate.min_comparisons {
+            reasons.push(format!("{} comparisons, {} required", self.comparisons, gate.min_comparisons));
+        }
+        if self.unexplained_mismatches > gate.max_unexplained_mismatches {
+            let by: Vec<String> = self
+                .mismatches_by_method
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(m, n)| format!("{m}: {n}"))
+                .collect();
+            reasons.push(format!(
+                "{} unexplained mismatches (beyond tolerance or coordinated errors; {}), at most {} allowed",
+                self.unexplained_mismatches,
+                if by.is_empty() { "coordinated errors only".to_string() } else { by.join(", ") },
+                gate.max_unexplained_mismatches
+            ));
+        }
+        if self.closed_candle_mismatches > 0 {
+            reasons.push(format!("{} closed candles differ", self.closed_candle_mismatches));
+        }
+        if gate.min_decision_agreement > 0.0 {
+            match self.decision_agreement {
+                None => reasons.push("decision agreement was not measured".into()),
+                Some(a) if a < gate.min_decision_agreement => reasons.push(format!(
+                    "decision agreement {:.1} %, {:.1} % required",
+                    a * 100.0,
+                    gate.min_decision_agreement * 100.0
+                )),
+                Some(_) => {}
+            }
+        }
+        if reasons.is_empty() { GateVerdict::Proceed } else { GateVerdict::Hold { reasons } }
+    }
+}
+
 /// A [`MarketDataSource`] that serves the legacy path's answers while comparing them with
 /// the coordinated path's.
 ///
@@ -414,9 +586,54 @@ impl fmt::Debug for ShadowSource {
 }
 
 impl ShadowSource {
-    /// Shadow `coordinated` behind `legacy`.
+    /// Shadow `coordinated` behind `legacy`, with [`ShadowTolerance::default`].
     pub fn new(legacy: Arc<dyn MarketDataSource>, coordinated: Arc<dyn MarketDataSource>) -> Self {
-        ShadowSource { legacy, coordinated, recorder: Arc::new(Recorder::default()) }
+        Self::with_tolerance(legacy, coordinated, ShadowTolerance::default())
+    }
+
+    /// Shadow `coordinated` behind `legacy` with a declared tolerance.
+    pub fn with_tolerance(
+        legacy: Arc<dyn MarketDataSource>,
+        coordinated: Arc<dyn MarketDataSource>,
+        tolerance: ShadowTolerance,
+    ) -> Self {
+        ShadowSource {
+            legacy,
+            coordinated,
+            recorder: Arc::new(Recorder { tolerance, ..Recorder::default() }),
+        }
+    }
+
+    /// The migration report of everything shadowed so far, judged by [`MigrationGate::default`].
+    pub fn report(&self) -> MigrationReport {
+        let s = self.stats();
+        let rec = &self.recorder;
+        let (worst_ticker_bps, worst_in_progress_candle_bps) = *lock(&rec.worst_bps);
+        let mismatches_by_method: BTreeMap<String, u64> =
+            s.by_method.iter().map(|(m, st)| (m.clone(), st.mismatches)).collect();
+        let mut report = MigrationReport {
+            comparisons: s.comparisons,
+            mismatches_by_method,
+            closed_candle_mismatches: rec.closed_candle_mismatches.load(Ordering::Relaxed),
+            worst_ticker_bps,
+            worst_in_progress_candle_bps,
+            unexplained_mismatches: s.mismatches + s.coordinated_errors,
+            decision_comparisons: None,
+            decision_agreement: None,
+            safe_to_migrate: false,
+            reasons: Vec::new(),
+        };
+        match report.gate(&MigrationGate::default()) {
+            GateVerdict::Proceed => {
+                report.safe_to_migrate = true;
+                report.reasons.push(format!(
+                    "{} comparisons, none beyond tolerance (worst ticker {:.2} bps, worst candle in progress {:.2} bps)",
+                    report.comparisons, worst_ticker_bps, worst_in_progress_candle_bps
+                ));
+            }
+            GateVerdict::Hold { reasons } => report.reasons = reasons,
+        }
+        report
     }
 
     /// A snapshot of the divergence counters.
@@ -544,6 +761,7 @@ mod tests {
             best_bid: None,
             best_ask: None,
             time: OffsetDateTime::UNIX_EPOCH,
+            price_kind: crate::model::PriceKind::LastTrade,
         }
     }
 

@@ -670,11 +670,11 @@ mod tests {
     }
 
     #[test]
-    fn ticker_mid_is_the_last_price() {
+    fn ticker_last_price_lies_inside_the_book() {
         let h = run("/market/products/ETH-USD/ticker", "limit=3", NOW, &[]);
         assert_eq!(h.reply.status, 200);
         let t = wire::decode_ticker(&"ETH-USD".parse().unwrap(), &h.reply.body).unwrap();
-        assert_eq!(t.mid(), Some(t.price));
+        assert!(t.best_bid.unwrap() < t.price && t.price < t.best_ask.unwrap());
         assert_eq!(t.time, NOW);
         let w: MarketTrades = serde_json::from_slice(&h.reply.body).unwrap();
         assert_eq!(w.trades.len(), 3);

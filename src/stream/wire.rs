@@ -314,6 +314,7 @@ pub(crate) fn ticker_from_wire(t: &WsTicker, at: Option<OffsetDateTime>) -> Resu
         best_bid: opt_decimal(&t.best_bid, "ticker best_bid")?,
         best_ask: opt_decimal(&t.best_ask, "ticker best_ask")?,
         time: at.unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        price_kind: crate::model::PriceKind::LastTrade,
     })
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tickshare::{
     CandleRange, CoinbaseClient, Credentials, Decimal, Error, Granularity, MarketDataPath, MarketDataSource,
-    ProductId,
+    PriceKind, ProductId, TickerBatch,
     sim::{Fault, SimAccount, SimExchange},
 };
 
@@ -22,11 +22,13 @@ async fn every_endpoint_decodes() {
     let btc = pid("BTC-USD");
     let t = client.ticker(&btc).await.unwrap();
     assert_eq!(t.product, btc);
-    assert_eq!(t.mid(), Some(t.price), "the sim's mid equals its last price");
     assert_eq!(Some(t.price), sim.price(&btc));
+    assert!(t.best_bid.unwrap() < t.price && t.price < t.best_ask.unwrap(), "the last trade inside the book");
     let books = client.best_bid_ask(&[btc.clone(), pid("ETH-USD")]).await.unwrap();
     assert_eq!(books.len(), 2);
-    assert_eq!(books.iter().find(|b| b.product == btc).unwrap().price, t.price);
+    let book = books.iter().find(|b| b.product == btc).unwrap();
+    assert_eq!((book.best_bid, book.best_ask), (t.best_bid, t.best_ask));
+    assert_eq!((book.price, book.price_kind), (t.mid().unwrap(), PriceKind::Mid));
     let now = sim.clock().now_utc();
     let c = client
         .candles(
@@ -54,13 +56,21 @@ async fn public_paths_without_credentials() {
     let client = CoinbaseClient::builder().base_url(sim.base_url()).build().unwrap();
     let btc = pid("BTC-USD");
     client.ticker(&btc).await.unwrap();
-    // Without credentials, a batch is one public ticker request per product.
-    assert_eq!(client.tickers(&[btc.clone(), pid("ETH-USD"), btc.clone()]).await.unwrap().len(), 2);
+    // Without credentials, a batch is one public `market/products` request (the last trades).
+    let batch = client.tickers(&[btc.clone(), pid("ETH-USD"), btc.clone()]).await.unwrap();
+    assert_eq!(batch.len(), 2);
+    assert_eq!(batch[0].price, sim.price(&btc).unwrap(), "the last trade");
     let st = sim.stats();
-    assert_eq!(st.calls_by_endpoint["market/ticker"], 3);
+    assert_eq!(st.calls_by_endpoint["market/ticker"], 1);
+    assert_eq!(st.calls_by_endpoint["market/products"], 1);
     assert_eq!(st.calls_by_endpoint["best_bid_ask"], 0);
+    // With `TickerBatch::Book` and no key: one public ticker request per product.
+    let book =
+        CoinbaseClient::builder().base_url(sim.base_url()).ticker_batch(TickerBatch::Book).build().unwrap();
+    assert_eq!(book.tickers(&[btc.clone(), pid("ETH-USD"), btc.clone()]).await.unwrap().len(), 2);
+    assert_eq!(sim.stats().calls_by_endpoint["market/ticker"], 3);
     assert!(matches!(client.accounts().await, Err(Error::Unauthorized(_))));
-    assert_eq!(sim.stats().total_calls, 3, "no request is sent without credentials");
+    assert_eq!(sim.stats().total_calls, 4, "no request is sent without credentials");
 }
 
 #[tokio::test(start_paused = true)]
@@ -100,11 +110,24 @@ async fn candle_ranges_over_350_are_split_and_merged() {
 #[tokio::test(start_paused = true)]
 async fn best_bid_ask_is_chunked() {
     let sim = SimExchange::builder().start().await.unwrap();
-    let client = sim.client_builder().best_bid_ask_chunk(8).build().unwrap();
+    let client = sim.client_builder().best_bid_ask_chunk(8).ticker_batch(TickerBatch::Book).build().unwrap();
     let products = sim.products();
     let got = client.tickers(&products).await.unwrap();
     assert_eq!(got.len(), 30);
     assert_eq!(sim.stats().calls_by_endpoint["best_bid_ask"], 4);
+    assert!(got.iter().all(|t| t.price_kind == PriceKind::Mid), "the book's mid, and it says so");
+    // The default batch: the last trades, chunked the same way.
+    let last = sim.client_builder().best_bid_ask_chunk(8).build().unwrap().tickers(&products).await.unwrap();
+    assert_eq!(last.len(), 30);
+    assert_eq!(sim.stats().calls_by_endpoint["products"], 4);
+    for t in &last {
+        assert_eq!((t.price_kind, Some(t.price)), (PriceKind::LastTrade, sim.price(&t.product)));
+    }
+    // Both: the last trade and the book, twice the calls.
+    let both = sim.client_builder().ticker_batch(TickerBatch::LastTradeAndBook).build().unwrap();
+    let t = both.tickers(&products[..1]).await.unwrap().remove(0);
+    assert_eq!(Some(t.price), sim.price(&t.product));
+    assert!(t.best_bid.unwrap() < t.price && t.price < t.best_ask.unwrap());
     // Unknown products are left out, not an error.
     let got = client.tickers(&[pid("BTC-USD"), pid("NOPE-USD")]).await.unwrap();
     assert_eq!(got.len(), 1);

@@ -43,7 +43,7 @@ async fn seed_b_concurrent_reads_coalesce_and_batch() {
     let st = sim.stats();
     assert_eq!(st.rate_limited_429, 0);
     assert_eq!(st.total_calls, 1 + 100u64.div_ceil(batch as u64));
-    assert_eq!(st.calls_by_endpoint["best_bid_ask"], st.total_calls);
+    assert_eq!(st.calls_by_endpoint["products"], st.total_calls, "batched last trades");
     assert!(st.max_requests_in_any_1s.private <= 30);
 }
 
@@ -51,7 +51,7 @@ async fn seed_b_concurrent_reads_coalesce_and_batch() {
 async fn seed_c_scripted_429s_are_backed_off_as_told() {
     let sim = SimExchange::builder().retry_after(true).start().await.unwrap();
     let source = CoordinatedSource::coinbase(sim.client().unwrap()).build().unwrap();
-    sim.add_fault(Fault::status(429).on(Endpoint::BestBidAsk).times(2));
+    sim.add_fault(Fault::status(429).on(Endpoint::Products).times(2));
     let products = sim.products();
     let t0 = tokio::time::Instant::now();
     let reads = futures_util::future::join_all(products.iter().map(|p| source.ticker(p))).await;
@@ -61,7 +61,7 @@ async fn seed_c_scripted_429s_are_backed_off_as_told() {
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "{took:?}");
     let st = sim.stats();
     assert_eq!(st.rate_limited_429, 2);
-    assert_eq!(st.calls_by_endpoint["best_bid_ask"], 3);
+    assert_eq!(st.calls_by_endpoint["products"], 3);
     assert!(st.max_requests_in_any_1s.private <= 30);
     let s = source.stats();
     assert_eq!((s.rate_limit_errors, s.retries), (2, 2));

@@ -246,7 +246,7 @@ async fn a_short_5xx_burst_is_absorbed_by_retries() {
     let mut run = Run::start(SimBuilder::default(), &[], |c| c, |s| s).await;
     expire().await;
     // Two 500s: the retries of the first batched call absorb them; every read is fresh.
-    run.sim.add_fault(Fault::status(500).on(Endpoint::BestBidAsk).times(2));
+    run.sim.add_fault(Fault::status(500).on(Endpoint::Products).times(2));
     assert!(run.round().await, "{:?}", run.tally);
     let st = run.source.stats();
     assert_eq!((st.retries, st.errors_by_kind["upstream"]), (2, 2));

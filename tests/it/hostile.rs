@@ -375,7 +375,7 @@ async fn best_bid_ask_keeps_to_what_was_asked() {
     );
     let server = Hostile::always(200, body).await;
     let client = server.client().build().unwrap();
-    let got = within(client.tickers(&[pid("ETH-USD"), pid("BTC-USD"), pid("ADA-USD")])).await.unwrap();
+    let got = within(client.best_bid_ask(&[pid("ETH-USD"), pid("BTC-USD"), pid("ADA-USD")])).await.unwrap();
     let prices: Vec<(&str, Decimal)> = got.iter().map(|t| (t.product.as_str(), t.price)).collect();
     assert_eq!(prices, [("BTC-USD", dec("100")), ("ETH-USD", dec("2000"))]);
 }

@@ -7,6 +7,7 @@ mod clock;
 mod coordinated;
 mod evaluator;
 mod faults;
+mod freshness;
 mod fuzz;
 mod hostile;
 mod jwt;

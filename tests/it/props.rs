@@ -135,6 +135,7 @@ impl Clocked {
             best_bid: None,
             best_ask: None,
             time: time::OffsetDateTime::UNIX_EPOCH,
+            price_kind: tickshare::PriceKind::LastTrade,
         })
     }
 }

@@ -260,7 +260,7 @@ async fn bodies_are_coinbase_shaped_and_metrics_are_scraped() {
     get(&c, &format!("{api}/market/products/BTC-USD/ticker?limit=1"), Some(TOKEN)).await;
     let second = scrape().await;
     for name in [
-        "tickshare_upstream_calls_total{endpoint=\"best_bid_ask\",class=\"private\"}",
+        "tickshare_upstream_calls_total{endpoint=\"tickers\",class=\"private\"}",
         "tickshare_cache_hits_total",
         "tickshare_cache_misses_total",
         "tickshare_coalesced_waiters_total",

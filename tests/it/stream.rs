@@ -28,6 +28,8 @@ fn market_calls(s: &SimStats) -> u64 {
         Endpoint::MarketCandles,
         Endpoint::Candles,
         Endpoint::BestBidAsk,
+        Endpoint::Products,
+        Endpoint::MarketProducts,
     ]
     .iter()
     .map(|e| s.calls(*e))
@@ -95,7 +97,7 @@ async fn twenty_five_bots_make_no_market_data_rest_calls_after_warm_up() {
     }
     let warm = sim.stats();
     assert_eq!(market_calls(&warm), 10, "5 five-minute histories, 5 hourly histories");
-    assert_eq!(warm.calls(Endpoint::BestBidAsk), 0, "tickers came from the stream from the start");
+    assert_eq!(warm.calls(Endpoint::Products), 0, "tickers came from the stream from the start");
     // Eight ticks, 10:56:38 to 11:31:38: the 11:00 hourly close included.
     for _ in 0..8 {
         let report = evaluator.evaluate_all(&bots).await;
@@ -227,7 +229,7 @@ async fn a_sequence_gap_marks_data_stale_and_reads_fall_back_to_rest() {
     let read = source.candles_with(&btc, g, lookback(g, 24, clock), ReadOptions::default()).await.unwrap();
     assert_eq!(read.origin, Origin::Upstream);
     let after = sim.stats();
-    assert_eq!(after.calls(Endpoint::BestBidAsk) - before.calls(Endpoint::BestBidAsk), 1);
+    assert_eq!(after.calls(Endpoint::Products) - before.calls(Endpoint::Products), 1);
     assert_eq!(candle_calls(&after) - candle_calls(&before), 1);
     let limiter = source.stats().limiter.unwrap();
     assert_eq!(

@@ -1,0 +1,217 @@
+//! The freshness contract of the candle in progress, on the simulator over many ticks:
+//! `live` (patched from the last trades the source serves, at no extra call), `exact`
+//! (refetched when older than a bound, the calls counted) and `closed_only`.
+
+use std::time::Duration;
+
+use tickshare::{
+    CandleFidelity, CandleRange, CoordinatedSource, Granularity, InProgressCandle, MarketDataSource,
+    ProductId, ReadOptions, sim::SimExchange,
+};
+
+use crate::support::fixed_clock;
+
+fn pid(s: &str) -> ProductId {
+    s.parse().unwrap()
+}
+
+const G: Granularity = Granularity::OneHour;
+
+async fn setup(mode: InProgressCandle) -> (SimExchange, CoordinatedSource) {
+    let sim = SimExchange::builder().clock(fixed_clock()).products(5).start().await.unwrap();
+    let client = sim.client_builder().clock(sim.clock()).build().unwrap();
+    let source = CoordinatedSource::coinbase(client)
+        .clock(sim.clock())
+        .in_progress(mode)
+        .in_progress_max_age(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    (sim, source)
+}
+
+fn range(sim: &SimExchange) -> CandleRange {
+    CandleRange::lookback(G, 24, sim.clock().now_utc()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn live_in_progress_candle_follows_every_price_the_source_served() {
+    let (sim, source) = setup(InProgressCandle::Live).await;
+    let products: Vec<ProductId> = sim.products();
+    let exact = sim.client_builder().clock(sim.clock()).build().unwrap();
+    let mut seen: Vec<(ProductId, time::OffsetDateTime, tickshare::Decimal)> = Vec::new();
+    let (mut patched, mut mismatched_close_bps) = (0, Vec::new());
+    // 200 ticks 37 s apart: more than two hours, two hourly closes.
+    for _ in 0..200 {
+        let tickers = source.tickers(&products).await.unwrap();
+        for t in &tickers {
+            seen.push((t.product.clone(), t.time, t.price));
+        }
+        for p in &products {
+            let read = source.candles_with(p, G, range(&sim), ReadOptions::default()).await.unwrap();
+            let last = *read.value.last().unwrap();
+            let ticker = tickers.iter().find(|t| &t.product == p).unwrap();
+            let now = sim.clock().now_utc();
+            let open = G.bucket_start(now);
+            assert_eq!(last.start, open, "the bucket in progress is served");
+            let ip = read.in_progress.expect("the last candle is in progress");
+            if ip.fidelity == CandleFidelity::Patched {
+                patched += 1;
+                // Its close is the latest price the source served ...
+                assert_eq!(last.close, ticker.price, "{p}");
+                assert_eq!(ip.as_of, ticker.time);
+            }
+            // ... and its high and low bracket every price it saw in this bucket.
+            for (_, _, px) in seen.iter().filter(|(q, at, _)| q == p && *at >= open) {
+                assert!(last.low <= *px && *px <= last.high, "{p}: {px} outside {last:?}");
+            }
+            // Closed candles equal a fresh fetch, exactly.
+            let fresh = exact.candles(p, G, range(&sim)).await.unwrap();
+            let closed = read.value.len() - 1;
+            assert_eq!(read.value[..closed], fresh[..closed], "{p}");
+            // The patched in-progress candle is close to the exchange's own (the sim's last
+            // trade is the price now, so the close matches to the millisecond of the tick).
+            let truth = fresh.last().unwrap();
+            let bps: f64 = ((last.close - truth.close).abs() / truth.close
+                * tickshare::Decimal::from(10_000))
+            .to_string()
+            .parse()
+            .unwrap();
+            mismatched_close_bps.push(bps);
+        }
+        tokio::time::sleep(Duration::from_secs(37)).await;
+    }
+    let st = source.stats();
+    assert!(patched > 500, "{patched}");
+    assert!(st.live_patches > 0);
+    let worst = mismatched_close_bps.iter().copied().fold(0.0, f64::max);
+    assert!(worst < 0.5, "in-progress close off by {worst} bps at most");
+    // Live costs nothing: one batched ticker call per tick, and each series fetched once plus
+    // once per hourly close.
+    assert_eq!(st.upstream_calls_by_endpoint["tickers"], 200);
+    assert!(st.upstream_calls_by_endpoint["candles"] <= 5 * 4, "{:?}", st.upstream_calls_by_endpoint);
+    assert_eq!(st.in_progress_refetches, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exact_mode_matches_a_fresh_fetch_and_counts_its_calls() {
+    let (sim, source) = setup(InProgressCandle::Exact).await;
+    let btc = pid("BTC-USD");
+    let exact = sim.client_builder().clock(sim.clock()).build().unwrap();
+    for _ in 0..120 {
+        let _ = source.ticker(&btc).await.unwrap();
+        let read = source.candles_with(&btc, G, range(&sim), ReadOptions::default()).await.unwrap();
+        let fresh = exact.candles(&btc, G, range(&sim)).await.unwrap();
+        let ip = read.in_progress.unwrap();
+        assert_eq!(ip.fidelity, CandleFidelity::Exact);
+        let age = sim.clock().now_utc() - ip.as_of;
+        assert!(age <= time::Duration::seconds(20), "{age}");
+        // Within the bound the candle is as the exchange answered at `as_of`; right after a
+        // refetch it is the exchange's candle now.
+        if age.is_zero() {
+            assert_eq!(read.value, fresh);
+        } else {
+            let closed = read.value.len() - 1;
+            assert_eq!(read.value[..closed], fresh[..closed]);
+        }
+        tokio::time::sleep(Duration::from_secs(7)).await;
+    }
+    let st = source.stats();
+    assert!(st.in_progress_refetches >= 30, "{}", st.in_progress_refetches);
+    // The first fetch, the counted refetches, and the refresh after the 10:00 close.
+    assert_eq!(st.upstream_calls_by_endpoint["candles"], 2 + st.in_progress_refetches);
+    assert_eq!(st.live_patches, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn closed_only_never_returns_the_bucket_in_progress() {
+    let (sim, source) = setup(InProgressCandle::ClosedOnly).await;
+    let products = sim.products();
+    for _ in 0..100 {
+        source.tickers(&products).await.unwrap();
+        for p in &products {
+            let read = source.candles_with(p, G, range(&sim), ReadOptions::default()).await.unwrap();
+            let open = G.bucket_start(sim.clock().now_utc());
+            assert!(read.value.iter().all(|c| c.start < open), "{p}");
+            assert_eq!(read.value.last().unwrap().start, open - G.duration());
+            assert!(read.in_progress.is_none());
+            let via_trait = source.candles(p, G, range(&sim)).await.unwrap();
+            assert!(via_trait.iter().all(|c| c.start < open));
+        }
+        tokio::time::sleep(Duration::from_secs(53)).await;
+    }
+    assert_eq!(source.stats().live_patches, 0);
+}
+
+/// A coordinated path that really diverges: its tickers are 1 % high.
+struct Inflated(CoordinatedSource);
+
+#[async_trait::async_trait]
+impl MarketDataSource for Inflated {
+    async fn ticker(&self, p: &ProductId) -> tickshare::Result<tickshare::Ticker> {
+        let mut t = self.0.ticker(p).await?;
+        t.price *= tickshare::Decimal::new(101, 2);
+        Ok(t)
+    }
+    async fn tickers(&self, p: &[ProductId]) -> tickshare::Result<Vec<tickshare::Ticker>> {
+        let mut out = Vec::new();
+        for q in p {
+            out.push(self.ticker(q).await?);
+        }
+        Ok(out)
+    }
+    async fn candles(
+        &self,
+        p: &ProductId,
+        g: Granularity,
+        r: CandleRange,
+    ) -> tickshare::Result<Vec<tickshare::Candle>> {
+        self.0.candles(p, g, r).await
+    }
+    async fn accounts(&self) -> tickshare::Result<Vec<tickshare::Account>> {
+        self.0.accounts().await
+    }
+}
+
+async fn shadow_run(broken: bool) -> tickshare::MigrationReport {
+    use std::sync::Arc;
+    let (sim, source) = setup(InProgressCandle::Live).await;
+    let legacy = tickshare::DirectSource::new(sim.client_builder().clock(sim.clock()).build().unwrap());
+    let coordinated: Arc<dyn MarketDataSource> =
+        if broken { Arc::new(Inflated(source)) } else { Arc::new(source) };
+    let shadow = tickshare::ShadowSource::new(Arc::new(legacy), coordinated);
+    let products = sim.products();
+    for _ in 0..60 {
+        for p in &products {
+            shadow.ticker(p).await.unwrap();
+            // A bot reads its ticker, then its candles (as the evaluator's snapshot does).
+            shadow.wait_idle().await;
+            shadow.candles(p, G, range(&sim)).await.unwrap();
+        }
+        shadow.validate_trade_balance("USD", tickshare::Decimal::ONE).await.unwrap();
+        shadow.wait_idle().await;
+        tokio::time::sleep(Duration::from_secs(61)).await;
+    }
+    shadow.report()
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_report_is_safe_on_a_faithful_path_and_holds_on_a_broken_one() {
+    let ok = shadow_run(false).await;
+    assert!(ok.comparisons >= 200, "{ok:?}");
+    assert_eq!(ok.closed_candle_mismatches, 0, "{ok:?}");
+    assert!(ok.safe_to_migrate, "{ok:?}");
+    let gate = tickshare::MigrationGate { min_comparisons: 200, ..Default::default() };
+    assert!(ok.gate(&gate).is_proceed());
+    // Requiring decision agreement that was not measured holds the rollout, saying why.
+    let strict = tickshare::MigrationGate { min_decision_agreement: 1.0, ..gate };
+    assert!(
+        matches!(ok.gate(&strict), tickshare::GateVerdict::Hold { reasons } if reasons[0].contains("decision"))
+    );
+
+    let bad = shadow_run(true).await;
+    assert!(!bad.safe_to_migrate, "{bad:?}");
+    assert!(bad.worst_ticker_bps >= 99.0, "{bad:?}");
+    assert!(bad.reasons.iter().any(|r| r.contains("ticker")), "{:?}", bad.reasons);
+    let json = serde_json::to_value(&bad).unwrap();
+    assert_eq!(json["safe_to_migrate"], false);
+}
