@@ -2,8 +2,8 @@
 //!
 //! [`CoinbaseClient`] speaks the real API (reqwest over rustls, ES256 JWT auth) and
 //! implements [`MarketDataSource`] with one HTTP request per call, except where the exchange
-//! forces more: candle ranges over 350 buckets are split, `best_bid_ask` is chunked, and
-//! accounts are paginated. Point it at the simulated exchange with
+//! forces more: candle ranges over [`candle_max_buckets`](CoinbaseClientBuilder::candle_max_buckets)
+//! (300) buckets are split, `best_bid_ask` is chunked, and accounts are paginated. Point it at the simulated exchange with
 //! [`CoinbaseClientBuilder::base_url`].
 
 pub mod auth;
@@ -40,8 +40,15 @@ use crate::{
 pub const DEFAULT_BASE_URL: &str = "https://api.coinbase.com";
 /// The path prefix of every Advanced Trade v3 endpoint.
 pub const API_PREFIX: &str = "/api/v3/brokerage";
-/// The most candles one request may return.
+/// The most candle buckets one request may span by Coinbase's documentation (`limit` "max
+/// 350"): the upper bound of [`CoinbaseClientBuilder::candle_max_buckets`].
 pub const MAX_CANDLES_PER_REQUEST: u32 = 350;
+
+/// The most candle buckets one request may span as the exchange enforces it: wider windows
+/// have been answered "start and end argument is invalid - number of candles requested should
+/// be less than 300", and no source shows an answer of more than 300 candles (COINBASE.md
+/// §1.1). The default of [`CoinbaseClientBuilder::candle_max_buckets`].
+pub const OBSERVED_MAX_CANDLES_PER_REQUEST: u32 = 300;
 
 /// The REST endpoints the client calls, for per-endpoint counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -160,7 +167,7 @@ impl Default for CoinbaseClientBuilder {
             limiter: None,
             market_data: MarketDataPath::Auto,
             best_bid_ask_chunk: 100,
-            candle_max_buckets: MAX_CANDLES_PER_REQUEST,
+            candle_max_buckets: OBSERVED_MAX_CANDLES_PER_REQUEST,
             accounts_page_limit: 250,
             retry: RetryPolicy::none(),
             accounts_max_pages: 100,
@@ -226,7 +233,8 @@ impl CoinbaseClientBuilder {
         self
     }
 
-    /// Most candles per request (default and maximum 350).
+    /// Most candle buckets per request: default [`OBSERVED_MAX_CANDLES_PER_REQUEST`] (300, what
+    /// the exchange enforces), at most [`MAX_CANDLES_PER_REQUEST`] (350, what it documents).
     pub fn candle_max_buckets(mut self, n: u32) -> Self {
         self.candle_max_buckets = n;
         self
@@ -295,8 +303,8 @@ impl CoinbaseClientBuilder {
     ///
     /// # Errors
     /// [`Error::Config`] for a base URL that is not http(s), a zero chunk, page size, page count
-    /// or body limit, a candle chunk over 350, private market data without credentials, or a
-    /// TLS setup failure.
+    /// or body limit, a candle chunk over [`MAX_CANDLES_PER_REQUEST`], private market data
+    /// without credentials, or a TLS setup failure.
     pub fn build(self) -> Result<CoinbaseClient> {
         let base = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
             .map_err(|e| Error::Config(format!("base_url is not a URL: {e}")))?;

@@ -140,7 +140,7 @@ pub struct CallProfile {
     pub tickers_class: EndpointClass,
     /// Products per `tickers` request (1: the upstream sends one request per product).
     pub tickers_per_request: usize,
-    /// Most candle buckets per request (Coinbase: 350).
+    /// Most candle buckets per request (the client's default, 300: what Coinbase enforces).
     pub candles_per_request: u32,
     /// Accounts per page (Coinbase: 250).
     pub accounts_per_page: u32,
@@ -148,13 +148,13 @@ pub struct CallProfile {
 
 impl Default for CallProfile {
     /// A [`CoinbaseClient`] with credentials and its default settings: market data on the
-    /// private paths, 100 products per `best_bid_ask`, 350 candles, 250 accounts per page.
+    /// private paths, 100 products per `best_bid_ask`, 300 candles, 250 accounts per page.
     fn default() -> Self {
         CallProfile {
             market_data_class: EndpointClass::Private,
             tickers_class: EndpointClass::Private,
             tickers_per_request: 100,
-            candles_per_request: crate::coinbase::MAX_CANDLES_PER_REQUEST,
+            candles_per_request: crate::coinbase::OBSERVED_MAX_CANDLES_PER_REQUEST,
             accounts_per_page: 250,
         }
     }

@@ -12,8 +12,8 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
 use super::{
-    API_BASE_PATH, CANDLE_RANGE_ERROR, DEFAULT_ACCOUNTS_LIMIT, Endpoint, MAX_ACCOUNTS_LIMIT, MAX_CANDLES,
-    MAX_TRADES, SimAccount,
+    API_BASE_PATH, CandleLimit, DEFAULT_ACCOUNTS_LIMIT, Endpoint, MAX_ACCOUNTS_LIMIT, MAX_CANDLES, MAX_TRADES,
+    SimAccount,
     market::{Market, ProductSpec, mix, unix_ms},
     stats::CandleRequest,
 };
@@ -198,6 +198,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) market: &'a Market,
     pub(crate) accounts: &'a [SimAccount],
     pub(crate) seed: u64,
+    pub(crate) candle_limit: CandleLimit,
     pub(crate) now: OffsetDateTime,
 }
 
@@ -310,8 +311,10 @@ fn candles(endpoint: Endpoint, p: &ProductSpec, q: &Query, ctx: &Ctx<'_>) -> Res
         return Err(Reply::bad_request("start must not be after end"));
     }
     let g = granularity.seconds();
-    if (end - start) / g + 1 > MAX_CANDLES {
-        return Err(Reply::bad_request(CANDLE_RANGE_ERROR));
+    // Inclusive bounds: `(end - start) / g + 1` buckets; the observed rule, "(end - start) / g
+    // < 300", is the same as at most 300 of them.
+    if (end - start) / g + 1 > ctx.candle_limit.max_buckets() {
+        return Err(Reply::bad_request(ctx.candle_limit.error_details()));
     }
     let now_ms = unix_ms(ctx.now);
     let first = start + (g - start.rem_euclid(g)) % g;
@@ -571,7 +574,7 @@ mod tests {
 
     fn run(path: &str, query: &str, now: OffsetDateTime, accounts: &[SimAccount]) -> Handled {
         let m = market();
-        let ctx = Ctx { market: &m, accounts, seed: 1, now };
+        let ctx = Ctx { market: &m, accounts, seed: 1, candle_limit: CandleLimit::Observed, now };
         let (endpoint, product) = route(&format!("{API_BASE_PATH}{path}")).unwrap();
         handle(endpoint, product.as_deref(), &Query::parse(Some(query)), &ctx)
     }
@@ -620,7 +623,7 @@ mod tests {
         let start = datetime!(2024-04-24 09:00 UTC).unix_timestamp();
         let h = run(
             "/products/BTC-USD/candles",
-            &format!("start={start}&end={}&granularity=ONE_MINUTE", start + 349 * 60),
+            &format!("start={start}&end={}&granularity=ONE_MINUTE", start + 299 * 60),
             NOW,
             &[],
         );
@@ -633,16 +636,39 @@ mod tests {
         let logged = h.candle.unwrap();
         assert_eq!((logged.start, logged.granularity), (start, Granularity::OneMinute));
 
+        // 301 buckets: (end - start) / 60 = 300 is not "less than 300".
         let too_many = run(
             "/products/BTC-USD/candles",
-            &format!("start={start}&end={}&granularity=ONE_MINUTE", start + 350 * 60),
+            &format!("start={start}&end={}&granularity=ONE_MINUTE", start + 300 * 60),
             NOW,
             &[],
         );
         assert_eq!(too_many.reply.status, 400);
         let e: ErrorBody = serde_json::from_slice(&too_many.reply.body).unwrap();
-        assert_eq!(e.error_details.as_deref(), Some(CANDLE_RANGE_ERROR));
+        assert_eq!(e.error_details.as_deref(), Some(super::super::CANDLE_RANGE_ERROR));
         assert!(too_many.candle.is_none());
+    }
+
+    #[test]
+    fn the_documented_candle_limit_allows_350_buckets() {
+        let m = market();
+        let start = datetime!(2024-04-20 09:00 UTC).unix_timestamp();
+        let ask = |limit: CandleLimit, buckets: i64| {
+            let ctx = Ctx { market: &m, accounts: &[], seed: 1, candle_limit: limit, now: NOW };
+            let q = format!("start={start}&end={}&granularity=ONE_MINUTE", start + (buckets - 1) * 60);
+            handle(Endpoint::Candles, Some("BTC-USD"), &Query::parse(Some(&q)), &ctx).reply
+        };
+        assert_eq!(ask(CandleLimit::Observed, 300).status, 200);
+        assert_eq!(ask(CandleLimit::Observed, 301).status, 400);
+        let r = ask(CandleLimit::Documented, 350);
+        assert_eq!((r.status, wire::decode_candles(&r.body).unwrap().len()), (200, 350));
+        let r = ask(CandleLimit::Documented, 351);
+        let e: ErrorBody = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!((r.status, e.error_details.as_deref()), (400, Some(super::super::DOCUMENTED_CANDLE_RANGE_ERROR)));
+        // One fact each: the texts name their limits.
+        for limit in [CandleLimit::Observed, CandleLimit::Documented] {
+            assert!(limit.error_details().ends_with(&format!("less than {}", limit.max_buckets())));
+        }
     }
 
     #[test]
@@ -779,7 +805,7 @@ mod tests {
                 .map(|_| format!("{}={}", pick(&mut rng, &keys), pick(&mut rng, &values)))
                 .collect();
             let now = NOW + time::Duration::seconds(rng.i64(-1_000_000..1_000_000));
-            let ctx = Ctx { market: &m, accounts: &accounts, seed: 1, now };
+            let ctx = Ctx { market: &m, accounts: &accounts, seed: 1, candle_limit: CandleLimit::Observed, now };
             if let Some((endpoint, product)) = route(&format!("{API_BASE_PATH}{path}")) {
                 let q = Query::parse(Some(&query.join("&")));
                 let h = handle(endpoint, product.as_deref(), &q, &ctx);

@@ -224,8 +224,13 @@ async fn respond(
     }
 
     let accounts = Arc::clone(&lock(&shared.accounts));
-    let ctx =
-        Ctx { market: &shared.market, accounts: &accounts, seed: shared.seed, now: shared.clock.now_utc() };
+    let ctx = Ctx {
+        market: &shared.market,
+        accounts: &accounts,
+        seed: shared.seed,
+        candle_limit: shared.candle_limit,
+        now: shared.clock.now_utc(),
+    };
     let handled = routes::handle(endpoint, product.as_deref(), &query, &ctx);
     let mut reply = handled.reply;
     {

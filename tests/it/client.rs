@@ -6,7 +6,7 @@ use std::time::Duration;
 use tickshare::{
     CandleRange, CoinbaseClient, Credentials, Decimal, Error, Granularity, MarketDataPath, MarketDataSource,
     ProductId,
-    sim::{Fault, SimAccount, SimExchange},
+    sim::{CandleLimit, Fault, SimAccount, SimExchange},
 };
 
 use crate::support::fixed_clock;
@@ -86,7 +86,9 @@ async fn candle_ranges_over_350_are_split_and_merged() {
     assert_eq!(c.len(), 1000);
     assert!(c.windows(2).all(|w| w[1].start - w[0].start == time::Duration::minutes(1)));
     let reqs = sim.stats().recent_candle_requests;
-    assert_eq!(reqs.len(), 3);
+    // 300 + 300 + 300 + 100 (it was 350 + 350 + 300 before the client's default followed the
+    // exchange's observed 300).
+    assert_eq!(reqs.len(), 4);
     // Contiguous, non-overlapping windows of at most 350 buckets.
     assert_eq!(reqs[0].start, range.start.unix_timestamp());
     for w in reqs.windows(2) {
@@ -95,6 +97,44 @@ async fn candle_ranges_over_350_are_split_and_merged() {
     for r in &reqs {
         assert!((r.end - r.start) / 60 < 350);
     }
+}
+
+/// Issue 15: the exchange answers a window of more than 300 buckets with a 400, whatever its
+/// documentation says. A 350-bucket backfill goes out as 300 + 50 and comes back whole.
+#[tokio::test(start_paused = true)]
+async fn a_350_bucket_backfill_goes_out_in_requests_of_at_most_300_buckets_without_a_gap() {
+    let sim = SimExchange::builder().clock(fixed_clock()).start().await.unwrap();
+    let client = sim.client().unwrap();
+    assert_eq!(client.candle_max_buckets(), tickshare::coinbase::OBSERVED_MAX_CANDLES_PER_REQUEST);
+    let btc = pid("BTC-USD");
+    let g = Granularity::OneMinute;
+    let range = CandleRange::lookback(g, 350, sim.clock().now_utc()).unwrap();
+    let c = client.candles(&btc, g, range).await.unwrap();
+    // Every candle, oldest first, no duplicate, no gap, exactly the exchange's.
+    assert_eq!(c.len(), 350);
+    assert_eq!(c[0].start, range.start);
+    assert!(c.windows(2).all(|w| w[1].start - w[0].start == time::Duration::minutes(1)));
+    for candle in [&c[0], &c[299], &c[300], &c[349]] {
+        assert_eq!(Some(*candle), sim.candle_at(&btc, g, candle.start));
+    }
+    let s = sim.stats();
+    assert_eq!(s.responses(400), 0, "no request was over the exchange's limit");
+    let buckets: Vec<i64> = s.recent_candle_requests.iter().map(|r| (r.end - r.start) / 60 + 1).collect();
+    assert_eq!(buckets, [300, 50]);
+    assert_eq!(s.recent_candle_requests[1].start, s.recent_candle_requests[0].end + 1);
+
+    // The documented 350 is still allowed when configured, against an exchange that allows it.
+    let documented =
+        SimExchange::builder().clock(fixed_clock()).candle_limit(CandleLimit::Documented).start().await.unwrap();
+    let client = documented.client_builder().candle_max_buckets(350).build().unwrap();
+    assert_eq!(client.candles(&btc, g, range).await.unwrap(), c);
+    assert_eq!(documented.stats().recent_candle_requests.len(), 1);
+    // Against the real rule, a 350-bucket request is refused.
+    let e = sim.client_builder().candle_max_buckets(350).build().unwrap().candles(&btc, g, range).await;
+    assert!(
+        matches!(&e, Err(Error::Upstream { status: 400, message }) if message.contains("less than 300")),
+        "{e:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
