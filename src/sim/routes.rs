@@ -22,7 +22,7 @@ use crate::{
         Accounts, BestBidAsk, Candles, ErrorBody, Level, MarketTrades, Money, PriceBook, Product, Products,
         ServerTime, Trade, WireAccount, WireCandle, format_time,
     },
-    model::{Candle, Granularity},
+    model::{Candle, Granularity, ProductId},
 };
 
 /// The largest UNIX second accepted in a query (9999-12-31T23:59:59Z).
@@ -427,14 +427,11 @@ fn product_object(p: &ProductSpec, ctx: &Ctx<'_>) -> Product {
     let volume_change = percent_change(volume, volume_before);
     let quote_volume = volume.checked_mul(price).map_or(Decimal::ZERO, |v| v.round_dp(2));
     let (base, quote) = (p.id.base(), p.id.quote());
-    let usdc_alias = format!("{base}-USDC");
-    let usd_sibling = format!("{base}-USD");
-    let alias = if quote == "USDC" && m.get(&usd_sibling).is_some() { usd_sibling } else { String::new() };
-    let alias_to: Vec<Value> = if quote == "USD" && m.get(&usdc_alias).is_some() {
-        vec![Value::from(usdc_alias)]
-    } else {
-        Vec::new()
-    };
+    // `BTC-USDC` is an alias of `BTC-USD` (`alias`), which lists it in `alias_to`.
+    let alias = p.id.usd_alias().filter(|usd| m.get(usd.as_str()).is_some()).map(String::from);
+    let usdc = ProductId::new(&format!("{base}-USDC")).ok().filter(|c| c.usd_alias().as_ref() == Some(&p.id));
+    let alias_to: Vec<Value> =
+        usdc.filter(|c| m.get(c.as_str()).is_some()).map(|c| Value::from(String::from(c))).into_iter().collect();
     let mut extra = Map::new();
     let mut put = |k: &str, v: Value| {
         extra.insert(k.to_string(), v);
@@ -462,7 +459,7 @@ fn product_object(p: &ProductSpec, ctx: &Ctx<'_>) -> Product {
     put("base_currency_id", Value::from(base));
     put("fcm_trading_session_details", Value::Null);
     put("mid_market_price", Value::from(""));
-    put("alias", Value::from(alias));
+    put("alias", Value::from(alias.unwrap_or_default()));
     put("alias_to", Value::from(alias_to));
     put("base_display_symbol", Value::from(base));
     put("quote_display_symbol", Value::from(quote));
@@ -563,7 +560,7 @@ fn wire_account(i: usize, a: &SimAccount, seed: u64) -> WireAccount {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{coinbase::wire, model::ProductId};
+    use crate::coinbase::wire;
     use time::macros::datetime;
 
     fn market() -> Market {
