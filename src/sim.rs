@@ -119,7 +119,7 @@ pub use crate::limiter::EndpointClass;
 pub use builder::{SimAccount, SimBuilder, SimProducts};
 pub use faults::{Fault, FaultId, FaultTarget};
 pub use stats::{CANDLE_LOG_CAPACITY, CandleRequest, PerClass, SimStats};
-pub use ws::{WsConfig, WsFault, WsStats};
+pub use ws::{WsConfig, WsDialect, WsFault, WsStats};
 
 use crate::{
     clock::Clock,
