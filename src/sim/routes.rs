@@ -12,8 +12,8 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
 use super::{
-    API_BASE_PATH, CandleLimit, DEFAULT_ACCOUNTS_LIMIT, Endpoint, MAX_ACCOUNTS_LIMIT, MAX_CANDLES, MAX_TRADES,
-    SimAccount,
+    API_BASE_PATH, CandleLimit, DEFAULT_ACCOUNTS_LIMIT, Endpoint, MAX_ACCOUNTS_LIMIT, MAX_CANDLES,
+    MAX_TRADES, SimAccount,
     market::{Market, ProductSpec, mix, unix_ms},
     stats::CandleRequest,
 };
@@ -430,8 +430,11 @@ fn product_object(p: &ProductSpec, ctx: &Ctx<'_>) -> Product {
     // `BTC-USDC` is an alias of `BTC-USD` (`alias`), which lists it in `alias_to`.
     let alias = p.id.usd_alias().filter(|usd| m.get(usd.as_str()).is_some()).map(String::from);
     let usdc = ProductId::new(&format!("{base}-USDC")).ok().filter(|c| c.usd_alias().as_ref() == Some(&p.id));
-    let alias_to: Vec<Value> =
-        usdc.filter(|c| m.get(c.as_str()).is_some()).map(|c| Value::from(String::from(c))).into_iter().collect();
+    let alias_to: Vec<Value> = usdc
+        .filter(|c| m.get(c.as_str()).is_some())
+        .map(|c| Value::from(String::from(c)))
+        .into_iter()
+        .collect();
     let mut extra = Map::new();
     let mut put = |k: &str, v: Value| {
         extra.insert(k.to_string(), v);
@@ -661,7 +664,10 @@ mod tests {
         assert_eq!((r.status, wire::decode_candles(&r.body).unwrap().len()), (200, 350));
         let r = ask(CandleLimit::Documented, 351);
         let e: ErrorBody = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!((r.status, e.error_details.as_deref()), (400, Some(super::super::DOCUMENTED_CANDLE_RANGE_ERROR)));
+        assert_eq!(
+            (r.status, e.error_details.as_deref()),
+            (400, Some(super::super::DOCUMENTED_CANDLE_RANGE_ERROR))
+        );
         // One fact each: the texts name their limits.
         for limit in [CandleLimit::Observed, CandleLimit::Documented] {
             assert!(limit.error_details().ends_with(&format!("less than {}", limit.max_buckets())));
@@ -802,7 +808,8 @@ mod tests {
                 .map(|_| format!("{}={}", pick(&mut rng, &keys), pick(&mut rng, &values)))
                 .collect();
             let now = NOW + time::Duration::seconds(rng.i64(-1_000_000..1_000_000));
-            let ctx = Ctx { market: &m, accounts: &accounts, seed: 1, candle_limit: CandleLimit::Observed, now };
+            let ctx =
+                Ctx { market: &m, accounts: &accounts, seed: 1, candle_limit: CandleLimit::Observed, now };
             if let Some((endpoint, product)) = route(&format!("{API_BASE_PATH}{path}")) {
                 let q = Query::parse(Some(&query.join("&")));
                 let h = handle(endpoint, product.as_deref(), &q, &ctx);

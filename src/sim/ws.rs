@@ -633,11 +633,13 @@ impl Conn {
         let mut products = Vec::new();
         for id in &m.product_ids {
             match ProductId::new(id) {
-                Ok(p) if self.shared.market.get(p.as_str()).is_some() => products.push(match ws.cfg.dialect {
-                    // Production answers a `-USDC` subscription as its `-USD` twin.
-                    WsDialect::Production => p.book_id(),
-                    WsDialect::Documented => p,
-                }),
+                Ok(p) if self.shared.market.get(p.as_str()).is_some() => {
+                    products.push(match ws.cfg.dialect {
+                        // Production answers a `-USDC` subscription as its `-USD` twin.
+                        WsDialect::Production => p.book_id(),
+                        WsDialect::Documented => p,
+                    })
+                }
                 _ => out.push(Self::error(&format!("unknown product {:?}", crate::error::truncate(id, 40)))),
             }
         }
@@ -770,9 +772,17 @@ impl Conn {
                 high_52_w: String::new(),
                 price_percent_chg_24_h: change.to_string(),
                 best_bid: if book { bid.to_string() } else { String::new() },
-                best_bid_quantity: if book { market.size(spec, 0xB1, ms, 0).to_string() } else { String::new() },
+                best_bid_quantity: if book {
+                    market.size(spec, 0xB1, ms, 0).to_string()
+                } else {
+                    String::new()
+                },
                 best_ask: if book { ask.to_string() } else { String::new() },
-                best_ask_quantity: if book { market.size(spec, 0xA5, ms, 0).to_string() } else { String::new() },
+                best_ask_quantity: if book {
+                    market.size(spec, 0xA5, ms, 0).to_string()
+                } else {
+                    String::new()
+                },
             });
         }
         Some(self.envelope(ch, vec![Event { kind: kind.into(), tickers: Some(list), ..Event::default() }]))

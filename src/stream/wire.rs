@@ -421,18 +421,28 @@ mod tests {
         let Frame::Data { body: Body::Tickers { tickers, skipped: 0 }, .. } = decode(batch).unwrap() else {
             panic!("ticker_batch")
         };
-        assert_eq!((tickers[0].price, tickers[0].best_bid, tickers[0].best_ask), ("21932.98".parse().unwrap(), None, None));
+        assert_eq!(
+            (tickers[0].price, tickers[0].best_bid, tickers[0].best_ask),
+            ("21932.98".parse().unwrap(), None, None)
+        );
         // And the simulator writes them so: no client_id, no empty bid/ask keys.
         let env = Envelope {
             channel: channel::TICKER_BATCH.into(),
             events: vec![Event {
-                tickers: Some(vec![WsTicker { product_id: "BTC-USD".into(), price: "1".into(), ..WsTicker::default() }]),
+                tickers: Some(vec![WsTicker {
+                    product_id: "BTC-USD".into(),
+                    price: "1".into(),
+                    ..WsTicker::default()
+                }]),
                 ..Event::default()
             }],
             ..Envelope::default()
         };
         let json = serde_json::to_string(&env).unwrap();
-        assert!(!json.contains("client_id") && !json.contains("best_bid") && !json.contains("best_ask"), "{json}");
+        assert!(
+            !json.contains("client_id") && !json.contains("best_bid") && !json.contains("best_ask"),
+            "{json}"
+        );
         assert!(channel::needs_jwt(channel::USER) && channel::needs_jwt(channel::FUTURES_BALANCE_SUMMARY));
         for ch in [channel::HEARTBEATS, channel::CANDLES, channel::TICKER, channel::TICKER_BATCH] {
             assert!(!channel::needs_jwt(ch), "{ch}");

@@ -169,7 +169,9 @@ async fn usdc_bots_are_fed_by_the_stream_through_their_usd_twins() {
         .flat_map(|p| [Granularity::FiveMinute, Granularity::OneHour].map(|g| (p.clone(), g)))
         .enumerate()
         .map(|(i, (p, g))| {
-            Bot::new(format!("bot-{i}"), p, Arc::new(MovingAverageCrossover::default())).granularity(g).lookback(24)
+            Bot::new(format!("bot-{i}"), p, Arc::new(MovingAverageCrossover::default()))
+                .granularity(g)
+                .lookback(24)
         })
         .collect();
     let evaluator =
@@ -258,7 +260,11 @@ async fn the_simulated_endpoint_speaks_production_or_the_docs() {
         let twin = if production { "BTC-USD" } else { "BTC-USDC" };
         let mut expected = vec![twin, "USDT-USDC"];
         expected.sort();
-        assert_eq!(ack["events"][0]["subscriptions"]["ticker_batch"], serde_json::json!(expected), "{dialect:?}");
+        assert_eq!(
+            ack["events"][0]["subscriptions"]["ticker_batch"],
+            serde_json::json!(expected),
+            "{dialect:?}"
+        );
         let snap = loop {
             let m = read_json(&mut ws).await;
             if m["channel"] == "ticker_batch" {
