@@ -145,6 +145,7 @@ pub struct CoinbaseClientBuilder {
     connect_timeout: Duration,
     credentials: Option<Credentials>,
     limiter: Option<Option<RateLimiter>>,
+    account_identity: Option<String>,
     market_data: MarketDataPath,
     best_bid_ask_chunk: usize,
     candle_max_buckets: u32,
@@ -165,6 +166,7 @@ impl Default for CoinbaseClientBuilder {
             connect_timeout: Duration::from_secs(5),
             credentials: None,
             limiter: None,
+            account_identity: None,
             market_data: MarketDataPath::Auto,
             best_bid_ask_chunk: 100,
             candle_max_buckets: OBSERVED_MAX_CANDLES_PER_REQUEST,
@@ -206,10 +208,40 @@ impl CoinbaseClientBuilder {
     }
 
     /// Gate every HTTP request through `limiter` (and report 429s to it). Share one limiter
-    /// between every client that uses the same API key or IP. Without this call the client
-    /// gets its own [`RateLimiter::coinbase`].
+    /// between every client of the same Coinbase user (all its API keys: the private limit is
+    /// per user) or IP. Without this call the client gets the limiter of its
+    /// [`account_identity`](Self::account_identity), or else its own [`RateLimiter::coinbase`].
     pub fn rate_limiter(mut self, limiter: RateLimiter) -> Self {
         self.limiter = Some(Some(limiter));
+        self
+    }
+
+    /// The Coinbase user this client's key belongs to: any stable name of the user (an email,
+    /// a CDP project id), the same for all of its keys. Coinbase limits private requests per
+    /// user (30/s) and requires one key per portfolio, so the clients of one user's keys must
+    /// share one budget: with an identity, the client draws from
+    /// [`RateLimiter::shared_for`]`(identity)`, the one limiter of that user in this process
+    /// (unless [`rate_limiter`](Self::rate_limiter) or [`unlimited`](Self::unlimited) says
+    /// otherwise). Across processes, give the [`SharedTier`](crate::SharedTier) the same
+    /// identity. Default: none, and the client has a limiter of its own.
+    ///
+    /// ```
+    /// # fn f() -> tickshare::Result<()> {
+    /// use tickshare::{CoinbaseClient, Credentials};
+    /// let main = CoinbaseClient::builder()
+    ///     .credentials(Credentials::generate("organizations/o/apiKeys/main-portfolio"))
+    ///     .account_identity("alice@example.com")
+    ///     .build()?;
+    /// let savings = CoinbaseClient::builder()
+    ///     .credentials(Credentials::generate("organizations/o/apiKeys/savings-portfolio"))
+    ///     .account_identity("alice@example.com")
+    ///     .build()?;
+    /// assert!(main.rate_limiter().unwrap().same_as(savings.rate_limiter().unwrap()));
+    /// # Ok(()) }
+    /// # f().unwrap();
+    /// ```
+    pub fn account_identity(mut self, identity: impl Into<String>) -> Self {
+        self.account_identity = Some(identity.into());
         self
     }
 
@@ -303,8 +335,8 @@ impl CoinbaseClientBuilder {
     ///
     /// # Errors
     /// [`Error::Config`] for a base URL that is not http(s), a zero chunk, page size, page count
-    /// or body limit, a candle chunk over [`MAX_CANDLES_PER_REQUEST`], private market data
-    /// without credentials, or a TLS setup failure.
+    /// or body limit, a candle chunk over [`MAX_CANDLES_PER_REQUEST`], an empty account
+    /// identity, private market data without credentials, or a TLS setup failure.
     pub fn build(self) -> Result<CoinbaseClient> {
         let base = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
             .map_err(|e| Error::Config(format!("base_url is not a URL: {e}")))?;
@@ -325,6 +357,9 @@ impl CoinbaseClientBuilder {
         }
         if self.candle_max_buckets == 0 || self.candle_max_buckets > MAX_CANDLES_PER_REQUEST {
             return Err(Error::Config(format!("candle_max_buckets must be 1..={MAX_CANDLES_PER_REQUEST}")));
+        }
+        if self.account_identity.as_deref().is_some_and(|id| id.trim().is_empty()) {
+            return Err(Error::Config("account_identity must not be empty".into()));
         }
         if matches!(self.market_data, MarketDataPath::Private | MarketDataPath::Balanced)
             && self.credentials.is_none()
@@ -352,7 +387,14 @@ impl CoinbaseClientBuilder {
                 base: base.to_string().trim_end_matches('/').to_string(),
                 jwt_host,
                 creds: self.credentials,
-                limiter: self.limiter.unwrap_or_else(|| Some(RateLimiter::coinbase())),
+                limiter: self.limiter.unwrap_or_else(|| {
+                    Some(
+                        self.account_identity
+                            .as_deref()
+                            .map_or_else(RateLimiter::coinbase, RateLimiter::shared_for),
+                    )
+                }),
+                account_identity: self.account_identity,
                 private_md,
                 balanced_md: self.market_data == MarketDataPath::Balanced,
                 best_bid_ask_chunk: self.best_bid_ask_chunk,
@@ -395,6 +437,7 @@ struct ClientInner {
     jwt_host: String,
     creds: Option<Credentials>,
     limiter: Option<RateLimiter>,
+    account_identity: Option<String>,
     private_md: bool,
     /// [`MarketDataPath::Balanced`]: market data may overflow to the public class.
     balanced_md: bool,
@@ -444,6 +487,12 @@ impl CoinbaseClient {
     /// The rate limiter this client draws from, if any.
     pub fn rate_limiter(&self) -> Option<&RateLimiter> {
         self.inner.limiter.as_ref()
+    }
+
+    /// The Coinbase user this client's key belongs to, if configured
+    /// ([`CoinbaseClientBuilder::account_identity`]).
+    pub fn account_identity(&self) -> Option<&str> {
+        self.inner.account_identity.as_deref()
     }
 
     /// Whether credentials are configured.

@@ -124,8 +124,12 @@ async fn a_350_bucket_backfill_goes_out_in_requests_of_at_most_300_buckets_witho
     assert_eq!(s.recent_candle_requests[1].start, s.recent_candle_requests[0].end + 1);
 
     // The documented 350 is still allowed when configured, against an exchange that allows it.
-    let documented =
-        SimExchange::builder().clock(fixed_clock()).candle_limit(CandleLimit::Documented).start().await.unwrap();
+    let documented = SimExchange::builder()
+        .clock(fixed_clock())
+        .candle_limit(CandleLimit::Documented)
+        .start()
+        .await
+        .unwrap();
     let client = documented.client_builder().candle_max_buckets(350).build().unwrap();
     assert_eq!(client.candles(&btc, g, range).await.unwrap(), c);
     assert_eq!(documented.stats().recent_candle_requests.len(), 1);
@@ -300,4 +304,46 @@ async fn balanced_market_data_spreads_a_burst_over_both_classes() {
         CoinbaseClient::builder().market_data(MarketDataPath::Balanced).build(),
         Err(Error::Config(_))
     ));
+}
+
+/// Issue 15: Coinbase limits private requests per user and wants one key per portfolio, so a
+/// user's keys share one 30/s budget. Two clients on two keys of one user, each firing 60
+/// private requests at once, together never send more than 30 in any second; with a limiter
+/// each (no identity), they would send nearly twice the limit.
+#[tokio::test(start_paused = true)]
+async fn two_keys_of_one_user_share_one_private_budget() {
+    let two_clients = |sim: &SimExchange, identity: Option<&str>| {
+        ["organizations/o/apiKeys/main-portfolio", "organizations/o/apiKeys/savings-portfolio"].map(|key| {
+            let b = sim.client_builder().credentials(Credentials::generate(key));
+            match identity {
+                Some(id) => b.account_identity(id),
+                None => b,
+            }
+            .build()
+            .unwrap()
+        })
+    };
+    let burst = |clients: [CoinbaseClient; 2]| async move {
+        let calls = clients.iter().flat_map(|c| (0..60).map(move |_| c.accounts()));
+        futures_util::future::join_all(calls).await
+    };
+
+    let sim = SimExchange::builder().start().await.unwrap();
+    let clients = two_clients(&sim, Some("alice@example.com"));
+    assert!(clients[0].rate_limiter().unwrap().same_as(clients[1].rate_limiter().unwrap()));
+    assert_eq!(clients[0].account_identity(), Some("alice@example.com"));
+    let all = burst(clients).await;
+    assert!(all.iter().all(Result::is_ok));
+    let s = sim.stats();
+    assert_eq!(s.calls(tickshare::sim::Endpoint::Accounts), 120);
+    assert_eq!(s.rate_limited_429, 0);
+    assert!(s.max_requests_in_any_1s.private <= 30, "{:?}", s.max_requests_in_any_1s);
+
+    // Without the identity, each key has its own 29-per-window budget: the user's limit is
+    // exceeded (the exchange here counts without refusing).
+    let sim = SimExchange::builder().enforce_rate_limits(false).start().await.unwrap();
+    let clients = two_clients(&sim, None);
+    assert!(!clients[0].rate_limiter().unwrap().same_as(clients[1].rate_limiter().unwrap()));
+    assert!(burst(clients).await.iter().all(Result::is_ok));
+    assert!(sim.stats().max_requests_in_any_1s.private > 30, "{:?}", sim.stats().max_requests_in_any_1s);
 }
