@@ -3,7 +3,8 @@
 //! [`CoinbaseClient`] speaks the real API (reqwest over rustls, ES256 JWT auth) and
 //! implements [`MarketDataSource`] with one HTTP request per call, except where the exchange
 //! forces more: candle ranges over [`candle_max_buckets`](CoinbaseClientBuilder::candle_max_buckets)
-//! (300) buckets are split, `best_bid_ask` is chunked, and accounts are paginated. Point it at the simulated exchange with
+//! (300) buckets are split, `best_bid_ask` and the keyless `/market/products` ticker batch are
+//! chunked, and accounts are paginated. Point it at the simulated exchange with
 //! [`CoinbaseClientBuilder::base_url`].
 
 pub mod auth;
@@ -148,6 +149,7 @@ pub struct CoinbaseClientBuilder {
     account_identity: Option<String>,
     market_data: MarketDataPath,
     best_bid_ask_chunk: usize,
+    public_tickers_chunk: usize,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
@@ -169,6 +171,7 @@ impl Default for CoinbaseClientBuilder {
             account_identity: None,
             market_data: MarketDataPath::Auto,
             best_bid_ask_chunk: 100,
+            public_tickers_chunk: 100,
             candle_max_buckets: OBSERVED_MAX_CANDLES_PER_REQUEST,
             accounts_page_limit: 250,
             retry: RetryPolicy::none(),
@@ -265,6 +268,13 @@ impl CoinbaseClientBuilder {
         self
     }
 
+    /// Most products per keyless ticker request (`GET /market/products?product_ids=…`, see
+    /// [`CoinbaseClient::public_tickers`]); default 100, which keeps the URL near 2 KB.
+    pub fn public_tickers_chunk(mut self, n: usize) -> Self {
+        self.public_tickers_chunk = n;
+        self
+    }
+
     /// Most candle buckets per request: default [`OBSERVED_MAX_CANDLES_PER_REQUEST`] (300, what
     /// the exchange enforces), at most [`MAX_CANDLES_PER_REQUEST`] (350, what it documents).
     pub fn candle_max_buckets(mut self, n: u32) -> Self {
@@ -347,9 +357,14 @@ impl CoinbaseClientBuilder {
         if let Some(port) = base.port() {
             jwt_host = format!("{jwt_host}:{port}");
         }
-        if self.best_bid_ask_chunk == 0 || self.accounts_page_limit == 0 || self.accounts_page_limit > 250 {
+        if self.best_bid_ask_chunk == 0
+            || self.public_tickers_chunk == 0
+            || self.accounts_page_limit == 0
+            || self.accounts_page_limit > 250
+        {
             return Err(Error::Config(
-                "best_bid_ask_chunk must be >= 1 and accounts_page_limit 1..=250".into(),
+                "best_bid_ask_chunk and public_tickers_chunk must be >= 1 and accounts_page_limit 1..=250"
+                    .into(),
             ));
         }
         if self.accounts_max_pages == 0 || self.max_body_bytes == 0 {
@@ -398,6 +413,7 @@ impl CoinbaseClientBuilder {
                 private_md,
                 balanced_md: self.market_data == MarketDataPath::Balanced,
                 best_bid_ask_chunk: self.best_bid_ask_chunk,
+                public_tickers_chunk: self.public_tickers_chunk,
                 candle_max_buckets: self.candle_max_buckets,
                 accounts_page_limit: self.accounts_page_limit,
                 retry: self.retry,
@@ -442,6 +458,7 @@ struct ClientInner {
     /// [`MarketDataPath::Balanced`]: market data may overflow to the public class.
     balanced_md: bool,
     best_bid_ask_chunk: usize,
+    public_tickers_chunk: usize,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
@@ -509,6 +526,12 @@ impl CoinbaseClient {
     /// How many products one `best_bid_ask` request carries.
     pub fn best_bid_ask_chunk(&self) -> usize {
         self.inner.best_bid_ask_chunk
+    }
+
+    /// How many products one [`MarketDataSource::tickers`] request carries: the
+    /// `best_bid_ask` chunk with credentials, the keyless `/market/products` chunk without.
+    pub fn tickers_chunk(&self) -> usize {
+        if self.has_credentials() { self.inner.best_bid_ask_chunk } else { self.inner.public_tickers_chunk }
     }
 
     /// The most candles one request may carry.
@@ -669,6 +692,31 @@ impl CoinbaseClient {
         Ok(out)
     }
 
+    /// Last prices of `products` without a key: `GET /market/products?product_ids=A&product_ids=B…`
+    /// (public), chunked by [`public_tickers_chunk`](CoinbaseClientBuilder::public_tickers_chunk),
+    /// one request per chunk instead of one per product.
+    ///
+    /// The answer is the product list, so each ticker is what it holds: `price` is the last
+    /// trade price (up to 1 s old: Coinbase caches public answers), `best_bid` and `best_ask`
+    /// are `None` (the list has none), and `time` is this client's clock on arrival (the list
+    /// has no time). Unknown products, and products with no last trade, are left out; see
+    /// [`wire::decode_product_tickers_for`] for what else is checked.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] for a chunk whose entry for an asked product is malformed, priced at
+    /// zero or less, or contradicted by a second entry; transport, rate-limit errors.
+    pub async fn public_tickers(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
+        let products = distinct(products);
+        let mut out = Vec::with_capacity(products.len());
+        for chunk in products.chunks(self.inner.public_tickers_chunk) {
+            let query: Vec<(&str, String)> = chunk.iter().map(|p| ("product_ids", p.to_string())).collect();
+            let body =
+                self.get(Endpoint::Products, EndpointClass::Public, "/market/products", &query).await?;
+            out.extend(wire::decode_product_tickers_for(chunk, &body, self.inner.clock.now_utc())?);
+        }
+        Ok(out)
+    }
+
     /// Candles in `range`, split into requests of at most `candle_max_buckets` buckets and
     /// merged oldest first without duplicates.
     ///
@@ -767,21 +815,15 @@ impl MarketDataSource for CoinbaseClient {
         self.market_trades(product).await
     }
 
-    /// With credentials, batched `best_bid_ask` requests; without, one public ticker request
-    /// per product (unknown products left out).
+    /// With credentials, batched `best_bid_ask` requests (price = bid/ask mid); without, batched
+    /// keyless `/market/products` requests ([`public_tickers`](CoinbaseClient::public_tickers):
+    /// last trade prices, no bid/ask). Unknown products are left out.
     async fn tickers(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
         if self.inner.creds.is_some() {
-            return self.best_bid_ask(products).await;
+            self.best_bid_ask(products).await
+        } else {
+            self.public_tickers(products).await
         }
-        let mut out = Vec::new();
-        for p in distinct(products) {
-            match self.market_trades(&p).await {
-                Ok(t) => out.push(t),
-                Err(Error::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
     }
 
     async fn candles(
@@ -808,6 +850,8 @@ mod tests {
         assert!(matches!(CoinbaseClient::builder().base_url("ftp://x").build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().base_url("not a url").build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().best_bid_ask_chunk(0).build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().public_tickers_chunk(0).build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().account_identity(" ").build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().candle_max_buckets(351).build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().max_body_bytes(0).build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().accounts_max_pages(0).build(), Err(Error::Config(_))));

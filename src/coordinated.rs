@@ -193,12 +193,12 @@ impl CoordinatedSource {
     }
 
     /// A builder over a [`CoinbaseClient`], matched to it: the client's rate limiter is
-    /// reported in the stats, the batch size fits one `best_bid_ask` request, and the
-    /// market-data class is the client's.
+    /// reported in the stats, the batch size fits one `tickers` request (`best_bid_ask`, or the
+    /// keyless `/market/products`), and the market-data class is the client's.
     pub fn coinbase(client: CoinbaseClient) -> CoordinatedBuilder {
         let limiter = client.rate_limiter().cloned();
         let class = client.market_data_class();
-        let batch = client.best_bid_ask_chunk().min(CoordinatedConfig::default().batch_size);
+        let batch = client.tickers_chunk().min(CoordinatedConfig::default().batch_size);
         // Best_bid_ask needs a key; a keyless client serves batches on the public class.
         let batch_class = if client.has_credentials() { EndpointClass::Private } else { class };
         let mut b = Self::builder(client).market_data_class(class).batch_size(batch).batch_class(batch_class);

@@ -175,14 +175,12 @@ impl Default for CallProfile {
 }
 
 impl CallProfile {
-    /// The profile of `client`: its market-data class, its `best_bid_ask` chunk with
-    /// credentials (one public ticker request per product without), its candle chunk.
+    /// The profile of `client`: its market-data class, its `tickers` chunk (`best_bid_ask`
+    /// with credentials, the public `/market/products` batch without), its candle chunk.
     pub fn coinbase(client: &CoinbaseClient) -> Self {
-        let (tickers_class, tickers_per_request) = if client.has_credentials() {
-            (EndpointClass::Private, client.best_bid_ask_chunk())
-        } else {
-            (client.market_data_class(), 1)
-        };
+        let tickers_class =
+            if client.has_credentials() { EndpointClass::Private } else { EndpointClass::Public };
+        let tickers_per_request = client.tickers_chunk();
         CallProfile {
             market_data_class: client.market_data_class(),
             tickers_class,

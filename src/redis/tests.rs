@@ -66,7 +66,7 @@ fn config_validation_names_the_setting() {
 fn profile_follows_the_client() {
     let public = CoinbaseClient::builder().build().unwrap();
     let p = CallProfile::coinbase(&public);
-    assert_eq!((p.tickers_class, p.tickers_per_request), (EndpointClass::Public, 1));
+    assert_eq!((p.tickers_class, p.tickers_per_request), (EndpointClass::Public, 100));
     assert_eq!(p.market_data_class, EndpointClass::Public);
     let private = CoinbaseClient::builder()
         .credentials(crate::coinbase::Credentials::generate("k"))

@@ -54,13 +54,14 @@ async fn public_paths_without_credentials() {
     let client = CoinbaseClient::builder().base_url(sim.base_url()).build().unwrap();
     let btc = pid("BTC-USD");
     client.ticker(&btc).await.unwrap();
-    // Without credentials, a batch is one public ticker request per product.
+    // Without credentials, a batch is one public `/market/products` request (it was one public
+    // ticker request per product before issue 15).
     assert_eq!(client.tickers(&[btc.clone(), pid("ETH-USD"), btc.clone()]).await.unwrap().len(), 2);
     let st = sim.stats();
-    assert_eq!(st.calls_by_endpoint["market/ticker"], 3);
+    assert_eq!((st.calls_by_endpoint["market/ticker"], st.calls_by_endpoint["market/products"]), (1, 1));
     assert_eq!(st.calls_by_endpoint["best_bid_ask"], 0);
     assert!(matches!(client.accounts().await, Err(Error::Unauthorized(_))));
-    assert_eq!(sim.stats().total_calls, 3, "no request is sent without credentials");
+    assert_eq!(sim.stats().total_calls, 2, "no request is sent without credentials");
 }
 
 #[tokio::test(start_paused = true)]
@@ -346,4 +347,51 @@ async fn two_keys_of_one_user_share_one_private_budget() {
     assert!(!clients[0].rate_limiter().unwrap().same_as(clients[1].rate_limiter().unwrap()));
     assert!(burst(clients).await.iter().all(Result::is_ok));
     assert!(sim.stats().max_requests_in_any_1s.private > 30, "{:?}", sim.stats().max_requests_in_any_1s);
+}
+
+/// Issue 15: without a key, tickers of many products come from `GET /market/products` with
+/// repeated `product_ids`, one public request per chunk, instead of one request per product.
+/// Each is the list's last trade price, with no bid/ask.
+#[tokio::test(start_paused = true)]
+async fn keyless_tickers_are_batched_through_the_public_products_list() {
+    let sim = SimExchange::builder().products(30).clock(fixed_clock()).start().await.unwrap();
+    let products: Vec<ProductId> = sim.products().into_iter().take(25).collect();
+    for chunk in [10, 100] {
+        sim.reset_stats();
+        let client = CoinbaseClient::builder()
+            .base_url(sim.base_url())
+            .clock(sim.clock())
+            .public_tickers_chunk(chunk)
+            .build()
+            .unwrap();
+        assert!(!client.has_credentials());
+        assert_eq!(client.tickers_chunk(), chunk);
+        let mut asked = products.clone();
+        asked.push(pid("NOPE-USD"));
+        let got = client.tickers(&asked).await.unwrap();
+        assert_eq!(got.iter().map(|t| t.product.clone()).collect::<Vec<_>>(), products, "unknown left out");
+        for t in &got {
+            // Stamped on arrival (the list has no time); chunks after the first waited for the
+            // public limiter (8/s).
+            assert!(t.time >= fixed_clock().now_utc() && t.time <= sim.clock().now_utc());
+            assert_eq!(
+                Some(t.price),
+                sim.price_at(&t.product, t.time),
+                "{}: the last trade price",
+                t.product
+            );
+            assert_eq!((t.best_bid, t.best_ask), (None, None), "the list has no bid/ask");
+        }
+        let s = sim.stats();
+        let calls = 26usize.div_ceil(chunk) as u64;
+        assert_eq!(s.calls(tickshare::sim::Endpoint::MarketProducts), calls, "chunk {chunk}");
+        assert_eq!(s.total_calls, calls, "public calls only, nothing per product");
+        assert_eq!(s.max_requests_in_any_1s.private, 0);
+    }
+    // Through a coordinated source: one batch, one call.
+    sim.reset_stats();
+    let keyless = CoinbaseClient::builder().base_url(sim.base_url()).clock(sim.clock()).build().unwrap();
+    let source = tickshare::CoordinatedSource::coinbase(keyless).clock(sim.clock()).build().unwrap();
+    assert_eq!(source.tickers(&products).await.unwrap().len(), 25);
+    assert_eq!(sim.stats().total_calls, 1);
 }
