@@ -203,7 +203,7 @@ impl Error {
         }
     }
 
-    /// Every [`kind`](Error::kind) name, in [`kind_index`](Error::kind_index) order: the keys of
+    /// Every [`kind`](Error::kind) name, in `kind_index` order: the keys of
     /// per-kind counters.
     pub const KINDS: [&'static str; 12] = [
         "invalid_input",

@@ -22,7 +22,7 @@
 //! 3. **Distributed rate limit** before each upstream request: one GCRA budget per API key (or
 //!    per user, with [`SharedTierConfig::account_identity`]: Coinbase's private limit is per
 //!    user, whose keys are one per portfolio) and endpoint class for all processes, atomic in a Lua script on Redis's clock, with the same
-//!    margins as the in-process [`RateLimiter`] ([`ClassLimit`]: 24/s + burst 5 of Coinbase's
+//!    margins as the in-process [`RateLimiter`] ([`ClassLimit`](crate::ClassLimit): 24/s + burst 5 of Coinbase's
 //!    30/s private, 8/s + 1 of 10/s public). A 429 seen by any process pauses every process
 //!    (a shared pause key), with the same backoff and half-rate ramp as the in-process limiter.
 //! 4. **Store** the result with its fetched-at wall time and a TTL: tickers and accounts a few

@@ -173,7 +173,7 @@ pub trait UpstreamMeter: Send + Sync {
     }
 }
 
-/// Read straight from the counters: a full [`CoordinatedStats`] snapshot sorts the latency
+/// Read straight from the counters: a full [`CoordinatedStats`](crate::CoordinatedStats) snapshot sorts the latency
 /// samples and builds maps, and the evaluator reads its meters twice per tick.
 impl UpstreamMeter for crate::CoordinatedSource {
     fn upstream_calls(&self) -> u64 {

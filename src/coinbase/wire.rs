@@ -828,15 +828,17 @@ mod tests {
             entry("BTC-USD", "100.50"),
         );
         let got = decode_product_tickers_for(&asked, body.as_bytes(), at).unwrap();
-        let summary: Vec<(&str, Decimal, Option<Decimal>, Option<Decimal>, OffsetDateTime)> =
-            got.iter().map(|t| (t.product.as_str(), t.price, t.best_bid, t.best_ask, t.time)).collect();
+        let ticker = |id: &str, price| Ticker {
+            product: id.parse().unwrap(),
+            price,
+            best_bid: None,
+            best_ask: None,
+            time: at,
+        };
         assert_eq!(
-            summary,
-            [
-                ("BTC-USD", Decimal::new(1005, 1), None, None, at),
-                ("ETH-USD", Decimal::new(2000, 0), None, None, at)
-            ],
-            "not asked: dropped unread; no price: left out; identical duplicate: one"
+            got,
+            [ticker("BTC-USD", Decimal::new(1005, 1)), ticker("ETH-USD", Decimal::new(2000, 0))],
+            "not asked: dropped unread; no price: left out; identical duplicate: one; no bid/ask"
         );
         for (bad, what) in [
             (format!(r#"{{"products":[{},{}]}}"#, entry("BTC-USD", "1"), entry("BTC-USD", "2")), "twice"),

@@ -191,7 +191,7 @@ pub(super) const fn nz(v: u32) -> NonZeroU32 {
     }
 }
 
-/// Settings of a [`RateLimiter`].
+/// Settings of a [`RateLimiter`](super::RateLimiter).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RateLimiterConfig {

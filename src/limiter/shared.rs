@@ -30,7 +30,8 @@ impl RateLimiter {
     /// ([`RateLimiter::coinbase`]); while any handle to it lives, later calls return it
     /// (whatever it was created with, see [`shared_for_with`](Self::shared_for_with)). The
     /// identity is any stable name of the user (an email, a CDP organization or project id),
-    /// compared as given.
+    /// compared as given. The registry is process-wide: tests that each pause their own
+    /// runtime's clock should not share an identity (a limiter keeps time on tokio's clock).
     ///
     /// ```
     /// use tickshare::{EndpointClass, RateLimiter};

@@ -301,7 +301,7 @@ impl SharedTierBuilder {
     }
 
     /// Connect and build the tier. An unreachable Redis is not an error: the tier starts
-    /// degraded (see the [module docs](self)) and connects when Redis comes up.
+    /// degraded (see the [module docs](crate::redis)) and connects when Redis comes up.
     ///
     /// # Errors
     /// [`Error::Config`] for an invalid setting or a `redis_url` that is not a `redis://` URL

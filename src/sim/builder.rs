@@ -249,7 +249,7 @@ impl SimBuilder {
     }
 
     /// Whether to enforce the rate limits (default `true`). When off, nothing gets a 429 but
-    /// [`SimStats::max_requests_in_any_1s`] is still recorded.
+    /// [`SimStats::max_requests_in_any_1s`](super::SimStats::max_requests_in_any_1s) is still recorded.
     pub fn enforce_rate_limits(mut self, enforce: bool) -> Self {
         self.enforce_limits = enforce;
         self
@@ -282,7 +282,7 @@ impl SimBuilder {
         self
     }
 
-    /// Answer 429s with Coinbase's HTML page ([`HTML_429_BODY`], `text/html`) instead of JSON.
+    /// Answer 429s with Coinbase's HTML page ([`HTML_429_BODY`](super::HTML_429_BODY), `text/html`) instead of JSON.
     pub fn html_429(mut self, html: bool) -> Self {
         self.html_429 = html;
         self

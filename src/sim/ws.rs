@@ -738,7 +738,7 @@ impl Conn {
         let minute = ms.div_euclid(60_000);
         let mut list = Vec::new();
         // Production's `ticker_batch` carries no best bid/ask (COINBASE.md §5).
-        let book = ch == channel::TICKER || self.shared.ws.cfg.dialect == WsDialect::Documented;
+        let quotes = ch == channel::TICKER || self.shared.ws.cfg.dialect == WsDialect::Documented;
         for p in &products {
             let market = &self.shared.market;
             let Some(spec) = spec_of(market, p) else { continue };
@@ -771,14 +771,14 @@ impl Conn {
                 low_52_w: String::new(),
                 high_52_w: String::new(),
                 price_percent_chg_24_h: change.to_string(),
-                best_bid: if book { bid.to_string() } else { String::new() },
-                best_bid_quantity: if book {
+                best_bid: if quotes { bid.to_string() } else { String::new() },
+                best_bid_quantity: if quotes {
                     market.size(spec, 0xB1, ms, 0).to_string()
                 } else {
                     String::new()
                 },
-                best_ask: if book { ask.to_string() } else { String::new() },
-                best_ask_quantity: if book {
+                best_ask: if quotes { ask.to_string() } else { String::new() },
+                best_ask_quantity: if quotes {
                     market.size(spec, 0xA5, ms, 0).to_string()
                 } else {
                     String::new()
