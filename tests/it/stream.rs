@@ -55,6 +55,19 @@ fn closed(candles: &[Candle], now: OffsetDateTime, g: Granularity) -> Vec<Candle
     candles.iter().filter(|c| g.is_closed(c.start, now)).copied().collect()
 }
 
+/// Evaluate `bots` `n` times, five minutes apart, without an error; `steady`: each tick makes
+/// exactly one upstream call (accounts).
+async fn five_minute_ticks(evaluator: &BatchEvaluator, bots: &[Bot], n: usize, steady: bool) {
+    for _ in 0..n {
+        let report = evaluator.evaluate_all(bots).await;
+        assert_eq!(report.errors().count(), 0);
+        if steady {
+            assert_eq!(report.upstream_calls, 1, "accounts only");
+        }
+        tokio::time::sleep(Duration::from_secs(300)).await;
+    }
+}
+
 fn lookback(g: Granularity, n: u32, clock: Clock) -> CandleRange {
     CandleRange::lookback(g, n, clock.now_utc()).unwrap()
 }
@@ -88,21 +101,12 @@ async fn twenty_five_bots_make_no_market_data_rest_calls_after_warm_up() {
         BatchEvaluator::new(Arc::new(source.clone())).clock(clock).meter(Arc::new(source.clone()));
     // Warm-up: 10:46:38 fetches each series' history; 10:51:38 needs no call. The five-minute
     // history reaches back to 08:50, so the stream can derive the 10:00 hour at its close.
-    for _ in 0..2 {
-        let report = evaluator.evaluate_all(&bots).await;
-        assert_eq!(report.errors().count(), 0);
-        tokio::time::sleep(Duration::from_secs(300)).await;
-    }
+    five_minute_ticks(&evaluator, &bots, 2, false).await;
     let warm = sim.stats();
     assert_eq!(market_calls(&warm), 10, "5 five-minute histories, 5 hourly histories");
     assert_eq!(warm.calls(Endpoint::BestBidAsk), 0, "tickers came from the stream from the start");
     // Eight ticks, 10:56:38 to 11:31:38: the 11:00 hourly close included.
-    for _ in 0..8 {
-        let report = evaluator.evaluate_all(&bots).await;
-        assert_eq!(report.errors().count(), 0);
-        assert_eq!(report.upstream_calls, 1, "accounts only");
-        tokio::time::sleep(Duration::from_secs(300)).await;
-    }
+    five_minute_ticks(&evaluator, &bots, 8, true).await;
     let s = sim.stats();
     assert_eq!(market_calls(&s), market_calls(&warm), "no ticker or candle REST call after the warm-up");
     assert_eq!(s.calls(Endpoint::Accounts) - warm.calls(Endpoint::Accounts), 8);
@@ -176,20 +180,11 @@ async fn usdc_bots_are_fed_by_the_stream_through_their_usd_twins() {
         .collect();
     let evaluator =
         BatchEvaluator::new(Arc::new(source.clone())).clock(clock).meter(Arc::new(source.clone()));
-    for _ in 0..2 {
-        let report = evaluator.evaluate_all(&bots).await;
-        assert_eq!(report.errors().count(), 0);
-        tokio::time::sleep(Duration::from_secs(300)).await;
-    }
+    five_minute_ticks(&evaluator, &bots, 2, false).await;
     let warm = sim.stats();
     assert_eq!(market_calls(&warm), 8, "4 five-minute histories, 4 hourly histories");
     assert_eq!(warm.calls(Endpoint::BestBidAsk), 0, "tickers came from the stream from the start");
-    for _ in 0..8 {
-        let report = evaluator.evaluate_all(&bots).await;
-        assert_eq!(report.errors().count(), 0);
-        assert_eq!(report.upstream_calls, 1, "accounts only");
-        tokio::time::sleep(Duration::from_secs(300)).await;
-    }
+    five_minute_ticks(&evaluator, &bots, 8, true).await;
     let s = sim.stats();
     assert_eq!(market_calls(&s), market_calls(&warm), "no ticker or candle REST call after the warm-up");
     let st = stream.stats();
