@@ -2,8 +2,9 @@
 //!
 //! [`CoinbaseClient`] speaks the real API (reqwest over rustls, EdDSA or ES256 JWT auth) and
 //! implements [`MarketDataSource`] with one HTTP request per call, except where the exchange
-//! forces more: candle ranges over 350 buckets are split, `best_bid_ask` is chunked, and
-//! accounts are paginated. Point it at the simulated exchange with
+//! forces more: candle ranges over [`candle_max_buckets`](CoinbaseClientBuilder::candle_max_buckets)
+//! (300) buckets are split, `best_bid_ask` and the keyless `/market/products` ticker batch are
+//! chunked, and accounts are paginated. Point it at the simulated exchange with
 //! [`CoinbaseClientBuilder::base_url`].
 
 pub mod auth;
@@ -23,7 +24,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -32,7 +32,7 @@ use crate::{
     clock::Clock,
     error::{Error, Result},
     limiter::{ClassLimit, ClassLimiterStats, EndpointClass, Priority, RateLimiter},
-    model::{Account, Candle, CandleRange, Granularity, PriceKind, ProductId, Ticker},
+    model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
     retry::RetryPolicy,
     source::{MarketDataSource, distinct},
 };
@@ -41,8 +41,15 @@ use crate::{
 pub const DEFAULT_BASE_URL: &str = "https://api.coinbase.com";
 /// The path prefix of every Advanced Trade v3 endpoint.
 pub const API_PREFIX: &str = "/api/v3/brokerage";
-/// The most candles one request may return.
+/// The most candle buckets one request may span by Coinbase's documentation (`limit` "max
+/// 350"): the upper bound of [`CoinbaseClientBuilder::candle_max_buckets`].
 pub const MAX_CANDLES_PER_REQUEST: u32 = 350;
+
+/// The most candle buckets one request may span as the exchange enforces it: wider windows
+/// have been answered "start and end argument is invalid - number of candles requested should
+/// be less than 300", and no source shows an answer of more than 300 candles (COINBASE.md
+/// §1.1). The default of [`CoinbaseClientBuilder::candle_max_buckets`].
+pub const OBSERVED_MAX_CANDLES_PER_REQUEST: u32 = 300;
 
 /// The REST endpoints the client calls, for per-endpoint counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -161,9 +168,11 @@ pub struct CoinbaseClientBuilder {
     connect_timeout: Duration,
     credentials: Option<Credentials>,
     limiter: Option<Option<RateLimiter>>,
+    account_identity: Option<String>,
     market_data: MarketDataPath,
     best_bid_ask_chunk: usize,
     ticker_batch: TickerBatch,
+    public_tickers_chunk: usize,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
@@ -183,10 +192,12 @@ impl Default for CoinbaseClientBuilder {
             connect_timeout: Duration::from_secs(5),
             credentials: None,
             limiter: None,
+            account_identity: None,
             market_data: MarketDataPath::Auto,
             best_bid_ask_chunk: 100,
             ticker_batch: TickerBatch::LastTrade,
-            candle_max_buckets: MAX_CANDLES_PER_REQUEST,
+            public_tickers_chunk: 100,
+            candle_max_buckets: OBSERVED_MAX_CANDLES_PER_REQUEST,
             accounts_page_limit: 250,
             retry: RetryPolicy::none(),
             unauthorized_retry: Some(Duration::from_millis(500)),
@@ -226,10 +237,40 @@ impl CoinbaseClientBuilder {
     }
 
     /// Gate every HTTP request through `limiter` (and report 429s to it). Share one limiter
-    /// between every client that uses the same API key or IP. Without this call the client
-    /// gets its own [`RateLimiter::coinbase`].
+    /// between every client of the same Coinbase user (all its API keys: the private limit is
+    /// per user) or IP. Without this call the client gets the limiter of its
+    /// [`account_identity`](Self::account_identity), or else its own [`RateLimiter::coinbase`].
     pub fn rate_limiter(mut self, limiter: RateLimiter) -> Self {
         self.limiter = Some(Some(limiter));
+        self
+    }
+
+    /// The Coinbase user this client's key belongs to: any stable name of the user (an email,
+    /// a CDP project id), the same for all of its keys. Coinbase limits private requests per
+    /// user (30/s) and requires one key per portfolio, so the clients of one user's keys must
+    /// share one budget: with an identity, the client draws from
+    /// [`RateLimiter::shared_for`]`(identity)`, the one limiter of that user in this process
+    /// (unless [`rate_limiter`](Self::rate_limiter) or [`unlimited`](Self::unlimited) says
+    /// otherwise). Across processes, give the [`SharedTier`](crate::SharedTier) the same
+    /// identity. Default: none, and the client has a limiter of its own.
+    ///
+    /// ```
+    /// # fn f() -> tickshare::Result<()> {
+    /// use tickshare::{CoinbaseClient, Credentials};
+    /// let main = CoinbaseClient::builder()
+    ///     .credentials(Credentials::generate("organizations/o/apiKeys/main-portfolio"))
+    ///     .account_identity("alice@example.com")
+    ///     .build()?;
+    /// let savings = CoinbaseClient::builder()
+    ///     .credentials(Credentials::generate("organizations/o/apiKeys/savings-portfolio"))
+    ///     .account_identity("alice@example.com")
+    ///     .build()?;
+    /// assert!(main.rate_limiter().unwrap().same_as(savings.rate_limiter().unwrap()));
+    /// # Ok(()) }
+    /// # f().unwrap();
+    /// ```
+    pub fn account_identity(mut self, identity: impl Into<String>) -> Self {
+        self.account_identity = Some(identity.into());
         self
     }
 
@@ -259,7 +300,15 @@ impl CoinbaseClientBuilder {
         self
     }
 
-    /// Most candles per request (default and maximum 350).
+    /// Most products per keyless ticker request (`GET /market/products?product_ids=…`, see
+    /// [`CoinbaseClient::public_tickers`]); default 100, which keeps the URL near 2 KB.
+    pub fn public_tickers_chunk(mut self, n: usize) -> Self {
+        self.public_tickers_chunk = n;
+        self
+    }
+
+    /// Most candle buckets per request: default [`OBSERVED_MAX_CANDLES_PER_REQUEST`] (300, what
+    /// the exchange enforces), at most [`MAX_CANDLES_PER_REQUEST`] (350, what it documents).
     pub fn candle_max_buckets(mut self, n: u32) -> Self {
         self.candle_max_buckets = n;
         self
@@ -339,8 +388,8 @@ impl CoinbaseClientBuilder {
     ///
     /// # Errors
     /// [`Error::Config`] for a base URL that is not http(s), a zero chunk, page size, page count
-    /// or body limit, a candle chunk over 350, private market data without credentials, or a
-    /// TLS setup failure.
+    /// or body limit, a candle chunk over [`MAX_CANDLES_PER_REQUEST`], an empty account
+    /// identity, private market data without credentials, or a TLS setup failure.
     pub fn build(self) -> Result<CoinbaseClient> {
         let base = reqwest::Url::parse(self.base_url.trim_end_matches('/'))
             .map_err(|e| Error::Config(format!("base_url is not a URL: {e}")))?;
@@ -351,9 +400,14 @@ impl CoinbaseClientBuilder {
         if let Some(port) = base.port() {
             jwt_host = format!("{jwt_host}:{port}");
         }
-        if self.best_bid_ask_chunk == 0 || self.accounts_page_limit == 0 || self.accounts_page_limit > 250 {
+        if self.best_bid_ask_chunk == 0
+            || self.public_tickers_chunk == 0
+            || self.accounts_page_limit == 0
+            || self.accounts_page_limit > 250
+        {
             return Err(Error::Config(
-                "best_bid_ask_chunk must be >= 1 and accounts_page_limit 1..=250".into(),
+                "best_bid_ask_chunk and public_tickers_chunk must be >= 1 and accounts_page_limit 1..=250"
+                    .into(),
             ));
         }
         if self.accounts_max_pages == 0 || self.max_body_bytes == 0 {
@@ -361,6 +415,9 @@ impl CoinbaseClientBuilder {
         }
         if self.candle_max_buckets == 0 || self.candle_max_buckets > MAX_CANDLES_PER_REQUEST {
             return Err(Error::Config(format!("candle_max_buckets must be 1..={MAX_CANDLES_PER_REQUEST}")));
+        }
+        if self.account_identity.as_deref().is_some_and(|id| id.trim().is_empty()) {
+            return Err(Error::Config("account_identity must not be empty".into()));
         }
         if matches!(self.market_data, MarketDataPath::Private | MarketDataPath::Balanced)
             && self.credentials.is_none()
@@ -388,11 +445,19 @@ impl CoinbaseClientBuilder {
                 base: base.to_string().trim_end_matches('/').to_string(),
                 jwt_host,
                 creds: self.credentials,
-                limiter: self.limiter.unwrap_or_else(|| Some(RateLimiter::coinbase())),
+                limiter: self.limiter.unwrap_or_else(|| {
+                    Some(
+                        self.account_identity
+                            .as_deref()
+                            .map_or_else(RateLimiter::coinbase, RateLimiter::shared_for),
+                    )
+                }),
+                account_identity: self.account_identity,
                 private_md,
                 balanced_md: self.market_data == MarketDataPath::Balanced,
                 best_bid_ask_chunk: self.best_bid_ask_chunk,
                 ticker_batch: self.ticker_batch,
+                public_tickers_chunk: self.public_tickers_chunk,
                 candle_max_buckets: self.candle_max_buckets,
                 accounts_page_limit: self.accounts_page_limit,
                 retry: self.retry,
@@ -435,11 +500,13 @@ struct ClientInner {
     jwt_host: String,
     creds: Option<Credentials>,
     limiter: Option<RateLimiter>,
+    account_identity: Option<String>,
     private_md: bool,
     /// [`MarketDataPath::Balanced`]: market data may overflow to the public class.
     balanced_md: bool,
     best_bid_ask_chunk: usize,
     ticker_batch: TickerBatch,
+    public_tickers_chunk: usize,
     candle_max_buckets: u32,
     accounts_page_limit: u32,
     retry: RetryPolicy,
@@ -492,6 +559,12 @@ impl CoinbaseClient {
         self.inner.limiter.as_ref()
     }
 
+    /// The Coinbase user this client's key belongs to, if configured
+    /// ([`CoinbaseClientBuilder::account_identity`]).
+    pub fn account_identity(&self) -> Option<&str> {
+        self.inner.account_identity.as_deref()
+    }
+
     /// Whether credentials are configured.
     pub fn has_credentials(&self) -> bool {
         self.inner.creds.is_some()
@@ -511,6 +584,33 @@ impl CoinbaseClient {
     /// How many products one `best_bid_ask` request carries.
     pub fn best_bid_ask_chunk(&self) -> usize {
         self.inner.best_bid_ask_chunk
+    }
+
+    /// The class [`MarketDataSource::tickers`] requests go on, per [`TickerBatch`]: the
+    /// market-data class for the last trades, private for the book with a key (`best_bid_ask`),
+    /// public without one.
+    pub fn tickers_class(&self) -> EndpointClass {
+        match self.inner.ticker_batch {
+            TickerBatch::LastTrade => self.market_data_class(),
+            TickerBatch::Book | TickerBatch::LastTradeAndBook if self.has_credentials() => {
+                EndpointClass::Private
+            }
+            TickerBatch::Book | TickerBatch::LastTradeAndBook => EndpointClass::Public,
+        }
+    }
+
+    /// How many products one [`MarketDataSource::tickers`] request carries, per
+    /// [`TickerBatch`]: the `/market/products` chunk for the last trades, the `best_bid_ask`
+    /// chunk for the book (1 without a key: one ticker request per product), the smaller of the
+    /// two for both.
+    pub fn tickers_chunk(&self) -> usize {
+        let (products, book) = (self.inner.public_tickers_chunk, self.inner.best_bid_ask_chunk);
+        match self.inner.ticker_batch {
+            TickerBatch::LastTrade => products,
+            TickerBatch::Book if self.has_credentials() => book,
+            TickerBatch::Book => 1,
+            TickerBatch::LastTradeAndBook => products.min(book),
+        }
     }
 
     /// The most candles one request may carry.
@@ -741,46 +841,54 @@ impl CoinbaseClient {
         Ok(out)
     }
 
-    /// The last trade of each of `products`, from `GET /market/products?product_ids=…` (or the
-    /// private `/products`, per [`MarketDataPath`]), chunked like `best_bid_ask`. The tickers
-    /// carry no book (`best_bid`/`best_ask` `None`) and the client's clock as their time (the
-    /// list has no trade time). Unknown products, products not asked for and products without
-    /// a price (`""`) are left out.
+    /// The last trade of each of `products`, from the product list filtered by `product_ids`
+    /// (`GET /market/products?product_ids=…`, or the private `/products`, per
+    /// [`MarketDataPath`]), chunked by
+    /// [`public_tickers_chunk`](CoinbaseClientBuilder::public_tickers_chunk). See
+    /// [`public_tickers`](CoinbaseClient::public_tickers) for what the tickers hold.
     ///
     /// # Errors
-    /// [`Error::Decode`] for a malformed body or a price that is not positive; transport,
-    /// rate-limit errors.
+    /// As [`public_tickers`](CoinbaseClient::public_tickers).
+    ///
+    /// # Cancel safety
+    /// As [`best_bid_ask`](CoinbaseClient::best_bid_ask).
     pub async fn last_trades(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
+        self.product_tickers(products, || self.md_route("/products")).await
+    }
+
+    /// Last prices of `products` without a key: `GET /market/products?product_ids=A&product_ids=B…`
+    /// (public), chunked by [`public_tickers_chunk`](CoinbaseClientBuilder::public_tickers_chunk),
+    /// one request per chunk instead of one per product.
+    ///
+    /// The answer is the product list, so each ticker is what it holds: `price` is the last
+    /// trade price (up to 1 s old: Coinbase caches public answers), `best_bid` and `best_ask`
+    /// are `None` (the list has none), and `time` is this client's clock on arrival (the list
+    /// has no time). Unknown products, and products with no last trade, are left out; see
+    /// [`wire::decode_product_tickers_for`] for what else is checked.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] for a chunk whose entry for an asked product is malformed, priced at
+    /// zero or less, or contradicted by a second entry; transport, rate-limit errors.
+    ///
+    /// # Cancel safety
+    /// As [`best_bid_ask`](CoinbaseClient::best_bid_ask).
+    pub async fn public_tickers(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
+        self.product_tickers(products, || (EndpointClass::Public, "/market/products".to_string())).await
+    }
+
+    /// Tickers from the product list, chunked; `route` gives each request's class and path.
+    async fn product_tickers(
+        &self,
+        products: &[ProductId],
+        route: impl Fn() -> (EndpointClass, String),
+    ) -> Result<Vec<Ticker>> {
         let products = distinct(products);
         let mut out = Vec::with_capacity(products.len());
-        for chunk in products.chunks(self.inner.best_bid_ask_chunk) {
+        for chunk in products.chunks(self.inner.public_tickers_chunk) {
             let query: Vec<(&str, String)> = chunk.iter().map(|p| ("product_ids", p.to_string())).collect();
-            let (class, path) = self.md_route("/products");
+            let (class, path) = route();
             let body = self.get(Endpoint::Products, class, &path, &query).await?;
-            let now = self.inner.clock.now_utc();
-            let listed = wire::decode_products(&body)?;
-            for p in chunk {
-                let Some(w) = listed.iter().find(|w| w.product_id == p.as_str()) else { continue };
-                if w.price.trim().is_empty() {
-                    continue;
-                }
-                let price = w
-                    .price
-                    .trim()
-                    .parse::<Decimal>()
-                    .map_err(|_| Error::decode(format_args!("products[{p}].price is not a decimal")))?;
-                if price <= Decimal::ZERO {
-                    return Err(Error::decode(format_args!("products[{p}].price is not positive")));
-                }
-                out.push(Ticker {
-                    product: p.clone(),
-                    price,
-                    best_bid: None,
-                    best_ask: None,
-                    time: now,
-                    price_kind: PriceKind::LastTrade,
-                });
-            }
+            out.extend(wire::decode_product_tickers_for(chunk, &body, self.inner.clock.now_utc())?);
         }
         Ok(out)
     }
@@ -965,6 +1073,8 @@ mod tests {
         assert!(matches!(CoinbaseClient::builder().base_url("ftp://x").build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().base_url("not a url").build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().best_bid_ask_chunk(0).build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().public_tickers_chunk(0).build(), Err(Error::Config(_))));
+        assert!(matches!(CoinbaseClient::builder().account_identity(" ").build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().candle_max_buckets(351).build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().max_body_bytes(0).build(), Err(Error::Config(_))));
         assert!(matches!(CoinbaseClient::builder().accounts_max_pages(0).build(), Err(Error::Config(_))));

@@ -41,7 +41,7 @@ use crate::{
     clock::Clock,
     coinbase::CoinbaseClient,
     error::{Error, Result},
-    limiter::{EndpointClass, RateLimiter},
+    limiter::RateLimiter,
     model::{Account, Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
     retry::RetryPolicy,
     source::{MarketDataSource, PrefetchRequest, distinct},
@@ -237,14 +237,13 @@ impl CoordinatedSource {
     }
 
     /// A builder over a [`CoinbaseClient`], matched to it: the client's rate limiter is
-    /// reported in the stats, the batch size fits one `best_bid_ask` request, and the
-    /// market-data class is the client's.
+    /// reported in the stats, the batch size fits one `tickers` request (`best_bid_ask`, or the
+    /// keyless `/market/products`), and the market-data class is the client's.
     pub fn coinbase(client: CoinbaseClient) -> CoordinatedBuilder {
         let limiter = client.rate_limiter().cloned();
         let class = client.market_data_class();
-        let batch = client.best_bid_ask_chunk().min(CoordinatedConfig::default().batch_size);
-        // Best_bid_ask needs a key; a keyless client serves batches on the public class.
-        let batch_class = if client.has_credentials() { EndpointClass::Private } else { class };
+        let batch = client.tickers_chunk().min(CoordinatedConfig::default().batch_size);
+        let batch_class = client.tickers_class();
         let mut b = Self::builder(client).market_data_class(class).batch_size(batch).batch_class(batch_class);
         if let Some(l) = limiter {
             b.limiting = Limiting::Upstream(l);

@@ -137,7 +137,7 @@ pub use limiter::{
 };
 pub use model::{
     Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, PriceKind, ProductId,
-    Ticker,
+    Ticker, USDC_OWN_MARKETS,
 };
 pub use retry::RetryPolicy;
 pub use rust_decimal::Decimal;

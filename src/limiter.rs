@@ -3,7 +3,9 @@
 //!
 //! Built on governor's GCRA with a clock adapter over [`tokio::time::Instant`], so waits obey
 //! `tokio::time::pause` (governor's own `until_ready` sleeps in real time). One
-//! [`RateLimiter`] is a cheap handle: every clone shares one budget.
+//! [`RateLimiter`] is a cheap handle: every clone shares one budget. Coinbase's private limit is
+//! per **user**, and a user has one key per portfolio: [`RateLimiter::shared_for`] gives every
+//! client of one user the same limiter, process-wide.
 
 use std::{
     fmt,
@@ -26,6 +28,7 @@ use crate::{
 
 mod config;
 mod queue;
+mod shared;
 
 pub use self::config::{ClassLimit, EndpointClass, Priority, RateLimiterConfig};
 use self::{
@@ -64,6 +67,8 @@ struct Pause {
 struct Inner {
     cfg: RateLimiterConfig,
     classes: [Class; 2],
+    /// The account identity of a limiter from [`RateLimiter::shared_for`].
+    identity: Option<String>,
 }
 
 /// A shared, pausable rate limiter for both endpoint classes.
@@ -121,7 +126,7 @@ impl RateLimiter {
     /// A limiter with Coinbase's limits and the default margins.
     pub fn coinbase() -> Self {
         // The default configuration is valid by construction.
-        Self::build(RateLimiterConfig::default())
+        Self::build(RateLimiterConfig::default(), None)
     }
 
     /// A limiter with custom settings.
@@ -130,10 +135,10 @@ impl RateLimiter {
     /// [`Error::Config`] if the settings are invalid.
     pub fn new(cfg: RateLimiterConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self::build(cfg))
+        Ok(Self::build(cfg, None))
     }
 
-    fn build(cfg: RateLimiterConfig) -> Self {
+    fn build(cfg: RateLimiterConfig, identity: Option<String>) -> Self {
         let class = |limit: ClassLimit| {
             let half_rate = nz((limit.rate_per_second.get() / 2).max(1));
             let half = ClassLimit { rate_per_second: half_rate, burst: NonZeroU32::MIN, ..limit };
@@ -154,7 +159,7 @@ impl RateLimiter {
             }
         };
         let classes = [class(cfg.public), class(cfg.private)];
-        RateLimiter { inner: Arc::new(Inner { cfg, classes }) }
+        RateLimiter { inner: Arc::new(Inner { cfg, classes, identity }) }
     }
 
     /// The settings in force.

@@ -55,7 +55,38 @@ impl ProductId {
     pub fn quote(&self) -> &str {
         self.0.split('-').nth(1).unwrap_or_default()
     }
+
+    /// The `-USD` product whose book serves this `-USDC` one, or `None`.
+    ///
+    /// Coinbase aliases `X-USDC` to `X-USD` (the product's `alias_to`): one book, and its
+    /// market-data WebSocket channels answer a `BTC-USDC` subscription with `BTC-USD` frames and
+    /// acknowledgements (COINBASE.md §5). [`USDC_OWN_MARKETS`] are the exceptions, markets of
+    /// their own on every channel.
+    ///
+    /// ```
+    /// use tickshare::ProductId;
+    /// let twin = |s: &str| s.parse::<ProductId>().unwrap().usd_alias().map(String::from);
+    /// assert_eq!(twin("BTC-USDC").as_deref(), Some("BTC-USD"));
+    /// assert_eq!(twin("USDT-USDC"), None);
+    /// assert_eq!(twin("BTC-USD"), None);
+    /// ```
+    pub fn usd_alias(&self) -> Option<ProductId> {
+        let base = self.0.strip_suffix("-USDC")?;
+        if base.contains('-') || USDC_OWN_MARKETS.contains(&self.as_str()) {
+            return None;
+        }
+        Some(ProductId(Arc::from(format!("{base}-USD"))))
+    }
+
+    /// The product whose book serves this one: its [`usd_alias`](Self::usd_alias), or itself.
+    pub fn book_id(&self) -> ProductId {
+        self.usd_alias().unwrap_or_else(|| self.clone())
+    }
 }
+
+/// The `-USDC` products that are markets of their own, not aliases of a `-USD` twin
+/// (COINBASE.md §5: "USDT-USDC and EURC-USDC are the exceptions, on all channels").
+pub const USDC_OWN_MARKETS: [&str; 2] = ["USDT-USDC", "EURC-USDC"];
 
 fn validate_product_id(id: &str) -> Result<()> {
     let shown = crate::error::truncate(&id.escape_debug().to_string(), 48);

@@ -240,7 +240,7 @@ impl ProxyBuilder {
             .build()?;
         let mut source = CoordinatedSource::coinbase(client.clone()).clock(self.clock);
         if let Some(cfg) = self.coordinated {
-            let batch = client.best_bid_ask_chunk().min(cfg.batch_size);
+            let batch = client.tickers_chunk().min(cfg.batch_size);
             source = source
                 .config(cfg)
                 .market_data_class(client.market_data_class())

@@ -19,8 +19,10 @@
 //! 2. **Lease** each missing key (`SET NX PX`, in the same script): one process fetches it;
 //!    the others wait for its value (polling on the tokio clock) and take the lease over if its
 //!    holder dies (it expires after `lease_ttl` once its heartbeat stops).
-//! 3. **Distributed rate limit** before each upstream request: one GCRA budget per API key and
-//!    endpoint class for all processes, atomic in a Lua script on Redis's clock, with the same
+//! 3. **Distributed rate limit** before each upstream request: one GCRA budget per API key (or
+//!    per user, with [`SharedTierConfig::account_identity`]: Coinbase's private limit is per
+//!    user, whose keys are one per portfolio) and endpoint class for all processes, atomic in a Lua script on Redis's clock, with
+//!    the same
 //!    margins as the in-process [`RateLimiter`] ([`ClassLimit`](crate::ClassLimit): 24/s + burst 5 of Coinbase's
 //!    30/s private, 8/s + 1 of 10/s public). A 429 seen by any process pauses every process
 //!    (a shared pause key), with the same backoff and half-rate ramp as the in-process limiter.
@@ -77,9 +79,11 @@
 //! Every key starts with `{namespace}:{16 hex digits of a hash of the API key id}:` (see
 //! [`SharedTier::key_prefix`]): `t:{product}` tickers, `c:{product}:{granularity}:{start}:{end}`
 //! candles, `a` accounts, each with a `:lease` twin while being fetched, and
-//! `rl:{class}:{tat,pause,ramp,strikes}` for the rate limiter. Values are `ts1:` and JSON. Every
-//! key has a TTL, so the tier needs no cleanup; point it at a Redis without persistence
-//! (`--save '' --appendonly no`).
+//! `rl:{class}:{tat,pause,ramp,strikes}` for the rate limiter (under
+//! [`SharedTier::budget_prefix`], `{namespace}:{hash of the account identity}:` when
+//! [`SharedTierConfig::account_identity`] is set, so that all keys of one user share them).
+//! Values are `ts1:` and JSON. Every key has a TTL, so the tier needs no cleanup; point it at a
+//! Redis without persistence (`--save '' --appendonly no`).
 //!
 //! # Time
 //!
@@ -312,7 +316,8 @@ impl SharedTier {
         }
     }
 
-    /// A builder over a [`CoinbaseClient`], with the [`CallProfile`] read from the client.
+    /// A builder over a [`CoinbaseClient`], with the [`CallProfile`] and the
+    /// [`account_identity`](SharedTierConfig::account_identity) read from the client.
     /// Build the client with [`unlimited`](crate::CoinbaseClientBuilder::unlimited): its own
     /// per-process limiter would only add a second, smaller budget.
     pub fn coinbase(
@@ -324,7 +329,12 @@ impl SharedTier {
             tracing::debug!("the client keeps its own rate limiter under a SharedTier; prefer .unlimited()");
         }
         let profile = CallProfile::coinbase(&client);
-        Self::builder(redis_url, api_key_id, client).profile(profile)
+        let identity = client.account_identity().map(str::to_string);
+        let builder = Self::builder(redis_url, api_key_id, client).profile(profile);
+        match identity {
+            Some(id) => builder.account_identity(id),
+            None => builder,
+        }
     }
 
     /// The regime now.
@@ -332,9 +342,16 @@ impl SharedTier {
         self.inner.health.mode()
     }
 
-    /// The prefix of every key of this tier: `{namespace}:{hash of the API key id}:`.
+    /// The prefix of every cache key of this tier: `{namespace}:{hash of the API key id}:`.
     pub fn key_prefix(&self) -> &str {
         self.inner.keys.prefix()
+    }
+
+    /// The prefix of the rate-limit keys: [`key_prefix`](Self::key_prefix), or
+    /// `{namespace}:{hash of the account identity}:` with
+    /// [`SharedTierConfig::account_identity`], shared by every key of that user.
+    pub fn budget_prefix(&self) -> &str {
+        self.inner.keys.budget_prefix()
     }
 
     /// The configuration in force.

@@ -46,8 +46,10 @@
 //!
 //! **Candles**: `start` and `end` are inclusive UNIX-second bounds; the answer holds the
 //! candles whose aligned start `s` satisfies `start <= s <= end` and `s <= now`, newest first.
-//! `(end - start) / granularity + 1` above [`MAX_CANDLES`] is a 400 with
-//! [`CANDLE_RANGE_ERROR`]. `limit` (1 to 350) keeps the newest `limit` candles. The candle in
+//! `(end - start) / granularity + 1` above [`OBSERVED_MAX_CANDLES`] (300, what the real exchange
+//! enforces) is a 400 with [`CANDLE_RANGE_ERROR`]; [`SimBuilder::candle_limit`] switches to the
+//! documented 350 ([`CandleLimit::Documented`]). `limit` (1 to 350) keeps the newest `limit`
+//! candles. The candle in
 //! progress closes at the current price; closed candles never change.
 //!
 //! **Ticker**: the last trade is at the current price (on the quote increment) and time; the
@@ -117,7 +119,7 @@ pub use crate::limiter::EndpointClass;
 pub use builder::{SimAccount, SimBuilder, SimProducts};
 pub use faults::{Fault, FaultId, FaultTarget};
 pub use stats::{CANDLE_LOG_CAPACITY, CandleRequest, PerClass, SimStats};
-pub use ws::{WsConfig, WsFault, WsStats};
+pub use ws::{WsConfig, WsDialect, WsFault, WsStats};
 
 use crate::{
     clock::Clock,
@@ -134,14 +136,59 @@ use stats::Counters;
 /// The path prefix of every Coinbase endpoint: `/api/v3/brokerage`.
 pub const API_BASE_PATH: &str = crate::coinbase::API_PREFIX;
 
-/// The most candles one request may span: `(end - start) / granularity + 1 <= 350`.
+/// The most candles one request may span by Coinbase's documentation:
+/// `(end - start) / granularity + 1 <= 350` (the rule of [`CandleLimit::Documented`]; also the
+/// largest `limit`). An alias of [`coinbase::MAX_CANDLES_PER_REQUEST`](crate::coinbase::MAX_CANDLES_PER_REQUEST).
 pub const MAX_CANDLES: i64 = crate::coinbase::MAX_CANDLES_PER_REQUEST as i64;
 
-/// The `error_details` of the 400 for a candle window wider than [`MAX_CANDLES`].
-///
-/// **UNVERIFIED** for real Coinbase: the 2023 text said 300; the cap is now 350.
+/// The most candles one request may span as the exchange enforces it:
+/// `(end - start) / granularity < 300`, i.e. at most 300 buckets with inclusive bounds (the
+/// rule of [`CandleLimit::Observed`], the default). An alias of
+/// [`coinbase::OBSERVED_MAX_CANDLES_PER_REQUEST`](crate::coinbase::OBSERVED_MAX_CANDLES_PER_REQUEST).
+pub const OBSERVED_MAX_CANDLES: i64 = crate::coinbase::OBSERVED_MAX_CANDLES_PER_REQUEST as i64;
+
+/// The `error_details` of the 400 for a candle window wider than [`OBSERVED_MAX_CANDLES`]: the
+/// text the real exchange answered (COINBASE.md §1.1, quoted in KmiQ/coinbase-advanced-python
+/// PR #26).
 pub const CANDLE_RANGE_ERROR: &str =
+    "start and end argument is invalid - number of candles requested should be less than 300";
+
+/// The `error_details` of the 400 for a candle window wider than [`MAX_CANDLES`] under
+/// [`CandleLimit::Documented`]. **UNVERIFIED**: the observed text with the documented number.
+pub const DOCUMENTED_CANDLE_RANGE_ERROR: &str =
     "start and end argument is invalid - number of candles requested should be less than 350";
+
+/// Which candle-window rule the exchange enforces; [`SimBuilder::candle_limit`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CandleLimit {
+    /// What the real exchange does (default): at most [`OBSERVED_MAX_CANDLES`] (300) buckets,
+    /// else 400 with [`CANDLE_RANGE_ERROR`].
+    #[default]
+    Observed,
+    /// What Coinbase documents: at most [`MAX_CANDLES`] (350) buckets, else 400 with
+    /// [`DOCUMENTED_CANDLE_RANGE_ERROR`] (this simulator's rule before it followed the
+    /// observed one).
+    Documented,
+}
+
+impl CandleLimit {
+    /// The most buckets one request may span.
+    pub const fn max_buckets(self) -> i64 {
+        match self {
+            CandleLimit::Observed => OBSERVED_MAX_CANDLES,
+            CandleLimit::Documented => MAX_CANDLES,
+        }
+    }
+
+    /// The `error_details` of a window that spans more.
+    pub const fn error_details(self) -> &'static str {
+        match self {
+            CandleLimit::Observed => CANDLE_RANGE_ERROR,
+            CandleLimit::Documented => DOCUMENTED_CANDLE_RANGE_ERROR,
+        }
+    }
+}
 
 /// Accounts per page when `limit` is absent or 0.
 pub const DEFAULT_ACCOUNTS_LIMIT: u32 = 49;
@@ -483,6 +530,7 @@ struct Shared {
     clock: Clock,
     market: Market,
     seed: u64,
+    candle_limit: CandleLimit,
     jwt_key: Option<VerifyingKey>,
     /// How far the exchange's clock is ahead of the host's ([`SimBuilder::clock_skew`]).
     clock_skew: time::Duration,

@@ -26,9 +26,17 @@
 //! `ws://127.0.0.1:PORT`). It subscribes to `heartbeats`, `candles` and `ticker_batch` (or
 //! `ticker`) for the products you name ([`set_products`](MarketStream::set_products); products
 //! added later are subscribed, products dropped are unsubscribed), one channel per message, the
-//! first within 5 s of connecting, at most 8 messages per second (COINBASE.md §3, §5). With
-//! [`credentials`](StreamBuilder::credentials) every message carries a fresh JWT, as Coinbase's
-//! SDK does; none of these channels needs one.
+//! first within 5 s of connecting, at most 8 messages per second (COINBASE.md §3, §5). None of
+//! these channels needs a JWT, so none is sent (only `user`-type channels need one,
+//! [`wire::channel::needs_jwt`]); [`StreamConfig::jwt_on_market_data`] attaches a fresh one to
+//! every message anyway, as Coinbase's SDK does once keys are configured.
+//!
+//! **`-USDC` products** follow Coinbase's production rule (COINBASE.md §5): its market-data
+//! channels serve `X-USDC` from the `X-USD` book and answer a `BTC-USDC` subscription with
+//! `BTC-USD` frames and acknowledgements. So a followed `-USDC` product is subscribed as its
+//! `-USD` twin ([`ProductId::usd_alias`]; [`USDC_OWN_MARKETS`](crate::USDC_OWN_MARKETS) such as
+//! `USDT-USDC` as themselves), and every pushed ticker and candle is written to each followed
+//! product of that book: `BTC-USDC`, and `BTC-USD` too if it is followed.
 //!
 //! - **Tickers** are written to the cache as fresh, and kept fresh while the stream is
 //!   healthy ([`StreamConfig::ticker_hold`]).
@@ -147,6 +155,10 @@ pub struct StreamConfig {
     /// How long connecting (TCP, TLS, WebSocket handshake) may take. Default 10 s.
     #[serde(with = "crate::util::duration_ms")]
     pub connect_timeout: Duration,
+    /// Attach a fresh JWT (from [`StreamBuilder::credentials`]) to market-data subscriptions
+    /// too, as Coinbase's SDK does. Default off: they need none, and a JWT is only sent to the
+    /// channels that need one ([`wire::channel::needs_jwt`]).
+    pub jwt_on_market_data: bool,
 }
 
 impl Default for StreamConfig {
@@ -164,6 +176,7 @@ impl Default for StreamConfig {
             aggregate: true,
             repair_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            jwt_on_market_data: false,
         }
     }
 }
@@ -263,9 +276,18 @@ impl StreamBuilder {
         self
     }
 
-    /// Attach a fresh JWT to every subscribe message (only private channels need one).
+    /// The CDP key that signs the JWTs of channels that need one (`user`-type channels only;
+    /// the market-data channels this stream subscribes to need none, so nothing is signed
+    /// unless [`jwt_on_market_data`](Self::jwt_on_market_data) is on).
     pub fn credentials(mut self, credentials: Credentials) -> Self {
         self.credentials = Some(credentials);
+        self
+    }
+
+    /// See [`StreamConfig::jwt_on_market_data`]: sign market-data subscriptions too (needs
+    /// [`credentials`](Self::credentials)).
+    pub fn jwt_on_market_data(mut self, on: bool) -> Self {
+        self.cfg.jwt_on_market_data = on;
         self
     }
 
@@ -279,11 +301,15 @@ impl StreamBuilder {
     /// it delivers, reads go to REST as usual.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid configuration or outside a tokio runtime.
+    /// [`Error::Config`] for an invalid configuration, `jwt_on_market_data` without
+    /// credentials, or outside a tokio runtime.
     pub fn start(self) -> Result<MarketStream> {
         self.cfg.validate()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::Config("MarketStream must be started inside a tokio runtime".into()));
+        }
+        if self.cfg.jwt_on_market_data && self.credentials.is_none() {
+            return Err(Error::Config("stream jwt_on_market_data needs credentials to sign with".into()));
         }
         let baseline = rest_market_calls(&self.source);
         let (desired, _) = watch::channel(self.products);

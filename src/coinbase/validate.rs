@@ -78,21 +78,9 @@ pub(crate) fn candle(c: &Candle) -> Result<()> {
 
 /// Whether `answered` is the market `asked` for: the same id, or the `-USD`/`-USDC` alias pair
 /// (Coinbase serves `BTC-USDC` from the `BTC-USD` book; `USDT-USDC` and `EURC-USDC` are
-/// markets of their own, see COINBASE.md).
+/// markets of their own, see [`ProductId::usd_alias`]).
 pub(crate) fn same_market(asked: &ProductId, answered: &str) -> bool {
-    if asked.as_str() == answered {
-        return true;
-    }
-    let usd_of = |id: &str| -> Option<String> {
-        let (base, quote) = id.split_once('-')?;
-        let own_market = matches!(base, "USDT" | "EURC");
-        match quote {
-            "USDC" if !own_market => Some(format!("{base}-USD")),
-            "USD" if !own_market => Some(id.to_string()),
-            _ => None,
-        }
-    };
-    matches!((usd_of(asked.as_str()), usd_of(answered)), (Some(a), Some(b)) if a == b)
+    asked.as_str() == answered || ProductId::new(answered).is_ok_and(|a| a.book_id() == asked.book_id())
 }
 
 /// An exchange time is not more than [`MAX_AHEAD`] after `now`.

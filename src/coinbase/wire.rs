@@ -39,6 +39,9 @@
 //! | accounts | pages (*client*) | at most `accounts_max_pages` (default 100); no cursor twice; no `uuid` twice, on one page or across pages (never counted twice) | rejected |
 //! | time | `epochMillis`, `epochSeconds`, `iso` | from 2009 on; not checked against the local clock (`/time` is how a host finds out its clock is off) | rejected |
 //! | products | `product_id` | a valid [`ProductId`] | rejected |
+//! | products as tickers ([`decode_product_tickers_for`]) | an entry for a product not asked for | ignored without being decoded, even if malformed | dropped |
+//! | products as tickers | `price` of an asked product | positive; `""` is "no last trade" | zero, negative or malformed: the chunk is rejected, naming the product; `""`: dropped (left out, as an unknown product) |
+//! | products as tickers | a product twice | identical prices collapse; different ones cannot both be right | conflicting: rejected |
 //!
 //! Fields the model does not carry (sizes, trade ids, sides, `name`, ...) are neither parsed
 //! nor checked. Nothing is ever "kept but flagged": the model has no place for a flag that a
@@ -598,6 +601,62 @@ pub fn decode_products(body: &[u8]) -> Result<Vec<Product>> {
     Ok(w.products)
 }
 
+/// Decode a products list that answers `GET /market/products?product_ids=…` for `asked` into
+/// tickers, in the body's order (Coinbase's keyless batch of last prices, COINBASE.md §2.5,
+/// §7).
+///
+/// What the list says, and no more: `price` is the product's **last trade price** (Coinbase
+/// caches public answers for 1 s); the list carries **no best bid or ask** (`best_bid` and
+/// `best_ask` are `None`; `mid_market_price` is `""` in real data and not a quote) and **no
+/// time**, so `time` is `received_at`, the client's clock when the answer arrived. Entries
+/// for products not asked for are dropped without being decoded; an asked product with an
+/// empty `price` has no last trade to report and is left out, as an unknown product is.
+///
+/// # Errors
+/// [`Error::Decode`] for a body without `products`, an asked product's malformed entry, a
+/// price that is not positive, or one product listed twice with different prices (the message
+/// names the product).
+pub fn decode_product_tickers_for(
+    asked: &[ProductId],
+    body: &[u8],
+    received_at: OffsetDateTime,
+) -> Result<Vec<Ticker>> {
+    /// Entries stay raw until their product is known to be asked for.
+    #[derive(Deserialize)]
+    struct Raw {
+        products: Vec<serde_json::Value>,
+    }
+    let w: Raw = parse_json(body, "products")?;
+    let mut out: Vec<Ticker> = Vec::with_capacity(w.products.len().min(asked.len()));
+    for entry in w.products {
+        let id = entry.get("product_id").and_then(serde_json::Value::as_str);
+        let Some(product) = id.and_then(|id| asked.iter().find(|p| p.as_str() == id)) else { continue };
+        let named = |e: Error| match e {
+            Error::Decode(m) => Error::Decode(format!("product {product}: {m}")),
+            e => e,
+        };
+        let p: Product = serde_json::from_value(entry)
+            .map_err(|e| Error::decode(format_args!("product {product}: {e}")))?;
+        let Some(price) = parse_opt_decimal(&p.price, "price").map_err(named)? else { continue };
+        let price = validate::price(price, "price").map_err(named)?;
+        match out.iter().find(|t| &t.product == product) {
+            None => out.push(Ticker {
+                product: product.clone(),
+                price,
+                best_bid: None,
+                best_ask: None,
+                time: received_at,
+                price_kind: PriceKind::LastTrade,
+            }),
+            Some(t) if t.price == price => {}
+            Some(_) => {
+                return Err(Error::decode(format_args!("products answered {product} twice, differently")));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Decode one product (the bare object the single-product endpoint returns).
 ///
 /// # Errors
@@ -752,6 +811,56 @@ mod tests {
         assert!(matches!(decode_products(b"{}"), Err(Error::Decode(_))));
         let old = br#"{"iso":"2008-01-01T00:00:00Z","epochSeconds":"","epochMillis":""}"#;
         assert!(matches!(decode_server_time(old), Err(Error::Decode(_))));
+    }
+
+    #[test]
+    fn products_as_tickers_keep_to_what_was_asked_and_say_no_more() {
+        let asked: Vec<ProductId> =
+            ["ETH-USD", "BTC-USD", "ADA-USD", "SOL-USD"].iter().map(|s| s.parse().unwrap()).collect();
+        let at = time::macros::datetime!(2024-04-24 09:56:38 UTC);
+        let entry = |id: &str, price: &str| {
+            format!(r#"{{"product_id":"{id}","price":"{price}","mid_market_price":"","status":"online"}}"#)
+        };
+        let body = format!(
+            r#"{{"products":[{},{},{{"product_id":"DOGE-USD","price":{{}}}},{},{},{}],"num_products":"5"}}"#,
+            entry("BTC-USD", "100.5"),
+            entry("XRP-USD", "-1"),
+            entry("ETH-USD", "2000"),
+            entry("ADA-USD", ""),
+            entry("BTC-USD", "100.50"),
+        );
+        let got = decode_product_tickers_for(&asked, body.as_bytes(), at).unwrap();
+        let ticker = |id: &str, price| Ticker {
+            product: id.parse().unwrap(),
+            price,
+            best_bid: None,
+            best_ask: None,
+            time: at,
+            price_kind: PriceKind::LastTrade,
+        };
+        assert_eq!(
+            got,
+            [ticker("BTC-USD", Decimal::new(1005, 1)), ticker("ETH-USD", Decimal::new(2000, 0))],
+            "not asked: dropped unread; no price: left out; identical duplicate: one; no bid/ask"
+        );
+        for (bad, what) in [
+            (format!(r#"{{"products":[{},{}]}}"#, entry("BTC-USD", "1"), entry("BTC-USD", "2")), "twice"),
+            (
+                format!(r#"{{"products":[{}]}}"#, entry("SOL-USD", "0")),
+                "product SOL-USD: price is not a positive",
+            ),
+            (
+                format!(r#"{{"products":[{}]}}"#, entry("SOL-USD", "one")),
+                "product SOL-USD: price is not a decimal",
+            ),
+            (r#"{"products":[{"product_id":"SOL-USD","price":7}]}"#.to_string(), "product SOL-USD"),
+            ("{}".to_string(), "missing field"),
+        ] {
+            match decode_product_tickers_for(&asked, bad.as_bytes(), at) {
+                Err(Error::Decode(m)) => assert!(m.contains(what), "{m} / {what}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]

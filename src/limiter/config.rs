@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The rate-limit classes of Coinbase Advanced Trade: public endpoints are limited per IP,
-/// private ones per API key.
+/// private ones per user (every API key of the user together, COINBASE.md §3, §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndpointClass {

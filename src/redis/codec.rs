@@ -122,19 +122,32 @@ pub(crate) fn fnv1a64(s: &str) -> u64 {
     h
 }
 
-/// The key names of one tier: `{namespace}:{hash of the API key id}:...`.
+/// The key names of one tier: `{namespace}:{hash of the API key id}:...` for the cache, and
+/// the rate limiter's under the budget prefix: the same, or `{namespace}:{hash of the account
+/// identity}:` when one is configured, so that every key of one user shares one budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Keys {
     prefix: String,
+    budget: String,
 }
 
 impl Keys {
-    pub(crate) fn new(namespace: &str, api_key_id: &str) -> Self {
-        Keys { prefix: format!("{namespace}:{:016x}:", fnv1a64(api_key_id)) }
+    pub(crate) fn new(namespace: &str, api_key_id: &str, account_identity: Option<&str>) -> Self {
+        let prefix = format!("{namespace}:{:016x}:", fnv1a64(api_key_id));
+        let budget = match account_identity {
+            // Hashed apart from key ids, so an identity never lands on some key's budget.
+            Some(identity) => format!("{namespace}:{:016x}:", fnv1a64(&format!("account:{identity}"))),
+            None => prefix.clone(),
+        };
+        Keys { prefix, budget }
     }
 
     pub(crate) fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    pub(crate) fn budget_prefix(&self) -> &str {
+        &self.budget
     }
 
     /// A ticker: `{prefix}t:{product}`.
@@ -163,9 +176,10 @@ impl Keys {
         format!("{key}:lease")
     }
 
-    /// The rate-limiter keys of one class: `[tat, pause, ramp, strikes]`.
+    /// The rate-limiter keys of one class, under the budget prefix: `[tat, pause, ramp,
+    /// strikes]`.
     pub(crate) fn limiter(&self, class: EndpointClass) -> [String; 4] {
-        let base = format!("{}rl:{}:", self.prefix, class.as_str());
+        let base = format!("{}rl:{}:", self.budget, class.as_str());
         [format!("{base}tat"), format!("{base}pause"), format!("{base}ramp"), format!("{base}strikes")]
     }
 }
@@ -256,8 +270,8 @@ mod tests {
 
     #[test]
     fn key_names() {
-        let k = Keys::new("ts", "organizations/o/apiKeys/k");
-        let other = Keys::new("ts", "organizations/o/apiKeys/k2");
+        let k = Keys::new("ts", "organizations/o/apiKeys/k", None);
+        let other = Keys::new("ts", "organizations/o/apiKeys/k2", None);
         assert_ne!(k.prefix(), other.prefix());
         assert!(!k.prefix().contains("apiKeys"), "the key id is hashed");
         assert_eq!(k.prefix().len(), "ts:".len() + 16 + 1);
@@ -270,6 +284,21 @@ mod tests {
         );
         assert_eq!(Keys::lease("x"), "x:lease");
         assert_eq!(k.limiter(EndpointClass::Private)[0], format!("{}rl:private:tat", k.prefix()));
+        // Two keys of one account: their own caches (accounts are per portfolio), one budget.
+        let (a, b) = (
+            Keys::new("ts", "organizations/o/apiKeys/k", Some("alice")),
+            Keys::new("ts", "organizations/o/apiKeys/k2", Some("alice")),
+        );
+        assert_eq!(a.prefix(), k.prefix());
+        assert_ne!(a.accounts(), b.accounts());
+        assert_eq!(a.limiter(EndpointClass::Private), b.limiter(EndpointClass::Private));
+        assert_ne!(a.limiter(EndpointClass::Private), k.limiter(EndpointClass::Private));
+        assert_ne!(
+            a.budget_prefix(),
+            Keys::new("ts", "alice", None).budget_prefix(),
+            "kept apart from key ids"
+        );
+        assert_eq!(a.budget_prefix().len(), k.prefix().len());
         // FNV-1a test vectors.
         assert_eq!(fnv1a64(""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64("a"), 0xaf63_dc4c_8601_ec8c);

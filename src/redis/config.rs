@@ -28,9 +28,19 @@ pub struct SharedTierConfig {
     /// The first part of every key, to keep several deployments apart in one Redis.
     /// Default `"tickshare"`.
     pub namespace: String,
-    /// How many processes share the API key at most. Only used to size each process's share of
-    /// the limit while Redis is unreachable. Default 4.
+    /// How many tiers share the budget at most: every process, times every key of the
+    /// [`account_identity`](Self::account_identity) it runs. Only used to size each tier's share
+    /// of the limit while Redis is unreachable. Default 4.
     pub expected_workers: u32,
+    /// The Coinbase user whose budget the tier draws from: any stable name of the user, the
+    /// same for all of its keys (see
+    /// [`CoinbaseClientBuilder::account_identity`](crate::CoinbaseClientBuilder::account_identity)).
+    /// Coinbase limits private requests per user and requires one key per portfolio, so with an
+    /// identity the rate-limit keys (and the pause after a 429) derive from it and every key of
+    /// the user shares them; the cache keys stay per API key (accounts are per portfolio).
+    /// Default `None`: the budget is the API key's, as before. [`SharedTier::coinbase`] takes
+    /// the client's identity.
+    pub account_identity: Option<String>,
     /// How long a ticker is shared. A bot can see a ticker as old as this plus the coordinated
     /// source's own `ticker_ttl`. Default 2 s.
     #[serde(with = "crate::util::duration_ms")]
@@ -77,6 +87,7 @@ impl Default for SharedTierConfig {
         SharedTierConfig {
             namespace: "tickshare".into(),
             expected_workers: 4,
+            account_identity: None,
             ticker_ttl: Duration::from_secs(2),
             accounts_ttl: Duration::from_secs(2),
             closed_candles_ttl: Duration::from_secs(3600),
@@ -104,6 +115,9 @@ impl SharedTierConfig {
         }
         if self.expected_workers == 0 {
             return bad("expected_workers must be at least 1");
+        }
+        if self.account_identity.as_deref().is_some_and(|id| id.trim().is_empty()) {
+            return bad("account_identity must not be empty");
         }
         let durations = [
             self.ticker_ttl,
@@ -140,7 +154,7 @@ pub struct CallProfile {
     pub tickers_class: EndpointClass,
     /// Products per `tickers` request (1: the upstream sends one request per product).
     pub tickers_per_request: usize,
-    /// Most candle buckets per request (Coinbase: 350).
+    /// Most candle buckets per request (the client's default, 300: what Coinbase enforces).
     pub candles_per_request: u32,
     /// Accounts per page (Coinbase: 250).
     pub accounts_per_page: u32,
@@ -148,27 +162,24 @@ pub struct CallProfile {
 
 impl Default for CallProfile {
     /// A [`CoinbaseClient`] with credentials and its default settings: market data on the
-    /// private paths, 100 products per `best_bid_ask`, 350 candles, 250 accounts per page.
+    /// private paths, 100 products per `best_bid_ask`, 300 candles, 250 accounts per page.
     fn default() -> Self {
         CallProfile {
             market_data_class: EndpointClass::Private,
             tickers_class: EndpointClass::Private,
             tickers_per_request: 100,
-            candles_per_request: crate::coinbase::MAX_CANDLES_PER_REQUEST,
+            candles_per_request: crate::coinbase::OBSERVED_MAX_CANDLES_PER_REQUEST,
             accounts_per_page: 250,
         }
     }
 }
 
 impl CallProfile {
-    /// The profile of `client`: its market-data class, its `best_bid_ask` chunk with
-    /// credentials (one public ticker request per product without), its candle chunk.
+    /// The profile of `client`: its market-data class, its `tickers` class and chunk
+    /// ([`CoinbaseClient::tickers_class`], [`CoinbaseClient::tickers_chunk`]), its candle chunk.
     pub fn coinbase(client: &CoinbaseClient) -> Self {
-        let (tickers_class, tickers_per_request) = if client.has_credentials() {
-            (EndpointClass::Private, client.best_bid_ask_chunk())
-        } else {
-            (client.market_data_class(), 1)
-        };
+        let tickers_class = client.tickers_class();
+        let tickers_per_request = client.tickers_chunk();
         CallProfile {
             market_data_class: client.market_data_class(),
             tickers_class,
@@ -245,6 +256,12 @@ impl SharedTierBuilder {
         self
     }
 
+    /// See [`SharedTierConfig::account_identity`].
+    pub fn account_identity(mut self, identity: impl Into<String>) -> Self {
+        self.cfg.account_identity = Some(identity.into());
+        self
+    }
+
     /// Replace the whole configuration.
     pub fn config(mut self, cfg: SharedTierConfig) -> Self {
         self.cfg = cfg;
@@ -317,7 +334,7 @@ impl SharedTierBuilder {
                 "redis unreachable at start; running in-process on a conservative share of the rate limit"
             );
         }
-        let keys = Keys::new(&self.cfg.namespace, &self.api_key_id);
+        let keys = Keys::new(&self.cfg.namespace, &self.api_key_id, self.cfg.account_identity.as_deref());
         let health = Health::new(up, self.cfg.reconnect_interval);
         Ok(SharedTier {
             inner: Arc::new(Inner {

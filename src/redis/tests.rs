@@ -66,10 +66,11 @@ fn config_validation_names_the_setting() {
 fn profile_follows_the_client() {
     let public = CoinbaseClient::builder().build().unwrap();
     let p = CallProfile::coinbase(&public);
-    assert_eq!((p.tickers_class, p.tickers_per_request), (EndpointClass::Public, 1));
+    assert_eq!((p.tickers_class, p.tickers_per_request), (EndpointClass::Public, 100));
     assert_eq!(p.market_data_class, EndpointClass::Public);
     let private = CoinbaseClient::builder()
         .credentials(crate::coinbase::Credentials::generate("k"))
+        .ticker_batch(crate::coinbase::TickerBatch::Book)
         .best_bid_ask_chunk(40)
         .candle_max_buckets(300)
         .build()
@@ -180,4 +181,40 @@ async fn unreachable_redis_at_start_is_degraded_not_an_error() {
     assert_eq!(s.fallback_limiter.private.acquired, 2);
     assert_eq!(s.shared_limiter.acquired, 0);
     assert!(tier.invalidate_accounts().await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_key_of_one_account_shares_one_budget_key() {
+    let client = |key: &str| {
+        CoinbaseClient::builder()
+            .credentials(crate::coinbase::Credentials::generate(key))
+            .account_identity("alice")
+            .unlimited()
+            .build()
+            .unwrap()
+    };
+    let tier = |key: &'static str| async move {
+        SharedTier::coinbase("redis://127.0.0.1:1/", key, client(key))
+            .redis_timeout(Duration::from_millis(200))
+            .build()
+            .await
+            .unwrap()
+    };
+    let (main, savings) =
+        (tier("organizations/o/apiKeys/main").await, tier("organizations/o/apiKeys/savings").await);
+    assert_eq!(main.config().account_identity.as_deref(), Some("alice"), "taken from the client");
+    assert_eq!(main.budget_prefix(), savings.budget_prefix());
+    assert_ne!(main.key_prefix(), savings.key_prefix(), "caches stay per key: accounts are per portfolio");
+    // Without an identity the budget is the key's, as before.
+    let alone = SharedTier::builder("redis://127.0.0.1:1/", "k", crate::source::MockMarketDataSource::new())
+        .redis_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(alone.budget_prefix(), alone.key_prefix());
+    let r = SharedTier::builder("redis://127.0.0.1:1/", "k", crate::source::MockMarketDataSource::new())
+        .account_identity(" ")
+        .build()
+        .await;
+    assert!(matches!(r, Err(Error::Config(_))));
 }

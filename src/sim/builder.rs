@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use tokio::{net::TcpListener, sync::watch};
 
 use super::{
-    Settings, Shared, SimExchange, SimHandle,
+    CandleLimit, Settings, Shared, SimExchange, SimHandle,
     faults::FaultBook,
     limits::Limiter,
     market::{self, Market},
@@ -180,6 +180,7 @@ pub struct SimBuilder {
     pub(super) public_limit: u32,
     pub(super) private_limit: u32,
     pub(super) enforce_limits: bool,
+    pub(super) candle_limit: CandleLimit,
     pub(super) latency: Duration,
     pub(super) jitter: Duration,
     pub(super) jwt_public_key_pem: Option<String>,
@@ -202,6 +203,7 @@ impl Default for SimBuilder {
             public_limit: EndpointClass::Public.coinbase_limit(),
             private_limit: EndpointClass::Private.coinbase_limit(),
             enforce_limits: true,
+            candle_limit: CandleLimit::Observed,
             latency: Duration::ZERO,
             jitter: Duration::ZERO,
             jwt_public_key_pem: None,
@@ -254,6 +256,14 @@ impl SimBuilder {
     /// [`SimStats::max_requests_in_any_1s`](crate::sim::SimStats::max_requests_in_any_1s) is still recorded.
     pub fn enforce_rate_limits(mut self, enforce: bool) -> Self {
         self.enforce_limits = enforce;
+        self
+    }
+
+    /// Which candle-window rule to enforce (default [`CandleLimit::Observed`]: at most 300
+    /// buckets per request, as the real exchange answers; [`CandleLimit::Documented`] allows the
+    /// documented 350).
+    pub fn candle_limit(mut self, limit: CandleLimit) -> Self {
+        self.candle_limit = limit;
         self
     }
 
@@ -366,6 +376,7 @@ impl SimBuilder {
             clock: self.clock.unwrap_or_else(Clock::system),
             market: Market::new(self.seed, &ids),
             seed: self.seed,
+            candle_limit: self.candle_limit,
             jwt_key,
             clock_skew: self.clock_skew,
             jwt_leeway_secs: i64::try_from(self.jwt_leeway.as_secs()).unwrap_or(i64::MAX),

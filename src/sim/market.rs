@@ -273,11 +273,7 @@ impl Market {
 }
 
 fn spec_for(seed: u64, id: &ProductId) -> ProductSpec {
-    let series_id = match id.as_str().strip_suffix("-USDC") {
-        Some(base) => format!("{base}-USD"),
-        None => id.as_str().to_string(),
-    };
-    let series = fnv1a(series_id.as_bytes());
+    let series = fnv1a(id.book_id().as_str().as_bytes());
     let known = WELL_KNOWN.iter().find(|(k, ..)| *k == id.as_str());
     let (base_ticks, scale, base_name) = match known {
         Some(&(_, ticks, scale, name)) => (ticks, scale, name.to_string()),

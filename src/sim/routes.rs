@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
 use super::{
-    API_BASE_PATH, CANDLE_RANGE_ERROR, DEFAULT_ACCOUNTS_LIMIT, Endpoint, MAX_ACCOUNTS_LIMIT, MAX_CANDLES,
+    API_BASE_PATH, CandleLimit, DEFAULT_ACCOUNTS_LIMIT, Endpoint, MAX_ACCOUNTS_LIMIT, MAX_CANDLES,
     MAX_TRADES, SimAccount,
     market::{Market, ProductSpec, mix, unix_ms},
     stats::CandleRequest,
@@ -22,7 +22,7 @@ use crate::{
         Accounts, BestBidAsk, Candles, ErrorBody, Level, MarketTrades, Money, PriceBook, Product, Products,
         ServerTime, Trade, WireAccount, WireCandle, format_time,
     },
-    model::{Candle, Granularity},
+    model::{Candle, Granularity, ProductId},
 };
 
 /// The largest UNIX second accepted in a query (9999-12-31T23:59:59Z).
@@ -198,6 +198,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) market: &'a Market,
     pub(crate) accounts: &'a [SimAccount],
     pub(crate) seed: u64,
+    pub(crate) candle_limit: CandleLimit,
     pub(crate) now: OffsetDateTime,
     /// How far the exchange's own clock (what `/time` says) is ahead of the market's.
     pub(crate) skew: time::Duration,
@@ -312,8 +313,10 @@ fn candles(endpoint: Endpoint, p: &ProductSpec, q: &Query, ctx: &Ctx<'_>) -> Res
         return Err(Reply::bad_request("start must not be after end"));
     }
     let g = granularity.seconds();
-    if (end - start) / g + 1 > MAX_CANDLES {
-        return Err(Reply::bad_request(CANDLE_RANGE_ERROR));
+    // Inclusive bounds: `(end - start) / g + 1` buckets; the observed rule, "(end - start) / g
+    // < 300", is the same as at most 300 of them.
+    if (end - start) / g + 1 > ctx.candle_limit.max_buckets() {
+        return Err(Reply::bad_request(ctx.candle_limit.error_details()));
     }
     let now_ms = unix_ms(ctx.now);
     let first = start + (g - start.rem_euclid(g)) % g;
@@ -426,14 +429,14 @@ fn product_object(p: &ProductSpec, ctx: &Ctx<'_>) -> Product {
     let volume_change = percent_change(volume, volume_before);
     let quote_volume = volume.checked_mul(price).map_or(Decimal::ZERO, |v| v.round_dp(2));
     let (base, quote) = (p.id.base(), p.id.quote());
-    let usdc_alias = format!("{base}-USDC");
-    let usd_sibling = format!("{base}-USD");
-    let alias = if quote == "USDC" && m.get(&usd_sibling).is_some() { usd_sibling } else { String::new() };
-    let alias_to: Vec<Value> = if quote == "USD" && m.get(&usdc_alias).is_some() {
-        vec![Value::from(usdc_alias)]
-    } else {
-        Vec::new()
-    };
+    // `BTC-USDC` is an alias of `BTC-USD` (`alias`), which lists it in `alias_to`.
+    let alias = p.id.usd_alias().filter(|usd| m.get(usd.as_str()).is_some()).map(String::from);
+    let usdc = ProductId::new(&format!("{base}-USDC")).ok().filter(|c| c.usd_alias().as_ref() == Some(&p.id));
+    let alias_to: Vec<Value> = usdc
+        .filter(|c| m.get(c.as_str()).is_some())
+        .map(|c| Value::from(String::from(c)))
+        .into_iter()
+        .collect();
     let mut extra = Map::new();
     let mut put = |k: &str, v: Value| {
         extra.insert(k.to_string(), v);
@@ -461,7 +464,7 @@ fn product_object(p: &ProductSpec, ctx: &Ctx<'_>) -> Product {
     put("base_currency_id", Value::from(base));
     put("fcm_trading_session_details", Value::Null);
     put("mid_market_price", Value::from(""));
-    put("alias", Value::from(alias));
+    put("alias", Value::from(alias.unwrap_or_default()));
     put("alias_to", Value::from(alias_to));
     put("base_display_symbol", Value::from(base));
     put("quote_display_symbol", Value::from(quote));
@@ -562,7 +565,7 @@ pub(super) fn wire_account(i: usize, a: &SimAccount, seed: u64) -> WireAccount {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{coinbase::wire, model::ProductId};
+    use crate::coinbase::wire;
     use time::macros::datetime;
 
     fn market() -> Market {
@@ -573,7 +576,14 @@ mod tests {
 
     fn run(path: &str, query: &str, now: OffsetDateTime, accounts: &[SimAccount]) -> Handled {
         let m = market();
-        let ctx = Ctx { market: &m, accounts, seed: 1, now, skew: time::Duration::ZERO };
+        let ctx = Ctx {
+            market: &m,
+            accounts,
+            seed: 1,
+            candle_limit: CandleLimit::Observed,
+            now,
+            skew: time::Duration::ZERO,
+        };
         let (endpoint, product) = route(&format!("{API_BASE_PATH}{path}")).unwrap();
         handle(endpoint, product.as_deref(), &Query::parse(Some(query)), &ctx)
     }
@@ -622,7 +632,7 @@ mod tests {
         let start = datetime!(2024-04-24 09:00 UTC).unix_timestamp();
         let h = run(
             "/products/BTC-USD/candles",
-            &format!("start={start}&end={}&granularity=ONE_MINUTE", start + 349 * 60),
+            &format!("start={start}&end={}&granularity=ONE_MINUTE", start + 299 * 60),
             NOW,
             &[],
         );
@@ -635,16 +645,49 @@ mod tests {
         let logged = h.candle.unwrap();
         assert_eq!((logged.start, logged.granularity), (start, Granularity::OneMinute));
 
+        // 301 buckets: (end - start) / 60 = 300 is not "less than 300".
         let too_many = run(
             "/products/BTC-USD/candles",
-            &format!("start={start}&end={}&granularity=ONE_MINUTE", start + 350 * 60),
+            &format!("start={start}&end={}&granularity=ONE_MINUTE", start + 300 * 60),
             NOW,
             &[],
         );
         assert_eq!(too_many.reply.status, 400);
         let e: ErrorBody = serde_json::from_slice(&too_many.reply.body).unwrap();
-        assert_eq!(e.error_details.as_deref(), Some(CANDLE_RANGE_ERROR));
+        assert_eq!(e.error_details.as_deref(), Some(super::super::CANDLE_RANGE_ERROR));
         assert!(too_many.candle.is_none());
+    }
+
+    #[test]
+    fn the_documented_candle_limit_allows_350_buckets() {
+        let m = market();
+        let start = datetime!(2024-04-20 09:00 UTC).unix_timestamp();
+        let ask = |limit: CandleLimit, buckets: i64| {
+            let ctx = Ctx {
+                market: &m,
+                accounts: &[],
+                seed: 1,
+                candle_limit: limit,
+                now: NOW,
+                skew: time::Duration::ZERO,
+            };
+            let q = format!("start={start}&end={}&granularity=ONE_MINUTE", start + (buckets - 1) * 60);
+            handle(Endpoint::Candles, Some("BTC-USD"), &Query::parse(Some(&q)), &ctx).reply
+        };
+        assert_eq!(ask(CandleLimit::Observed, 300).status, 200);
+        assert_eq!(ask(CandleLimit::Observed, 301).status, 400);
+        let r = ask(CandleLimit::Documented, 350);
+        assert_eq!((r.status, wire::decode_candles(&r.body).unwrap().len()), (200, 350));
+        let r = ask(CandleLimit::Documented, 351);
+        let e: ErrorBody = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            (r.status, e.error_details.as_deref()),
+            (400, Some(super::super::DOCUMENTED_CANDLE_RANGE_ERROR))
+        );
+        // One fact each: the texts name their limits.
+        for limit in [CandleLimit::Observed, CandleLimit::Documented] {
+            assert!(limit.error_details().ends_with(&format!("less than {}", limit.max_buckets())));
+        }
     }
 
     #[test]
@@ -781,7 +824,14 @@ mod tests {
                 .map(|_| format!("{}={}", pick(&mut rng, &keys), pick(&mut rng, &values)))
                 .collect();
             let now = NOW + time::Duration::seconds(rng.i64(-1_000_000..1_000_000));
-            let ctx = Ctx { market: &m, accounts: &accounts, seed: 1, now, skew: time::Duration::ZERO };
+            let ctx = Ctx {
+                market: &m,
+                accounts: &accounts,
+                seed: 1,
+                candle_limit: CandleLimit::Observed,
+                now,
+                skew: time::Duration::ZERO,
+            };
             if let Some((endpoint, product)) = route(&format!("{API_BASE_PATH}{path}")) {
                 let q = Query::parse(Some(&query.join("&")));
                 let h = handle(endpoint, product.as_deref(), &q, &ctx);

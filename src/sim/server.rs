@@ -152,6 +152,7 @@ async fn respond(
             market: &shared.market,
             accounts: &accounts,
             seed: shared.seed,
+            candle_limit: shared.candle_limit,
             now: shared.clock.now_utc(),
             skew: shared.clock_skew,
         };
@@ -256,6 +257,7 @@ async fn respond(
         market: &shared.market,
         accounts: &accounts,
         seed: shared.seed,
+        candle_limit: shared.candle_limit,
         now: shared.clock.now_utc(),
         skew: shared.clock_skew,
     };

@@ -23,6 +23,11 @@
 //! either side; `low_24_h`/`high_24_h` are those of the current UTC day's candle; the 52-week
 //! fields are `""` (the simulation does not model a year).
 //!
+//! The shapes are production's by default ([`WsDialect::Production`]): no `client_id`, an
+//! integer `heartbeat_counter`, no best bid/ask on `ticker_batch`, and `-USDC` subscriptions
+//! answered with their `-USD` twin's frames and acknowledgements (`USDT-USDC` and `EURC-USDC`
+//! excepted). [`WsDialect::Documented`] speaks as the docs' samples do instead.
+//!
 //! # Limits and rules
 //!
 //! - A connection that sends no `subscribe` within 5 s is closed.
@@ -67,7 +72,7 @@ use tokio_tungstenite::{
 
 use super::{
     Shared, SimBuilder, SimHandle,
-    market::unix_ms,
+    market::{Market, ProductSpec, unix_ms},
     server::{accept_until_stopped, until_true},
 };
 use crate::util::lock;
@@ -79,10 +84,28 @@ use crate::{
 
 const WINDOW: Duration = Duration::from_secs(1);
 
+/// Which message shapes the WebSocket endpoint speaks; [`WsConfig::dialect`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WsDialect {
+    /// What production sends (COINBASE.md §5, the AsyncAPI spec and captures), the default:
+    /// frames without `client_id`, an integer `heartbeat_counter`, `ticker_batch` without best
+    /// bid/ask, and a `-USDC` subscription answered as its `-USD` twin (acknowledged and pushed
+    /// as `BTC-USD` for `BTC-USDC`; [`USDC_OWN_MARKETS`](crate::USDC_OWN_MARKETS) as
+    /// themselves).
+    #[default]
+    Production,
+    /// What the docs' samples show: `"client_id": ""`, a string `heartbeat_counter`, best
+    /// bid/ask on `ticker_batch`, and `-USDC` products subscribed and pushed as themselves.
+    Documented,
+}
+
 /// The WebSocket endpoint's settings; [`SimBuilder::ws`]. Defaults follow Coinbase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WsConfig {
+    /// The message shapes. Default [`WsDialect::Production`].
+    pub dialect: WsDialect,
     /// Heartbeat period. Default 1 s.
     pub heartbeat_interval: Duration,
     /// Candle update period. Default 1 s.
@@ -104,6 +127,7 @@ pub struct WsConfig {
 impl Default for WsConfig {
     fn default() -> Self {
         WsConfig {
+            dialect: WsDialect::Production,
             heartbeat_interval: Duration::from_secs(1),
             candle_interval: Duration::from_secs(1),
             ticker_interval: Duration::from_secs(1),
@@ -117,6 +141,13 @@ impl Default for WsConfig {
 }
 
 impl WsConfig {
+    /// Set the message shapes (production by default).
+    #[must_use]
+    pub fn dialect(mut self, dialect: WsDialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
     /// Set the candle update period (fewer messages in long simulations).
     #[must_use]
     pub fn candle_interval(mut self, d: Duration) -> Self {
@@ -485,7 +516,10 @@ impl Conn {
                     let elapsed = Instant::now().saturating_duration_since(self.started).as_secs_f64();
                     vec![self.envelope(channel::HEARTBEATS, vec![Event {
                         current_time: Some(format!("{} m=+{elapsed:.9}", go_time(now_utc))),
-                        heartbeat_counter: Some(serde_json::Value::String(self.heartbeat_counter.to_string())),
+                        heartbeat_counter: Some(match cfg.dialect {
+                            WsDialect::Production => serde_json::Value::from(self.heartbeat_counter),
+                            WsDialect::Documented => serde_json::Value::String(self.heartbeat_counter.to_string()),
+                        }),
                         ..Event::default()
                     }])]
                 }
@@ -529,7 +563,10 @@ impl Conn {
     fn envelope(&self, channel: &str, events: Vec<Event>) -> Envelope {
         Envelope {
             channel: channel.to_string(),
-            client_id: String::new(),
+            client_id: match self.shared.ws.cfg.dialect {
+                WsDialect::Production => None,
+                WsDialect::Documented => Some(String::new()),
+            },
             timestamp: self.shared.clock.now_utc().format(&Rfc3339).unwrap_or_default(),
             sequence_num: None,
             events,
@@ -596,7 +633,13 @@ impl Conn {
         let mut products = Vec::new();
         for id in &m.product_ids {
             match ProductId::new(id) {
-                Ok(p) if self.shared.market.get(p.as_str()).is_some() => products.push(p),
+                Ok(p) if self.shared.market.get(p.as_str()).is_some() => {
+                    products.push(match ws.cfg.dialect {
+                        // Production answers a `-USDC` subscription as its `-USD` twin.
+                        WsDialect::Production => p.book_id(),
+                        WsDialect::Documented => p,
+                    })
+                }
                 _ => out.push(Self::error(&format!("unknown product {:?}", crate::error::truncate(id, 40)))),
             }
         }
@@ -662,7 +705,7 @@ impl Conn {
         let market = &self.shared.market;
         let mut list = Vec::new();
         for p in products {
-            let Some(spec) = market.get(p.as_str()) else { continue };
+            let Some(spec) = spec_of(market, p) else { continue };
             if self.shared.ws.cfg.finalize_candles
                 && let Some(last) = self.candle_bucket.get(p).copied()
                 && last < bucket
@@ -694,9 +737,11 @@ impl Conn {
         let ms = unix_ms(now_utc);
         let minute = ms.div_euclid(60_000);
         let mut list = Vec::new();
+        // Production's `ticker_batch` carries no best bid/ask (COINBASE.md §5).
+        let quotes = ch == channel::TICKER || self.shared.ws.cfg.dialect == WsDialect::Documented;
         for p in &products {
             let market = &self.shared.market;
-            let Some(spec) = market.get(p.as_str()) else { continue };
+            let Some(spec) = spec_of(market, p) else { continue };
             let price = market.price(spec, ms);
             let (bid, ask) = market.bid_ask(spec, ms);
             let prev = market.price(spec, ms - 86_400_000);
@@ -726,14 +771,30 @@ impl Conn {
                 low_52_w: String::new(),
                 high_52_w: String::new(),
                 price_percent_chg_24_h: change.to_string(),
-                best_bid: bid.to_string(),
-                best_bid_quantity: market.size(spec, 0xB1, ms, 0).to_string(),
-                best_ask: ask.to_string(),
-                best_ask_quantity: market.size(spec, 0xA5, ms, 0).to_string(),
+                best_bid: if quotes { bid.to_string() } else { String::new() },
+                best_bid_quantity: if quotes {
+                    market.size(spec, 0xB1, ms, 0).to_string()
+                } else {
+                    String::new()
+                },
+                best_ask: if quotes { ask.to_string() } else { String::new() },
+                best_ask_quantity: if quotes {
+                    market.size(spec, 0xA5, ms, 0).to_string()
+                } else {
+                    String::new()
+                },
             });
         }
         Some(self.envelope(ch, vec![Event { kind: kind.into(), tickers: Some(list), ..Event::default() }]))
     }
+}
+
+/// The listed product whose data a subscription to `id` carries: `id` itself or, for the
+/// `-USD` twin of a listed `-USDC` product whose twin is not listed, that product (one book).
+fn spec_of<'m>(market: &'m Market, id: &ProductId) -> Option<&'m ProductSpec> {
+    market
+        .get(id.as_str())
+        .or_else(|| market.get(&format!("{id}C")).filter(|s| s.id.usd_alias().as_ref() == Some(id)))
 }
 
 /// Go's `time.Time` format, as Coinbase's heartbeats show it: `2023-06-23 20:31:56.121961769 +0000 UTC`.

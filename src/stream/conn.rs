@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     coordinated::feed::Merge,
-    model::ProductId,
+    model::{ProductId, Ticker},
     util::{inc, lock},
 };
 
@@ -125,6 +125,10 @@ struct Session<'a> {
     /// Send times within the last second, for pacing.
     sent: VecDeque<Instant>,
     delivered: bool,
+    /// The followed products by the id the exchange's market-data channels use for their book
+    /// (a `-USDC` product's `-USD` twin, [`ProductId::book_id`]): what is subscribed, and where
+    /// pushed data goes. Rebuilt whenever the followed products change.
+    books: BTreeMap<ProductId, Vec<ProductId>>,
 }
 
 const WINDOW: Duration = Duration::from_secs(1);
@@ -142,6 +146,7 @@ impl<'a> Session<'a> {
             outbox: VecDeque::new(),
             sent: VecDeque::new(),
             delivered: false,
+            books: BTreeMap::new(),
         }
     }
 
@@ -152,6 +157,7 @@ impl<'a> Session<'a> {
     async fn run(mut self, mut ws: Ws, stop: &mut watch::Receiver<bool>) -> End {
         let mut desired_rx = self.shared.desired.subscribe();
         desired_rx.mark_unchanged();
+        self.follow();
         self.prune().await;
         self.reconcile(Instant::now());
         let mut housekeeping = tokio::time::interval_at(Instant::now() + WINDOW, WINDOW);
@@ -182,7 +188,8 @@ impl<'a> Session<'a> {
                 },
                 () = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now)), if send_at.is_some() => {
                     if let Some(mut m) = self.outbox.pop_front() {
-                        m.jwt = self.shared.credentials.as_ref().map(crate::Credentials::ws_jwt);
+                        let sign = self.shared.cfg.jwt_on_market_data || channel::needs_jwt(&m.channel);
+                        m.jwt = self.shared.credentials.as_ref().filter(|_| sign).map(crate::Credentials::ws_jwt);
                         let subscribe = m.kind == "subscribe";
                         let text = match serde_json::to_string(&m) {
                             Ok(t) => t,
@@ -201,6 +208,7 @@ impl<'a> Session<'a> {
                 }
                 changed = desired_rx.changed() => {
                     if changed.is_ok() {
+                        self.follow();
                         self.prune().await;
                         self.reconcile(Instant::now());
                     }
@@ -245,7 +253,22 @@ impl<'a> Session<'a> {
         });
     }
 
-    /// Queue whatever (un)subscriptions bring the connection to the followed products.
+    /// Group the followed products by book (see `books`).
+    fn follow(&mut self) {
+        let mut books: BTreeMap<ProductId, Vec<ProductId>> = BTreeMap::new();
+        for p in self.shared.desired.borrow().iter() {
+            books.entry(p.book_id()).or_default().push(p.clone());
+        }
+        self.books = books;
+    }
+
+    /// The followed products a pushed entry for `product` belongs to: those of its book.
+    fn targets(&self, product: &ProductId) -> Vec<ProductId> {
+        self.books.get(&product.book_id()).cloned().unwrap_or_default()
+    }
+
+    /// Queue whatever (un)subscriptions bring the connection to the followed products (by
+    /// book: the ids the exchange acknowledges).
     fn reconcile(&mut self, now: Instant) {
         let timeout = self.shared.cfg.subscribe_timeout;
         if !self.heartbeats_acked
@@ -254,7 +277,7 @@ impl<'a> Session<'a> {
             self.heartbeats_sent = Some(now);
             self.queue(true, channel::HEARTBEATS, Vec::new(), now);
         }
-        let desired = self.shared.desired.borrow().clone();
+        let desired: BTreeSet<ProductId> = self.books.keys().cloned().collect();
         for ch in [channel::CANDLES, self.shared.cfg.ticker_channel.as_str()] {
             let acked = self.acked.get(ch).cloned().unwrap_or_default();
             let pending = |p: &ProductId| {
@@ -337,42 +360,41 @@ impl<'a> Session<'a> {
             }
             self.last_seq = Some(seq);
         }
-        let desired = shared.desired.borrow().clone();
         let clock = shared.source.feed_clock();
         match body {
             Body::Tickers { tickers, skipped } => {
                 c.decode_errors.fetch_add(skipped, std::sync::atomic::Ordering::Relaxed);
                 for mut t in tickers {
-                    if !desired.contains(&t.product) {
-                        continue;
-                    }
                     if at.is_none() {
                         t.time = clock.now_utc();
                     }
-                    let p = t.product.clone();
-                    let stored = shared.source.feed_ticker(t, shared.cfg.ticker_hold).await;
-                    inc(&c.tickers_applied);
-                    self.delivered = true;
-                    let mut st = lock(&shared.state);
-                    let s = st.products.entry(p).or_default();
-                    s.ticker_at = Some(stored);
-                    s.ticker_live = true;
+                    for p in self.targets(&t.product) {
+                        let t = Ticker { product: p.clone(), ..t.clone() };
+                        let stored = shared.source.feed_ticker(t, shared.cfg.ticker_hold).await;
+                        inc(&c.tickers_applied);
+                        self.delivered = true;
+                        let mut st = lock(&shared.state);
+                        let s = st.products.entry(p).or_default();
+                        s.ticker_at = Some(stored);
+                        s.ticker_live = true;
+                    }
                 }
             }
             Body::Candles { candles, skipped } => {
                 c.decode_errors.fetch_add(skipped, std::sync::atomic::Ordering::Relaxed);
                 let at = at.unwrap_or_else(|| clock.now_utc());
                 let grace = shared.cfg.candle_grace;
-                for (p, list) in candles {
-                    if !desired.contains(&p) {
-                        continue;
-                    }
+                let pushed: Vec<(ProductId, &Vec<crate::model::Candle>)> = candles
+                    .iter()
+                    .flat_map(|(q, list)| self.targets(q).into_iter().map(move |p| (p, list)))
+                    .collect();
+                for (p, list) in pushed {
                     let (mark, known) = {
                         let st = lock(&shared.state);
                         let s = st.products.get(&p);
                         (s.and_then(|s| s.mark), s.map(|s| s.derived.iter().copied().collect::<Vec<_>>()))
                     };
-                    match shared.source.feed_candles(&p, &list, at, mark, grace).await {
+                    match shared.source.feed_candles(&p, list, at, mark, grace).await {
                         Merge::Merged(m) => {
                             inc(&c.candle_merges);
                             self.delivered = true;

@@ -34,6 +34,16 @@ pub mod channel {
     pub const TICKER_BATCH: &str = "ticker_batch";
     /// The subscription acknowledgement (server to client only).
     pub const SUBSCRIPTIONS: &str = "subscriptions";
+    /// The user's orders (needs a JWT; on `wss://advanced-trade-ws-user.coinbase.com`).
+    pub const USER: &str = "user";
+    /// The user's futures balances (needs a JWT).
+    pub const FUTURES_BALANCE_SUMMARY: &str = "futures_balance_summary";
+
+    /// Whether a subscription to `channel` must carry a JWT: only the `user`-type channels
+    /// ([`USER`], [`FUTURES_BALANCE_SUMMARY`]); market data needs none (COINBASE.md §4.2, §5).
+    pub fn needs_jwt(channel: &str) -> bool {
+        matches!(channel, USER | FUTURES_BALANCE_SUMMARY)
+    }
 }
 
 /// A client message: subscribe to or unsubscribe from one channel (Coinbase accepts one
@@ -49,7 +59,8 @@ pub struct SubscribeMessage {
     /// The channel.
     #[serde(default)]
     pub channel: String,
-    /// A fresh JWT, required only by the `user` and `futures_balance_summary` channels.
+    /// A fresh JWT, required only by the `user` and `futures_balance_summary` channels
+    /// ([`channel::needs_jwt`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<String>,
 }
@@ -74,9 +85,10 @@ pub struct Envelope {
     /// The channel (`"l2_data"` for level2).
     #[serde(default)]
     pub channel: String,
-    /// Always `""` in captures.
-    #[serde(default)]
-    pub client_id: String,
+    /// `""` in the docs' samples; production frames carry no `client_id` at all (the AsyncAPI
+    /// spec, COINBASE.md §5), so `None` is left out when serializing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
     /// RFC 3339 with nanoseconds.
     #[serde(default)]
     pub timestamp: String,
@@ -109,7 +121,8 @@ pub struct Event {
     /// `heartbeats`: the server's time, in Go's `time.Time` format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_time: Option<String>,
-    /// `heartbeats`: a counter (a string in the docs; a number is accepted).
+    /// `heartbeats`: a counter, an integer in production (the AsyncAPI spec) and a string in
+    /// the docs' samples; both are accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_counter: Option<serde_json::Value>,
     /// `subscriptions`: every subscription of the connection, channel to products.
@@ -147,17 +160,17 @@ pub struct WsTicker {
     /// 24 h change, percent.
     #[serde(default)]
     pub price_percent_chg_24_h: String,
-    /// Best bid (the docs say `ticker_batch` omits it).
-    #[serde(default)]
+    /// Best bid (`ticker_batch` carries none: left out when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub best_bid: String,
-    /// Size at the best bid.
-    #[serde(default)]
+    /// Size at the best bid (left out when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub best_bid_quantity: String,
-    /// Best ask.
-    #[serde(default)]
+    /// Best ask (`ticker_batch` carries none: left out when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub best_ask: String,
-    /// Size at the best ask.
-    #[serde(default)]
+    /// Size at the best ask (left out when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub best_ask_quantity: String,
 }
 
@@ -394,6 +407,47 @@ mod tests {
         }
         let odd = r#"{"channel":"candles","events":[{"candles":[{"start":"x","high":"1","low":"1","open":"1","close":"1","volume":"1","product_id":"BTC-USD"}]}]}"#;
         assert!(matches!(decode(odd).unwrap(), Frame::Data { body: Body::Candles { skipped: 1, .. }, .. }));
+    }
+
+    /// Production frames (the AsyncAPI spec, COINBASE.md §5): no `client_id`, an integer
+    /// `heartbeat_counter`, `ticker_batch` without best bid/ask.
+    #[test]
+    fn production_frames_decode() {
+        let hb = r#"{"channel":"heartbeats","timestamp":"2026-09-05T22:10:29.562097895Z","sequence_num":7,"events":[{"current_time":"2026-09-05 22:10:29.56 +0000 UTC m=+1.0","heartbeat_counter":3049}]}"#;
+        assert!(matches!(
+            decode(hb).unwrap(),
+            Frame::Data { seq: Some(7), body: Body::Heartbeat { counter: Some(3049) }, .. }
+        ));
+        let batch = r#"{"channel":"ticker_batch","timestamp":"2026-09-05T22:10:30Z","sequence_num":8,"events":[{"type":"update","tickers":[{"type":"ticker","product_id":"BTC-USD","price":"21932.98","volume_24_h":"16038.28770938","low_24_h":"21835.29","high_24_h":"23011.18","low_52_w":"15460","high_52_w":"48240","price_percent_chg_24_h":"-4.15"}]}]}"#;
+        let Frame::Data { body: Body::Tickers { tickers, skipped: 0 }, .. } = decode(batch).unwrap() else {
+            panic!("ticker_batch")
+        };
+        assert_eq!(
+            (tickers[0].price, tickers[0].best_bid, tickers[0].best_ask),
+            ("21932.98".parse().unwrap(), None, None)
+        );
+        // And the simulator writes them so: no client_id, no empty bid/ask keys.
+        let env = Envelope {
+            channel: channel::TICKER_BATCH.into(),
+            events: vec![Event {
+                tickers: Some(vec![WsTicker {
+                    product_id: "BTC-USD".into(),
+                    price: "1".into(),
+                    ..WsTicker::default()
+                }]),
+                ..Event::default()
+            }],
+            ..Envelope::default()
+        };
+        let json = serde_json::to_string(&env).unwrap();
+        assert!(
+            !json.contains("client_id") && !json.contains("best_bid") && !json.contains("best_ask"),
+            "{json}"
+        );
+        assert!(channel::needs_jwt(channel::USER) && channel::needs_jwt(channel::FUTURES_BALANCE_SUMMARY));
+        for ch in [channel::HEARTBEATS, channel::CANDLES, channel::TICKER, channel::TICKER_BATCH] {
+            assert!(!channel::needs_jwt(ch), "{ch}");
+        }
     }
 
     #[test]

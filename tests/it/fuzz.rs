@@ -94,9 +94,27 @@ fn exercise(target: &str, input: &[u8]) -> bool {
                 }
             })
             .is_ok(),
-        "decode_products" => wire::decode_products(input)
-            .inspect(|ps| assert!(ps.iter().all(|p| ProductId::new(&p.product_id).is_ok())))
-            .is_ok(),
+        "decode_products" => {
+            // The same bodies as keyless tickers (issue 15): only asked products, each once,
+            // priced above zero, with no bid/ask.
+            let asked: Vec<ProductId> =
+                ["ETH-USD", "BTC-USD"].iter().map(|s| ProductId::new(s).unwrap()).collect();
+            let _ = wire::decode_product_tickers_for(&asked, input, time::OffsetDateTime::UNIX_EPOCH)
+                .inspect(|ts| {
+                    assert!(ts.len() <= asked.len());
+                    for (i, t) in ts.iter().enumerate() {
+                        assert!(asked.contains(&t.product) && ts[..i].iter().all(|u| u.product != t.product));
+                        assert!(
+                            t.price > tickshare::Decimal::ZERO
+                                && t.best_bid.is_none()
+                                && t.best_ask.is_none()
+                        );
+                    }
+                });
+            wire::decode_products(input)
+                .inspect(|ps| assert!(ps.iter().all(|p| ProductId::new(&p.product_id).is_ok())))
+                .is_ok()
+        }
         "decode_product" => {
             wire::decode_product(input).inspect(|p| assert!(ProductId::new(&p.product_id).is_ok())).is_ok()
         }

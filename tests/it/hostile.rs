@@ -361,6 +361,44 @@ async fn a_ticker_of_another_product_is_an_error() {
     assert_eq!((t.product, t.price), (pid("BTC-USD"), dec("100")));
 }
 
+/// Keyless tickers (issue 15) come from the public products list: the same rules as
+/// `best_bid_ask` (products not asked for dropped unread, identical duplicates collapse,
+/// conflicting ones and impossible prices rejected), no bid/ask, no JWT, one request.
+#[tokio::test]
+async fn keyless_tickers_keep_to_what_was_asked() {
+    let product =
+        |id: &str, price: &str| format!(r#"{{"product_id":"{id}","price":"{price}","status":"online"}}"#);
+    let body = format!(
+        r#"{{"products":[{},{},{{"product_id":"DOGE-USD","price":["oops"]}},{},{}],"num_products":4}}"#,
+        product("BTC-USD", "100"),
+        product("SOL-USD", "-1"),
+        product("ETH-USD", "2000"),
+        product("BTC-USD", "100"),
+    );
+    let server = Hostile::always(200, body).await;
+    let keyless = || CoinbaseClient::builder().base_url(server.url()).unlimited().clock(fixed_clock());
+    let got = within(keyless().build().unwrap().tickers(&[pid("ETH-USD"), pid("BTC-USD"), pid("ADA-USD")]))
+        .await
+        .unwrap();
+    let prices: Vec<(&str, Decimal, Option<Decimal>)> =
+        got.iter().map(|t| (t.product.as_str(), t.price, t.best_bid)).collect();
+    assert_eq!(prices, [("BTC-USD", dec("100"), None), ("ETH-USD", dec("2000"), None)]);
+    let seen = server.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/api/v3/brokerage/market/products");
+    assert_eq!(seen[0].query, "product_ids=ETH-USD&product_ids=BTC-USD&product_ids=ADA-USD");
+    assert_eq!(seen[0].authorization, "", "a public request carries no JWT");
+    drop(server);
+    for (body, needle) in [
+        (format!(r#"{{"products":[{},{}]}}"#, product("BTC-USD", "1"), product("BTC-USD", "2")), "twice"),
+        (format!(r#"{{"products":[{}]}}"#, product("BTC-USD", "0")), "product BTC-USD"),
+    ] {
+        let server = Hostile::always(200, body).await;
+        let client = CoinbaseClient::builder().base_url(server.url()).unlimited().clock(fixed_clock());
+        decode_error(within(client.build().unwrap().tickers(&[pid("BTC-USD")])).await, needle);
+    }
+}
+
 /// Entries for products not asked for are dropped without being decoded, so one malformed
 /// extra entry cannot fail the batch; identical duplicates collapse.
 #[tokio::test]

@@ -469,7 +469,7 @@ async fn accounts_paginate_across_three_pages() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn candle_windows_over_350_buckets_are_400_and_requests_are_logged() {
+async fn candle_windows_over_300_buckets_are_400_and_requests_are_logged() {
     let sim = SimExchange::builder().clock(fixed_clock()).start().await.unwrap();
     let c = http();
     let start = sim.clock().now_utc().unix_timestamp() - 3 * 86_400;
@@ -477,10 +477,10 @@ async fn candle_windows_over_350_buckets_are_400_and_requests_are_logged() {
     let url = |end: i64, g: &str| {
         format!("{}/market/products/ETH-USD/candles?start={start}&end={end}&granularity={g}", sim.api_url())
     };
-    let r = get(&c, &url(start + 349 * 60, "ONE_MINUTE"), None).await;
+    let r = get(&c, &url(start + 299 * 60, "ONE_MINUTE"), None).await;
     assert_eq!(r.status, 200);
-    assert_eq!(wire::decode_candles(&r.body).unwrap().len(), 350);
-    let r = get(&c, &url(start + 350 * 60, "ONE_MINUTE"), None).await;
+    assert_eq!(wire::decode_candles(&r.body).unwrap().len(), 300);
+    let r = get(&c, &url(start + 300 * 60, "ONE_MINUTE"), None).await;
     assert_eq!(r.status, 400);
     assert_eq!(
         r.json(),
@@ -489,7 +489,7 @@ async fn candle_windows_over_350_buckets_are_400_and_requests_are_logged() {
     let r = get(&c, &url(start + 60, "TEN_MINUTE"), None).await;
     assert_eq!(r.status, 400);
     // A window reaching into the future returns only what has started.
-    let r = get(&c, &url(start + 349 * 86_400, "ONE_DAY"), None).await;
+    let r = get(&c, &url(start + 299 * 86_400, "ONE_DAY"), None).await;
     assert_eq!(r.status, 200);
     assert_eq!(wire::decode_candles(&r.body).unwrap().len(), 3, "days 22, 23 and 24");
     // `limit` keeps the newest.
@@ -506,8 +506,8 @@ async fn candle_windows_over_350_buckets_are_400_and_requests_are_logged() {
     assert_eq!(
         logged,
         [
-            ("market/candles", "ETH-USD", Granularity::OneMinute, start, start + 349 * 60, None),
-            ("market/candles", "ETH-USD", Granularity::OneDay, start, start + 349 * 86_400, None),
+            ("market/candles", "ETH-USD", Granularity::OneMinute, start, start + 299 * 60, None),
+            ("market/candles", "ETH-USD", Granularity::OneDay, start, start + 299 * 86_400, None),
             ("market/candles", "ETH-USD", Granularity::OneMinute, start, start + 600, Some(2)),
         ],
         "only requests that were served are logged"

@@ -8,7 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use tickshare::{
     BatchEvaluator, Bot, Candle, CandleRange, Clock, CoordinatedSource, Granularity, MarketDataSource,
     MarketStream, MovingAverageCrossover, Origin, ProductId, ReadOptions,
-    sim::{Endpoint, SimExchange, SimStats, WsConfig, WsFault},
+    sim::{Endpoint, SimExchange, SimStats, WsConfig, WsDialect, WsFault},
 };
 use time::{OffsetDateTime, macros::datetime};
 use tokio::time::Instant;
@@ -57,6 +57,19 @@ fn closed(candles: &[Candle], now: OffsetDateTime, g: Granularity) -> Vec<Candle
     candles.iter().filter(|c| g.is_closed(c.start, now)).copied().collect()
 }
 
+/// Evaluate `bots` `n` times, five minutes apart, without an error; `steady`: each tick makes
+/// exactly one upstream call (accounts).
+async fn five_minute_ticks(evaluator: &BatchEvaluator, bots: &[Bot], n: usize, steady: bool) {
+    for _ in 0..n {
+        let report = evaluator.evaluate_all(bots).await;
+        assert_eq!(report.errors().count(), 0);
+        if steady {
+            assert_eq!(report.upstream_calls, 1, "accounts only");
+        }
+        tokio::time::sleep(Duration::from_secs(300)).await;
+    }
+}
+
 fn lookback(g: Granularity, n: u32, clock: Clock) -> CandleRange {
     CandleRange::lookback(g, n, clock.now_utc()).unwrap()
 }
@@ -90,21 +103,12 @@ async fn twenty_five_bots_make_no_market_data_rest_calls_after_warm_up() {
         BatchEvaluator::new(Arc::new(source.clone())).clock(clock).meter(Arc::new(source.clone()));
     // Warm-up: 10:46:38 fetches each series' history; 10:51:38 needs no call. The five-minute
     // history reaches back to 08:50, so the stream can derive the 10:00 hour at its close.
-    for _ in 0..2 {
-        let report = evaluator.evaluate_all(&bots).await;
-        assert_eq!(report.errors().count(), 0);
-        tokio::time::sleep(Duration::from_secs(300)).await;
-    }
+    five_minute_ticks(&evaluator, &bots, 2, false).await;
     let warm = sim.stats();
     assert_eq!(market_calls(&warm), 10, "5 five-minute histories, 5 hourly histories");
     assert_eq!(warm.calls(Endpoint::Products), 0, "tickers came from the stream from the start");
     // Eight ticks, 10:56:38 to 11:31:38: the 11:00 hourly close included.
-    for _ in 0..8 {
-        let report = evaluator.evaluate_all(&bots).await;
-        assert_eq!(report.errors().count(), 0);
-        assert_eq!(report.upstream_calls, 1, "accounts only");
-        tokio::time::sleep(Duration::from_secs(300)).await;
-    }
+    five_minute_ticks(&evaluator, &bots, 8, true).await;
     let s = sim.stats();
     assert_eq!(market_calls(&s), market_calls(&warm), "no ticker or candle REST call after the warm-up");
     assert_eq!(s.calls(Endpoint::Accounts) - warm.calls(Endpoint::Accounts), 8);
@@ -139,6 +143,140 @@ async fn twenty_five_bots_make_no_market_data_rest_calls_after_warm_up() {
         assert_eq!((h.open, h.close), (rest_hour[0].open, rest_hour[0].close));
     }
     stream.shutdown().await;
+}
+
+/// Issue 15: Coinbase's market-data channels answer a `BTC-USDC` subscription with `BTC-USD`
+/// frames and acknowledgements (USDT-USDC excepted), with no JWT needed. Bots on `-USDC`
+/// products are fed by the stream with no ticker or candle REST call after the warm-up; `ETH-USD`
+/// and `ETH-USDC` followed together share one subscription.
+#[tokio::test(start_paused = true)]
+async fn usdc_bots_are_fed_by_the_stream_through_their_usd_twins() {
+    let clock = Clock::starting_at(datetime!(2024-04-24 10:46:38 UTC));
+    let ws = WsConfig::default().candle_interval(Duration::from_secs(5));
+    let sim = SimExchange::builder()
+        .products(["BTC-USD", "BTC-USDC", "ETH-USD", "ETH-USDC", "USDT-USDC"])
+        .clock(clock)
+        .ws(ws)
+        .start()
+        .await
+        .unwrap();
+    let followed = [pid("BTC-USDC"), pid("ETH-USDC"), pid("ETH-USD"), pid("USDT-USDC")];
+    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(clock).build().unwrap();
+    // Credentials, but no `jwt_on_market_data`: market-data subscriptions go unsigned.
+    let stream = MarketStream::builder(source.clone())
+        .url(sim.ws_url())
+        .credentials(tickshare::Credentials::generate("organizations/sim/apiKeys/sim"))
+        .products(followed.clone())
+        .start()
+        .unwrap();
+    until("the stream to go live", Duration::from_secs(10), || stream.is_live()).await;
+    let bots: Vec<Bot> = followed
+        .iter()
+        .flat_map(|p| [Granularity::FiveMinute, Granularity::OneHour].map(|g| (p.clone(), g)))
+        .enumerate()
+        .map(|(i, (p, g))| {
+            Bot::new(format!("bot-{i}"), p, Arc::new(MovingAverageCrossover::default()))
+                .granularity(g)
+                .lookback(24)
+        })
+        .collect();
+    let evaluator =
+        BatchEvaluator::new(Arc::new(source.clone())).clock(clock).meter(Arc::new(source.clone()));
+    five_minute_ticks(&evaluator, &bots, 2, false).await;
+    let warm = sim.stats();
+    assert_eq!(market_calls(&warm), 8, "4 five-minute histories, 4 hourly histories");
+    assert_eq!(warm.calls(Endpoint::BestBidAsk), 0, "tickers came from the stream from the start");
+    five_minute_ticks(&evaluator, &bots, 8, true).await;
+    let s = sim.stats();
+    assert_eq!(market_calls(&s), market_calls(&warm), "no ticker or candle REST call after the warm-up");
+    let st = stream.stats();
+    assert_eq!((st.live_products, st.exchange_errors, st.reconnects, st.sequence_gaps), (4, 0, 0, 0));
+    assert_eq!(st.rest_fallbacks, 8);
+    // Heartbeats, candles and ticker_batch, each acknowledged at once: the acks name BTC-USD
+    // and ETH-USD, and the stream took them for its BTC-USDC and ETH-USDC.
+    let ws = sim.ws_stats();
+    assert_eq!(ws.subscribe_messages, 3);
+    assert_eq!(ws.authenticated_messages, 0, "no JWT on market-data channels");
+    // The pushed values are the book's: a BTC-USDC ticker is BTC-USD's price (ticker_batch has
+    // no bid/ask in production); candles equal REST's.
+    let direct = sim.client().unwrap();
+    let now = clock.now_utc();
+    for p in &followed {
+        let t = source.ticker_with(p, ReadOptions::default()).await.unwrap();
+        assert_eq!(t.origin, Origin::Cache, "{p}");
+        assert_eq!((&t.value.product, t.value.best_bid), (p, None));
+        assert_eq!(Some(t.value.price), sim.price_at(p, t.value.time), "{p}");
+        let g = Granularity::FiveMinute;
+        let cached = source.candles(p, g, lookback(g, 24, clock)).await.unwrap();
+        let rest = direct.candles(p, g, lookback(g, 24, clock)).await.unwrap();
+        assert_eq!(closed(&cached, now, g), closed(&rest, now, g), "{p}");
+    }
+    let btc = source.ticker(&pid("BTC-USDC")).await.unwrap();
+    assert_eq!(sim.price_at(&pid("BTC-USD"), btc.time), Some(btc.price));
+    stream.shutdown().await;
+}
+
+/// The simulator's WebSocket side speaks production by default: no `client_id`, an integer
+/// `heartbeat_counter`, no bid/ask on `ticker_batch`, `-USDC` answered as `-USD`; the docs'
+/// shapes on request.
+#[tokio::test(start_paused = true)]
+async fn the_simulated_endpoint_speaks_production_or_the_docs() {
+    let clock = support::fixed_clock();
+    for dialect in [WsDialect::Production, WsDialect::Documented] {
+        let sim = SimExchange::builder()
+            .products(["BTC-USD", "BTC-USDC", "USDT-USDC"])
+            .clock(clock)
+            .ws(WsConfig::default().dialect(dialect))
+            .start()
+            .await
+            .unwrap();
+        let production = dialect == WsDialect::Production;
+        let (mut ws, _) = tokio_tungstenite::connect_async(sim.ws_url()).await.unwrap();
+        send(&mut ws, serde_json::json!({"type":"subscribe","product_ids":[],"channel":"heartbeats"})).await;
+        let _ack = read_json(&mut ws).await;
+        let hb = read_json(&mut ws).await;
+        assert_eq!(hb["channel"], "heartbeats");
+        if production {
+            assert!(hb.get("client_id").is_none(), "{hb}");
+            assert_eq!(hb["events"][0]["heartbeat_counter"], 1);
+        } else {
+            assert_eq!(hb["client_id"], "");
+            assert_eq!(hb["events"][0]["heartbeat_counter"], "1");
+        }
+        send(
+            &mut ws,
+            serde_json::json!({"type":"subscribe","product_ids":["BTC-USDC","USDT-USDC"],"channel":"ticker_batch"}),
+        )
+        .await;
+        let ack = loop {
+            let m = read_json(&mut ws).await;
+            if m["channel"] == "subscriptions" {
+                break m;
+            }
+        };
+        let twin = if production { "BTC-USD" } else { "BTC-USDC" };
+        let mut expected = vec![twin, "USDT-USDC"];
+        expected.sort();
+        assert_eq!(
+            ack["events"][0]["subscriptions"]["ticker_batch"],
+            serde_json::json!(expected),
+            "{dialect:?}"
+        );
+        let snap = loop {
+            let m = read_json(&mut ws).await;
+            if m["channel"] == "ticker_batch" {
+                break m;
+            }
+        };
+        let tickers = snap["events"][0]["tickers"].as_array().unwrap();
+        let ids: Vec<&str> = tickers.iter().map(|t| t["product_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, expected, "{dialect:?}");
+        for t in tickers {
+            assert_eq!(t.get("best_bid").is_some(), !production, "{t}");
+            assert_eq!(t.get("best_ask").is_some(), !production, "{t}");
+        }
+        sim.shutdown().await;
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -290,10 +428,12 @@ async fn products_follow_the_bots_within_the_message_limit() {
     let products = sim.products();
     let (btc, eth) = (products[0].clone(), products[1].clone());
     let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(clock).build().unwrap();
-    // With credentials, every message carries a fresh JWT (none of these channels needs one).
+    // With credentials and `jwt_on_market_data`, every message carries a fresh JWT (none of
+    // these channels needs one; without the switch none is sent).
     let stream = MarketStream::builder(source.clone())
         .url(sim.ws_url())
         .credentials(tickshare::Credentials::generate("organizations/sim/apiKeys/sim"))
+        .jwt_on_market_data(true)
         .products([btc.clone()])
         .start()
         .unwrap();
@@ -340,7 +480,7 @@ async fn the_simulated_endpoint_speaks_coinbase() {
     assert!(ack["events"][0]["subscriptions"]["heartbeats"].is_array());
     let hb = read_json(&mut ws).await;
     assert_eq!((hb["channel"].as_str(), hb["sequence_num"].as_u64()), (Some("heartbeats"), Some(1)));
-    assert_eq!(hb["events"][0]["heartbeat_counter"], "1");
+    assert_eq!(hb["events"][0]["heartbeat_counter"], 1, "an integer, as production sends it");
     assert!(hb["events"][0]["current_time"].as_str().unwrap().contains(" +0000 UTC m=+"));
     send(&mut ws, serde_json::json!({"type":"subscribe","product_ids":["BTC-USD","NOPE-USD"],"channel":"candles","jwt":"x.y.z"}))
         .await;
