@@ -153,7 +153,7 @@ pub enum TickerBatch {
     #[default]
     LastTrade,
     /// One `best_bid_ask` call per chunk: the book, and `price` is the bid/ask mid, flagged
-    /// [`PriceKind::Mid`]. Needs credentials.
+    /// [`PriceKind::Mid`](crate::PriceKind::Mid). Needs credentials.
     Book,
     /// Both calls per chunk, merged: the last trade and the book (twice the calls).
     LastTradeAndBook,
