@@ -321,6 +321,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
             for reason in &r.reasons {
                 println!("  - {reason}");
             }
+            let strict = tickshare::MigrationGate { min_decision_agreement: 1.0, ..gate };
+            println!(
+                "decision-level shadow: {} decisions compared over {} bots, agreement {}; gate(+100 % decision agreement): {:?}",
+                r.decision_comparisons.unwrap_or(0),
+                r.bots.len(),
+                r.decision_agreement.map_or("n/a".to_string(), |a| format!("{:.1} %", a * 100.0)),
+                r.gate(&strict),
+            );
         }
         if let (Some(c), Some(pf)) = (phase("coordinated"), phase("prefetched")) {
             println!(

@@ -529,6 +529,7 @@ impl BatchEvaluator {
                 .map(|(i, s)| async move { (*i, legacy_evaluate(&bots[*i], s.as_ref(), now).await) }),
         );
         let (fetched, legacy) = tokio::join!(snapshot_fut, legacy_fut);
+        self.compare_shadow_decisions(bots, &routes_of, &legacy, now).await;
         let resolved: Vec<Resolved<'_>> = match &fetched {
             Some(f) => plan.series.iter().zip(&f.candles).map(|(s, c)| f.resolve(s, c)).collect(),
             None => Vec::new(),
@@ -592,6 +593,34 @@ impl BatchEvaluator {
             routes,
             outcomes: counts,
             results,
+        }
+    }
+}
+
+impl BatchEvaluator {
+    /// Decision-level shadow: each shadowed bot whose legacy evaluation succeeded is evaluated
+    /// again on the coordinated answers (mostly from the cache the shadow's own reads just
+    /// filled), and whether both gave the same signal goes into the shadow's
+    /// [`MigrationReport`](crate::MigrationReport).
+    async fn compare_shadow_decisions(
+        &self,
+        bots: &[Bot],
+        routes: &[Route],
+        legacy: &[(usize, Result<Decision>)],
+        now: OffsetDateTime,
+    ) {
+        let Routing::Selector(sel) = &self.routing else { return };
+        let shadow = sel.shadow();
+        let coordinated = shadow.coordinated();
+        let compared = legacy.iter().filter(|(i, r)| routes[*i] == Route::Shadow && r.is_ok()).map(
+            |(i, r)| async move {
+                let on_coordinated = legacy_evaluate(&bots[*i], coordinated.as_ref(), now).await;
+                (*i, r, on_coordinated)
+            },
+        );
+        for (i, r, c) in futures_util::future::join_all(compared).await {
+            let agreed = matches!((r, &c), (Ok(l), Ok(c)) if l.signal == c.signal);
+            shadow.record_decision(&bots[i].id, agreed);
         }
     }
 }

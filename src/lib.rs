@@ -143,8 +143,8 @@ pub use retry::RetryPolicy;
 pub use rust_decimal::Decimal;
 pub use schedule::{ScheduledTick, TickLoop, TickSchedule};
 pub use selector::{
-    FlagsWatcher, GateVerdict, MethodShadowStats, MigrationGate, MigrationProgress, MigrationReport,
-    PathLatency, SelectorStats, ShadowSource, ShadowStats, ShadowTolerance, SourceSelector,
+    BotAgreement, FlagsWatcher, GateVerdict, MethodShadowStats, MigrationGate, MigrationProgress,
+    MigrationReport, PathLatency, SelectorStats, ShadowSource, ShadowStats, ShadowTolerance, SourceSelector,
 };
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]

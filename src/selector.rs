@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use tokio::{task::JoinHandle, time::MissedTickBehavior};
 
 pub use self::shadow::{
-    GateVerdict, MethodShadowStats, MigrationGate, MigrationReport, PathLatency, ShadowSource, ShadowStats,
-    ShadowTolerance,
+    BotAgreement, GateVerdict, MethodShadowStats, MigrationGate, MigrationReport, PathLatency, ShadowSource,
+    ShadowStats, ShadowTolerance,
 };
 use crate::{
     error::Result,

@@ -117,6 +117,8 @@ struct Recorder {
     tolerance: ShadowTolerance,
     /// Worst ticker and in-progress candle deltas, in basis points.
     worst_bps: Mutex<(f64, f64)>,
+    /// Decisions compared per bot: `(compared, agreed)`.
+    decisions: Mutex<BTreeMap<String, (u64, u64)>>,
     closed_candle_mismatches: AtomicU64,
 }
 
@@ -458,10 +460,23 @@ pub struct MigrationReport {
     pub decision_comparisons: Option<u64>,
     /// Share of compared decisions that agreed; `None` when not measured.
     pub decision_agreement: Option<f64>,
+    /// Per shadowed bot: decisions compared and how many agreed (what a trader checks before
+    /// a bot's flag flips).
+    #[serde(default)]
+    pub bots: BTreeMap<String, BotAgreement>,
     /// Whether [`MigrationGate::default`] passes.
     pub safe_to_migrate: bool,
     /// Why not (empty when safe), or what the verdict rests on.
     pub reasons: Vec<String>,
+}
+
+/// One shadowed bot's decisions on both paths.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotAgreement {
+    /// Ticks on which the bot's strategy was evaluated on both answers.
+    pub decisions: u64,
+    /// Of those, ticks on which both gave the same signal.
+    pub agreed: u64,
 }
 
 /// What a host requires before a rollout step, e.g. "≥ 200 comparisons and no unexplained
@@ -620,9 +635,22 @@ impl ShadowSource {
             unexplained_mismatches: s.mismatches + s.coordinated_errors,
             decision_comparisons: None,
             decision_agreement: None,
+            bots: BTreeMap::new(),
             safe_to_migrate: false,
             reasons: Vec::new(),
         };
+        {
+            let decisions = lock(&rec.decisions);
+            let (compared, agreed) = decisions.values().fold((0, 0), |(c, a), (dc, da)| (c + dc, a + da));
+            if compared > 0 {
+                report.decision_comparisons = Some(compared);
+                report.decision_agreement = Some(agreed as f64 / compared as f64);
+            }
+            report.bots = decisions
+                .iter()
+                .map(|(id, (d, a))| (id.clone(), BotAgreement { decisions: *d, agreed: *a }))
+                .collect();
+        }
         match report.gate(&MigrationGate::default()) {
             GateVerdict::Proceed => {
                 report.safe_to_migrate = true;
@@ -634,6 +662,20 @@ impl ShadowSource {
             GateVerdict::Hold { reasons } => report.reasons = reasons,
         }
         report
+    }
+
+    /// Record one decision of a shadowed bot on both paths (the evaluator does this for every
+    /// shadowed bot each tick): `agreed` when both answers gave the same signal.
+    pub fn record_decision(&self, bot_id: &str, agreed: bool) {
+        let mut d = lock(&self.recorder.decisions);
+        let e = d.entry(bot_id.to_string()).or_default();
+        e.0 += 1;
+        e.1 += u64::from(agreed);
+    }
+
+    /// The coordinated side of the comparison.
+    pub fn coordinated(&self) -> &Arc<dyn MarketDataSource> {
+        &self.coordinated
     }
 
     /// A snapshot of the divergence counters.

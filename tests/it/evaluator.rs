@@ -353,3 +353,32 @@ async fn an_offset_grid_reads_the_closed_candle_at_the_hour() {
     assert_eq!(next.prefetch.as_ref().map(|p| p.upstream_calls), Some(2));
     assert_eq!((next.report.upstream_calls, next.latency), (0, Duration::ZERO));
 }
+
+/// Decision-level shadow: every shadowed bot's strategy also runs on the coordinated answers
+/// each tick, and the report counts, per bot, how often both gave the same signal.
+#[tokio::test(start_paused = true)]
+async fn shadowed_bots_decisions_are_compared_on_both_paths() {
+    let sim = SimExchange::builder().products(5).clock(fixed_clock()).start().await.unwrap();
+    let fleet = bots(&sim.handle(), 5);
+    let flags = MigrationFlags {
+        enabled: true,
+        shadow_bot_ids: fleet[..3].iter().map(|b| b.id.clone()).collect(),
+        ..MigrationFlags::default()
+    };
+    let (selector, _) = migration(&sim, flags, true);
+    let eval = BatchEvaluator::with_selector(selector.clone()).clock(sim.clock());
+    for _ in 0..4 {
+        let report = eval.evaluate_all(&fleet).await;
+        assert_eq!(report.errors().count(), 0);
+        tokio::time::sleep(Duration::from_secs(300)).await;
+    }
+    selector.shadow().wait_idle().await;
+    let r = selector.shadow().report();
+    assert_eq!(r.decision_comparisons, Some(12), "3 shadowed bots × 4 ticks");
+    assert_eq!(r.decision_agreement, Some(1.0));
+    assert_eq!(r.bots.len(), 3);
+    assert!(r.bots.values().all(|b| (b.decisions, b.agreed) == (4, 4)), "{:?}", r.bots);
+    let strict =
+        tickshare::MigrationGate { min_comparisons: 1, min_decision_agreement: 1.0, ..Default::default() };
+    assert_eq!(r.gate(&strict), tickshare::GateVerdict::Proceed, "{r:?}");
+}
