@@ -72,6 +72,8 @@ struct Phase {
     upstream_calls: u64,
     rate_limited_429: u64,
     hit_rate: f64,
+    /// Bot reads answered without an upstream call of their own, after the first (cold) tick.
+    warm_read_hit_rate: f64,
     tick_ms: Vec<f64>,
     bot_errors: u64,
     max_in_1s: (u64, u64),
@@ -84,6 +86,15 @@ impl Phase {
         let mut t = self.tick_ms.clone();
         t.sort_by(f64::total_cmp);
         t.get(t.len() / 2).copied().unwrap_or(0.0)
+    }
+    /// The seed's read hit rate over the phase: bot reads answered without an upstream call of
+    /// their own.
+    fn read_hit_rate(&self, bot_ticks: u64) -> f64 {
+        tickshare::read_hit_rate(bot_ticks * tickshare::READS_PER_BOT, self.upstream_calls)
+    }
+    /// Bot-ticks that got usable data and decided.
+    fn availability(&self, bot_ticks: u64) -> f64 {
+        if bot_ticks == 0 { 0.0 } else { bot_ticks.saturating_sub(self.bot_errors) as f64 / bot_ticks as f64 }
     }
     fn max(&self) -> f64 {
         self.tick_ms.iter().copied().fold(0.0, f64::max)
@@ -190,6 +201,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         sim.reset_stats();
         let mut tick_ms = Vec::new();
         let mut bot_errors = 0;
+        let (mut warm_reads, mut warm_calls) = (0, 0);
         // Refresh-ahead: long enough for the hourly refresh of the candle series at the
         // private limit (25 series at 30/s take under a second).
         let lead = if name == "prefetched" { Duration::from_millis(1_500) } else { Duration::ZERO };
@@ -201,6 +213,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
             let tick = schedule.tick(&bots).await;
             tick_ms.push(tick.latency.as_secs_f64() * 1000.0);
             bot_errors += tick.report.errors().count() as u64;
+            if tick_ms.len() > 1 {
+                warm_reads += tick.report.bot_reads;
+                warm_calls += tick.report.upstream_calls;
+            }
         }
         // Let the exchange's one-second windows close before reading them.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -212,6 +228,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             upstream_calls: s.total_calls,
             rate_limited_429: s.rate_limited_429,
             hit_rate: cs.hit_rate,
+            warm_read_hit_rate: tickshare::read_hit_rate(warm_reads, warm_calls),
             tick_ms,
             bot_errors,
             max_in_1s: (s.max_requests_in_any_1s.public, s.max_requests_in_any_1s.private),
@@ -255,7 +272,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 "upstream_calls": p.upstream_calls,
                 "upstream_calls_per_tick": p.upstream_calls as f64 / args.ticks as f64,
                 "rate_limited_429": p.rate_limited_429,
-                "hit_rate": p.hit_rate,
+                "cache_key_hit_rate": p.hit_rate,
+                "read_hit_rate": p.read_hit_rate(args.bots as u64 * args.ticks as u64),
+                "warm_read_hit_rate": p.warm_read_hit_rate,
+                "availability": p.availability(args.bots as u64 * args.ticks as u64),
                 "tick_ms_p50": p.p50(),
                 "tick_ms_max": p.max(),
                 "bot_errors": p.bot_errors,
@@ -267,13 +287,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
         }
     } else {
         println!(
-            "{:<12} {:>9} {:>10} {:>10} {:>6} {:>9} {:>12} {:>12} {:>11} {:>15}",
+            "{:<12} {:>9} {:>10} {:>10} {:>6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>11} {:>15}",
             "phase",
             "migrated",
             "upstream",
             "per tick",
             "429s",
-            "hit rate",
+            "read hit",
+            "warm hit",
+            "avail",
             "tick p50 ms",
             "tick max ms",
             "bot errors",
@@ -281,13 +303,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
         );
         for p in &phases {
             println!(
-                "{:<12} {:>8}% {:>10} {:>10.1} {:>6} {:>8.1}% {:>12.1} {:>12.1} {:>11} {:>11}/{}",
+                "{:<12} {:>8}% {:>10} {:>10.1} {:>6} {:>8.1}% {:>8.1}% {:>8.1}% {:>12.1} {:>12.1} {:>11} {:>11}/{}",
                 p.name,
                 p.migrated_percent,
                 p.upstream_calls,
                 p.upstream_calls as f64 / args.ticks as f64,
                 p.rate_limited_429,
-                p.hit_rate * 100.0,
+                p.read_hit_rate(args.bots as u64 * args.ticks as u64) * 100.0,
+                p.warm_read_hit_rate * 100.0,
+                p.availability(args.bots as u64 * args.ticks as u64) * 100.0,
                 p.p50(),
                 p.max(),
                 p.bot_errors,

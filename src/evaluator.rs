@@ -333,8 +333,19 @@ pub struct TickReport {
     pub cache_hits: u64,
     /// Cache misses during the tick.
     pub cache_misses: u64,
-    /// `cache_hits / (hits + misses)`, 0 without reads.
+    /// `cache_hits / (hits + misses)`, 0 without reads: a share of the source's cache lookups
+    /// (one per distinct key per tick), not of the bots' reads; see `read_hit_rate`.
     pub cache_hit_rate: f64,
+    /// The bots' data reads this tick, as the seed counts them: a ticker, a candle series, the
+    /// accounts and a balance check per bot (4 × bots).
+    pub bot_reads: u64,
+    /// The seed's "cache hit rate": the share of `bot_reads` answered without an upstream call
+    /// of their own, `1 − upstream_calls / bot_reads` (an upstream call is at most one read's
+    /// own), 0 without bots.
+    pub read_hit_rate: f64,
+    /// The share of bots whose evaluation got usable data and decided (the seed's
+    /// availability), 0 without bots.
+    pub availability: f64,
     /// Bots by route.
     pub routes: BTreeMap<String, u64>,
     /// Decisions by signal, and `"error"`.
@@ -583,6 +594,7 @@ impl BatchEvaluator {
 
         let (calls1, hits1, misses1) = self.read_meters();
         let (hits, misses) = (hits1.saturating_sub(hits0), misses1.saturating_sub(misses0));
+        let bot_reads = READS_PER_BOT * bots.len() as u64;
         TickReport {
             started_at: now,
             duration: t0.elapsed(),
@@ -590,6 +602,13 @@ impl BatchEvaluator {
             cache_hits: hits,
             cache_misses: misses,
             cache_hit_rate: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+            bot_reads,
+            read_hit_rate: read_hit_rate(bot_reads, calls1.saturating_sub(calls0)),
+            availability: if bots.is_empty() {
+                0.0
+            } else {
+                results.iter().filter(|r| r.outcome.is_ok()).count() as f64 / bots.len() as f64
+            },
             routes,
             outcomes: counts,
             results,
@@ -623,6 +642,16 @@ impl BatchEvaluator {
             shadow.record_decision(&bots[i].id, agreed);
         }
     }
+}
+
+/// The data reads of one bot per tick, as the seed counts them: ticker, candles, accounts,
+/// balance check.
+pub const READS_PER_BOT: u64 = 4;
+
+/// The seed's read hit rate: the share of `reads` answered without an upstream call of their
+/// own, `1 − calls / reads` (at least 0), 0 without reads.
+pub fn read_hit_rate(reads: u64, calls: u64) -> f64 {
+    if reads == 0 { 0.0 } else { reads.saturating_sub(calls) as f64 / reads as f64 }
 }
 
 fn signal_name(s: Signal) -> &'static str {

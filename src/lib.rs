@@ -129,7 +129,8 @@ pub use coordinated::{
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};
 pub use evaluator::{
-    BatchEvaluator, Bot, BotResult, MarketSnapshot, PrefetchReport, TickReport, TickSummary,
+    BatchEvaluator, Bot, BotResult, MarketSnapshot, PrefetchReport, READS_PER_BOT, TickReport, TickSummary,
+    read_hit_rate,
 };
 pub use flags::{MigrationFlags, Route, rollout_bucket};
 pub use limiter::{

@@ -382,3 +382,27 @@ async fn shadowed_bots_decisions_are_compared_on_both_paths() {
         tickshare::MigrationGate { min_comparisons: 1, min_decision_agreement: 1.0, ..Default::default() };
     assert_eq!(r.gate(&strict), tickshare::GateVerdict::Proceed, "{r:?}");
 }
+
+/// The seed's KPIs in every tick report: 4 data reads per bot, the share answered without an
+/// upstream call of their own, and the bots that got usable data.
+#[tokio::test(start_paused = true)]
+async fn tick_reports_carry_the_seeds_read_hit_rate_and_availability() {
+    let (sim, _source, eval, bots) = coordinated_fleet(25, Duration::ZERO).await;
+    let cold = eval.evaluate_all(&bots).await;
+    assert_eq!(cold.bot_reads, 100);
+    assert_eq!(cold.read_hit_rate, 1.0 - cold.upstream_calls as f64 / 100.0);
+    assert_eq!(cold.availability, 1.0);
+    // A minute later, within the hour (the fixed clock starts at 09:56:38): tickers and
+    // accounts only.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let warm = eval.evaluate_all(&bots).await;
+    assert!(warm.upstream_calls <= 3, "{}", warm.upstream_calls);
+    assert!(warm.read_hit_rate >= 0.97, "{}", warm.read_hit_rate);
+    // A bot on a product the exchange does not list: its tick is unavailable.
+    let mut more = bots.clone();
+    more.push(Bot::new("ghost", "NOPE-USD".parse().unwrap(), Arc::new(MovingAverageCrossover::default())));
+    let r = eval.evaluate_all(&more).await;
+    assert_eq!(r.bot_reads, 104);
+    assert_eq!(r.availability, 25.0 / 26.0);
+    drop(sim);
+}
