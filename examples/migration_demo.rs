@@ -167,8 +167,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
         let mut flags =
             MigrationFlags { enabled: percent > 0, rollout_percent: percent, ..Default::default() };
         if name == "mixed" {
-            // Shadow mode for a few bots: served by legacy, compared against coordinated.
-            flags.shadow_bot_ids = bot_ids.iter().take(6).cloned().collect();
+            // Shadow mode for six of the bots the rollout leaves on legacy (a migrated bot is
+            // not shadowed): served by legacy, compared against coordinated, answer by answer
+            // and decision by decision.
+            flags.shadow_bot_ids = bot_ids
+                .iter()
+                .filter(|id| tickshare::rollout_bucket(id) >= percent)
+                .take(6)
+                .cloned()
+                .collect();
         }
         let selector = SourceSelector::new(
             Arc::new(legacy.clone()) as Arc<dyn MarketDataSource>,
