@@ -10,6 +10,8 @@
 pub mod auth;
 mod body;
 mod classify;
+#[cfg(any(feature = "sim", feature = "proxy"))]
+pub(crate) mod reply;
 mod validate;
 pub mod wire;
 

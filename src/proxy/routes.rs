@@ -2,7 +2,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::{sync::Mutex, time::Instant};
 
@@ -11,8 +10,8 @@ use crate::{
     coinbase::{
         API_PREFIX, MAX_CANDLES_PER_REQUEST,
         wire::{
-            Accounts, BestBidAsk, Candles, ErrorBody, Level, MarketTrades, Money, PriceBook, Product,
-            Products, ServerTime, Trade, WireAccount, WireCandle, format_time,
+            Accounts, BestBidAsk, Candles, Level, MarketTrades, Money, PriceBook, Product, Products,
+            ServerTime, Trade, WireAccount, WireCandle, format_time,
         },
     },
     coordinated::ReadOptions,
@@ -86,47 +85,17 @@ impl Route {
     }
 }
 
-/// An answer.
-#[derive(Debug)]
-pub(super) struct Reply {
-    pub(super) status: u16,
-    pub(super) content_type: &'static str,
-    pub(super) body: Vec<u8>,
-}
+pub(super) use crate::coinbase::reply::Reply;
+
+/// The message of the 404 for an unknown or malformed product id, as Coinbase words it.
+const PRODUCT_NOT_FOUND: &str = "ProductID is invalid";
 
 impl Reply {
-    pub(super) fn json(status: u16, value: &impl Serialize) -> Reply {
-        match serde_json::to_vec(value) {
-            Ok(body) => Reply { status, content_type: "application/json", body },
-            Err(_) => Reply::error(500, "INTERNAL", "could not encode the response"),
-        }
-    }
-
-    /// The observed v3 error shape `{"error","error_details","message"}`.
-    pub(super) fn error(status: u16, error: &str, details: &str) -> Reply {
-        let body = ErrorBody {
-            error: error.into(),
-            code: None,
-            message: details.into(),
-            error_details: Some(details.into()),
-        };
-        let body = serde_json::to_vec(&body).unwrap_or_else(|_| details.as_bytes().to_vec());
-        Reply { status, content_type: "application/json", body }
-    }
-
-    fn bad_request(details: &str) -> Reply {
-        Reply::error(400, "INVALID_ARGUMENT", details)
-    }
-
-    fn not_found() -> Reply {
-        Reply::error(404, "NOT_FOUND", "ProductID is invalid")
-    }
-
     /// The answer for an error of the coordinated source. Messages are the crate's own (no
     /// secrets: [`Error`]'s messages are scrubbed).
     pub(super) fn from_error(e: &Error) -> Reply {
         match e {
-            Error::NotFound(_) => Reply::not_found(),
+            Error::NotFound(_) => Reply::not_found(PRODUCT_NOT_FOUND),
             Error::InvalidInput(m) => Reply::bad_request(m),
             Error::RateLimited { .. } | Error::Overloaded(_) => {
                 Reply::error(429, "RATE_LIMIT_EXCEEDED", "Too many requests")
@@ -277,7 +246,7 @@ impl TimeOffset {
 }
 
 fn product(id: &str) -> Result<ProductId, Reply> {
-    ProductId::new(id).map_err(|_| Reply::not_found())
+    ProductId::new(id).map_err(|_| Reply::not_found(PRODUCT_NOT_FOUND))
 }
 
 fn dec(d: Option<rust_decimal::Decimal>) -> String {
@@ -438,7 +407,7 @@ async fn one_product(p: &str, shared: &Shared) -> Result<Reply, Reply> {
     let list = shared.products.get(shared).await.map_err(|e| Reply::from_error(&e))?;
     match list.iter().find(|x| x.product_id == p) {
         Some(found) => Ok(Reply::json(200, found)),
-        None => Err(Reply::not_found()),
+        None => Err(Reply::not_found(PRODUCT_NOT_FOUND)),
     }
 }
 

@@ -7,7 +7,6 @@
 use std::collections::HashSet;
 
 use rust_decimal::Decimal;
-use serde::Serialize;
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
@@ -19,8 +18,8 @@ use super::{
 };
 use crate::{
     coinbase::wire::{
-        Accounts, BestBidAsk, Candles, ErrorBody, Level, MarketTrades, Money, PriceBook, Product, Products,
-        ServerTime, Trade, WireAccount, WireCandle, format_time,
+        Accounts, BestBidAsk, Candles, Level, MarketTrades, Money, PriceBook, Product, Products, ServerTime,
+        Trade, WireAccount, WireCandle, format_time,
     },
     model::{Candle, Granularity, ProductId},
 };
@@ -31,44 +30,7 @@ const MAX_UNIX: i64 = 253_402_300_799;
 /// The message of the 404 for an unknown or malformed product id.
 pub(crate) const PRODUCT_NOT_FOUND: &str = "ProductID is invalid";
 
-/// A response before it becomes HTTP.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Reply {
-    pub(crate) status: u16,
-    pub(crate) content_type: &'static str,
-    pub(crate) body: Vec<u8>,
-}
-
-impl Reply {
-    pub(crate) fn json(status: u16, value: &impl Serialize) -> Reply {
-        match serde_json::to_vec(value) {
-            Ok(body) => Reply { status, content_type: "application/json", body },
-            Err(_) => Reply::error(500, "INTERNAL", "could not encode the response"),
-        }
-    }
-
-    /// A Coinbase-shaped error body (the observed v3 shape, §1.7).
-    pub(crate) fn error(status: u16, error: &str, details: &str) -> Reply {
-        let body = ErrorBody {
-            error: error.to_string(),
-            code: None,
-            message: details.to_string(),
-            error_details: Some(details.to_string()),
-        };
-        match serde_json::to_vec(&body) {
-            Ok(body) => Reply { status, content_type: "application/json", body },
-            Err(_) => Reply { status, content_type: "text/plain", body: details.as_bytes().to_vec() },
-        }
-    }
-
-    fn bad_request(details: &str) -> Reply {
-        Reply::error(400, "INVALID_ARGUMENT", details)
-    }
-
-    pub(crate) fn not_found(details: &str) -> Reply {
-        Reply::error(404, "NOT_FOUND", details)
-    }
-}
+pub(crate) use crate::coinbase::reply::Reply;
 
 /// The gRPC-style error id Coinbase uses for an HTTP status.
 pub(crate) fn error_id(status: u16) -> &'static str {
@@ -565,7 +527,7 @@ pub(super) fn wire_account(i: usize, a: &SimAccount, seed: u64) -> WireAccount {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coinbase::wire;
+    use crate::coinbase::{wire, wire::ErrorBody};
     use time::macros::datetime;
 
     fn market() -> Market {
