@@ -46,7 +46,8 @@
 //! - `retry.rs`: [`RetryPolicy`], used by every layer that retries.
 //! - `limiter.rs` with `limiter/{config,queue}.rs`: [`RateLimiter`]; `clock.rs`: [`Clock`] and
 //!   governor's clock adapter.
-//! - `coinbase.rs` with `coinbase/{auth,body,classify,validate,wire}.rs`: [`CoinbaseClient`].
+//! - `coinbase.rs` with `coinbase/{builder,auth,body,classify,validate,reply,wire}.rs`:
+//!   [`CoinbaseClient`].
 //! - `error.rs`: [`Error`] and every classification of it.
 //! - `evaluator.rs`, `strategy.rs`, `schedule.rs`, `flags.rs`, `selector.rs`: the bots' side.
 //! - `stream.rs`, `redis.rs`, `sim.rs` (features `stream`, `redis`, `sim`), each with a folder.
