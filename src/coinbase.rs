@@ -458,12 +458,30 @@ impl CoinbaseClient {
             req = req.bearer_auth(creds.rest_jwt_at("GET", &inner.jwt_host, path, self.jwt_now()));
         }
         inner.requests[endpoint.index()].fetch_add(1, Ordering::Relaxed);
-        let outcome = async {
-            let resp = req.send().await.map_err(classify::classify_transport)?;
-            let now = u64::try_from(inner.clock.now_utc().unix_timestamp()).unwrap_or(0);
-            body::read(resp, inner.limits, now).await
-        }
+        // One span per HTTP request: endpoint, class, status, outcome and latency; never the
+        // URL's query, a header or a token.
+        let span = tracing::debug_span!(
+            "upstream_request",
+            endpoint = endpoint.as_str(),
+            class = class.as_str(),
+            status = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            latency_ms = tracing::field::Empty,
+        );
+        let t0 = tokio::time::Instant::now();
+        let request_span = span.clone();
+        let outcome = tracing::Instrument::instrument(
+            async move {
+                let resp = req.send().await.map_err(classify::classify_transport)?;
+                request_span.record("status", resp.status().as_u16());
+                let now = u64::try_from(inner.clock.now_utc().unix_timestamp()).unwrap_or(0);
+                body::read(resp, inner.limits, now).await
+            },
+            span.clone(),
+        )
         .await;
+        span.record("outcome", outcome.as_ref().err().map_or("ok", Error::kind));
+        span.record("latency_ms", u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX));
         if let Some(l) = &inner.limiter {
             l.record(class, &outcome);
         }
