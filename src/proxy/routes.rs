@@ -85,7 +85,7 @@ impl Route {
     }
 }
 
-pub(super) use crate::coinbase::reply::Reply;
+pub(super) use crate::coinbase::reply::{Reply, percent_decode};
 
 /// The message of the 404 for an unknown or malformed product id, as Coinbase words it.
 const PRODUCT_NOT_FOUND: &str = "ProductID is invalid";
@@ -152,29 +152,6 @@ impl Query {
     fn required_int<T: std::str::FromStr>(&self, key: &str) -> Result<T, Reply> {
         self.int(key)?.ok_or_else(|| Reply::bad_request(&format!("{key} is required")))
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h * 16 + l);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The product list, cached; concurrent misses wait for one fetch (the async mutex is held

@@ -30,7 +30,7 @@ const MAX_UNIX: i64 = 253_402_300_799;
 /// The message of the 404 for an unknown or malformed product id.
 pub(crate) const PRODUCT_NOT_FOUND: &str = "ProductID is invalid";
 
-pub(crate) use crate::coinbase::reply::Reply;
+pub(crate) use crate::coinbase::reply::{Reply, percent_decode};
 
 /// The gRPC-style error id Coinbase uses for an HTTP status.
 pub(crate) fn error_id(status: u16) -> &'static str {
@@ -123,30 +123,6 @@ impl Query {
             Some(v) => Err(Reply::bad_request(&format!("{key} is not a valid boolean: {}", shown(v)))),
         }
     }
-}
-
-/// Decode `%XX` escapes and `+`; invalid escapes stay as they are, invalid UTF-8 is replaced.
-pub(crate) fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let hex = |j: usize| bytes.get(j).and_then(|c| (*c as char).to_digit(16));
-        match b {
-            b'%' => match (hex(i + 1), hex(i + 2)) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            _ => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A user value quoted and cut for an error message.
