@@ -124,6 +124,21 @@ pub struct WireCandle {
     pub volume: String,
 }
 
+impl From<&Candle> for WireCandle {
+    /// A candle as Coinbase writes it (every field a string; what the simulated exchange and
+    /// the proxy serve).
+    fn from(c: &Candle) -> Self {
+        WireCandle {
+            start: c.start.unix_timestamp().to_string(),
+            low: c.low.to_string(),
+            high: c.high.to_string(),
+            open: c.open.to_string(),
+            close: c.close.to_string(),
+            volume: c.volume.to_string(),
+        }
+    }
+}
+
 /// `GET /best_bid_ask`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BestBidAsk {

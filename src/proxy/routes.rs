@@ -313,14 +313,7 @@ async fn candles(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
         .iter()
         .rev()
         .filter(|c| (start..=last).contains(&c.start.unix_timestamp()))
-        .map(|c| WireCandle {
-            start: c.start.unix_timestamp().to_string(),
-            low: c.low.to_string(),
-            high: c.high.to_string(),
-            open: c.open.to_string(),
-            close: c.close.to_string(),
-            volume: c.volume.to_string(),
-        })
+        .map(WireCandle::from)
         .collect();
     if let Some(l) = limit {
         candles.truncate(l as usize);

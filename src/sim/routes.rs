@@ -267,17 +267,7 @@ fn candles(endpoint: Endpoint, p: &ProductSpec, q: &Query, ctx: &Ctx<'_>) -> Res
     if let Some(l) = limit {
         out.truncate(l as usize);
     }
-    let candles = out
-        .iter()
-        .map(|c| WireCandle {
-            start: c.start.unix_timestamp().to_string(),
-            low: c.low.to_string(),
-            high: c.high.to_string(),
-            open: c.open.to_string(),
-            close: c.close.to_string(),
-            volume: c.volume.to_string(),
-        })
-        .collect();
+    let candles = out.iter().map(WireCandle::from).collect();
     Ok(Handled {
         reply: Reply::json(200, &Candles { candles }),
         candle: Some(CandleRequest {
