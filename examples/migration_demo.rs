@@ -151,19 +151,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let mut migration_report: Option<tickshare::MigrationReport> = None;
     let phase_names =
         [("legacy", 0u8), ("mixed", 50), ("coordinated", 100), ("prefetched", 100), ("streaming", 100)];
+    // The mixed phase's deployment, kept for the coordinated phase: a host migrates by
+    // flipping flags on the running selector (`set_flags`, or a hot-reloaded flags file), so
+    // the coordinated source's cache carries over, as it would in production.
+    let mut deployment: Option<(CoordinatedSource, DirectSource, SourceSelector, BatchEvaluator)> = None;
     for (name, percent) in phase_names {
-        // Fresh sources per phase, so each phase starts cold like a fresh deployment.
-        let limiter = RateLimiter::coinbase();
-        let coordinated_client = sim.client_builder().rate_limiter(limiter.clone()).build()?;
-        let legacy_client = if name == "mixed" {
-            // During the migration, legacy bots draw from the same budget.
-            sim.client_builder().rate_limiter(limiter.clone()).build()?
-        } else {
-            // The seed system: no client-side limit at all.
-            sim.client_builder().unlimited().build()?
-        };
-        let coordinated = CoordinatedSource::coinbase(coordinated_client).clock(sim.clock()).build()?;
-        let legacy = DirectSource::new(legacy_client);
         let mut flags =
             MigrationFlags { enabled: percent > 0, rollout_percent: percent, ..Default::default() };
         if name == "mixed" {
@@ -177,15 +169,39 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 .cloned()
                 .collect();
         }
-        let selector = SourceSelector::new(
-            Arc::new(legacy.clone()) as Arc<dyn MarketDataSource>,
-            Arc::new(coordinated.clone()) as Arc<dyn MarketDataSource>,
-            flags,
-        );
-        let evaluator = BatchEvaluator::with_selector(selector.clone())
-            .clock(sim.clock())
-            .meter(Arc::new(coordinated.clone()))
-            .meter(Arc::new(legacy.clone()));
+        let (coordinated, legacy, selector, evaluator) = match deployment.take() {
+            Some(d) if name == "coordinated" => {
+                // The flip: every bot to the coordinated path, shadowing over.
+                d.2.set_flags(flags)?;
+                d
+            }
+            _ => {
+                // Otherwise fresh sources, so the phase starts cold like a fresh deployment.
+                let limiter = RateLimiter::coinbase();
+                let coordinated_client = sim.client_builder().rate_limiter(limiter.clone()).build()?;
+                let legacy_client = if name == "mixed" {
+                    // During the migration, legacy bots draw from the same budget.
+                    sim.client_builder().rate_limiter(limiter.clone()).build()?
+                } else {
+                    // The seed system: no client-side limit at all.
+                    sim.client_builder().unlimited().build()?
+                };
+                let coordinated =
+                    CoordinatedSource::coinbase(coordinated_client).clock(sim.clock()).build()?;
+                let legacy = DirectSource::new(legacy_client);
+                let selector = SourceSelector::new(
+                    Arc::new(legacy.clone()) as Arc<dyn MarketDataSource>,
+                    Arc::new(coordinated.clone()) as Arc<dyn MarketDataSource>,
+                    flags,
+                );
+                let evaluator = BatchEvaluator::with_selector(selector.clone())
+                    .clock(sim.clock())
+                    .meter(Arc::new(coordinated.clone()))
+                    .meter(Arc::new(legacy.clone()));
+                (coordinated, legacy, selector, evaluator)
+            }
+        };
+        let cache_before = coordinated.stats();
 
         // The streaming phase: the WebSocket feed keeps the source hot. Warm-up: each series'
         // history once, then through the first hourly close (the feed joined that hour late,
@@ -229,12 +245,14 @@ async fn main() -> Result<(), Box<dyn Error>> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let s = sim.stats();
         let cs = coordinated.stats();
+        let (hits, misses) =
+            (cs.cache_hits - cache_before.cache_hits, cs.cache_misses - cache_before.cache_misses);
         phases.push(Phase {
             name,
             migrated_percent: selector.migration_progress(&bot_ids).migration_percentage.round() as u8,
             upstream_calls: s.total_calls,
             rate_limited_429: s.rate_limited_429,
-            hit_rate: cs.hit_rate,
+            hit_rate: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
             warm_read_hit_rate: tickshare::read_hit_rate(warm_reads, warm_calls),
             tick_ms,
             bot_errors,
@@ -263,6 +281,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
                     "kill_switch_active": selector.stats().kill_switch_active,
                 },
             });
+        }
+        if name == "mixed" {
+            drop(schedule);
+            deployment = Some((coordinated, legacy, selector, evaluator));
         }
         // Move the clock on so the next phase starts with an empty one-second window.
         tokio::time::sleep(Duration::from_secs(300)).await;
