@@ -26,7 +26,7 @@
 //!
 //! | path | answered from | notes |
 //! |---|---|---|
-//! | `GET [/market]/products/{id}/ticker?limit=1` | [`CoordinatedSource::ticker_with`] (batched into `best_bid_ask`) | one trade (price, time, product); `trade_id`, `size`, `side` are `""`. With batching the price is the bid/ask mid. `limit` > 1 asks for a trade history the cache does not keep: passed through. |
+//! | `GET [/market]/products/{id}/ticker?limit=1` | [`CoordinatedSource::ticker_with`] (batched: last trades and book, [`ProxyBuilder::ticker_batch`]) | one trade (price = the last trade, time, product) and `best_bid`/`best_ask`; `trade_id`, `size`, `side` are `""`. `limit` > 1 asks for a trade history the cache does not keep: passed through. |
 //! | `GET [/market]/products/{id}/candles?start=&end=&granularity=[&limit=]` | [`CoordinatedSource::candles_with`] | inclusive bounds, newest first, as Coinbase; a window over 350 buckets is 400 |
 //! | `GET /best_bid_ask[?product_ids=..]` | [`CoordinatedSource::tickers_with`] | one level per side, `size` `""`; no ids means every listed product |
 //! | `GET [/market]/products[?product_ids=..&product_type=&limit=&offset=]` | the product list, cached for `products_ttl` | |
@@ -88,10 +88,9 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     clock::Clock,
-    coinbase::{CoinbaseClient, Credentials, DEFAULT_BASE_URL},
+    coinbase::{CoinbaseClient, Credentials, DEFAULT_BASE_URL, TickerBatch},
     coordinated::{CoordinatedConfig, CoordinatedSource, CoordinatedStats},
     error::{Error, Result},
-    limiter::EndpointClass,
 };
 
 /// Builder of a [`Proxy`].
@@ -110,6 +109,7 @@ pub struct ProxyBuilder {
     header_read_timeout: Option<Duration>,
     coordinated: Option<CoordinatedConfig>,
     products_ttl: Duration,
+    ticker_batch: TickerBatch,
     clock: Clock,
 }
 
@@ -201,6 +201,19 @@ impl ProxyBuilder {
         self
     }
 
+    /// How the cached tickers are fetched (default [`TickerBatch::LastTradeAndBook`]).
+    ///
+    /// The proxy answers in Coinbase's shapes, and those carry the book: `best_bid_ask` is
+    /// nothing but bids and asks, a ticker has `best_bid`/`best_ask`. So by default each batch
+    /// is two calls per chunk (`/market/products?product_ids=` for the last trades,
+    /// `/best_bid_ask` for the book). [`TickerBatch::LastTrade`] halves the ticker calls for
+    /// clients that read only last prices; their books are then empty (`bids: []`, and
+    /// `best_bid: ""`). [`TickerBatch::Book`] prices tickers at the mid.
+    pub fn ticker_batch(mut self, batch: TickerBatch) -> Self {
+        self.ticker_batch = batch;
+        self
+    }
+
     /// The clock (default [`Clock::system`]); give it the simulated exchange's in tests.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
@@ -236,6 +249,7 @@ impl ProxyBuilder {
         let client = CoinbaseClient::builder()
             .base_url(self.upstream.clone())
             .credentials(self.credentials.clone())
+            .ticker_batch(self.ticker_batch)
             .clock(self.clock)
             .build()?;
         let mut source = CoordinatedSource::coinbase(client.clone()).clock(self.clock);
@@ -244,7 +258,7 @@ impl ProxyBuilder {
             source = source
                 .config(cfg)
                 .market_data_class(client.market_data_class())
-                .batch_class(EndpointClass::Private)
+                .batch_class(client.tickers_class())
                 .batch_size(batch);
         }
         let source = source.build()?;
@@ -393,6 +407,7 @@ impl Proxy {
             header_read_timeout: Some(Duration::from_secs(10)),
             coordinated: None,
             products_ttl: Duration::from_secs(60),
+            ticker_batch: TickerBatch::LastTradeAndBook,
             clock: Clock::system(),
         }
     }

@@ -50,6 +50,10 @@ async fn tick(src: &dyn MarketDataSource, p: &ProductId, sim: &SimHandle) {
     // Within the freshness contract (ticker TTL 5 s), the price the exchange had then.
     assert!(now - t.time <= time::Duration::seconds(5), "{now} {}", t.time);
     assert_eq!(Some(t.price), sim.price_at(p, t.time), "{p}");
+    assert!(
+        t.best_bid.is_some() && t.best_bid < t.best_ask,
+        "{p}: the book, as the exchange answers it: {t:?}"
+    );
     let range = CandleRange::new(now - time::Duration::hours(1), now).unwrap();
     let candles = src.candles(p, Granularity::OneMinute, range).await.unwrap();
     assert!(candles.len() >= 59, "{}", candles.len());
@@ -67,10 +71,16 @@ fn calls(sim: &SimHandle) -> BTreeMap<String, u64> {
 #[tokio::test(start_paused = true)]
 async fn twenty_five_legacy_clients_through_the_proxy_cost_what_the_coordinated_source_costs() {
     let creds = Credentials::generate("organizations/t/apiKeys/proxy");
-    // What CoordinatedSource alone makes for the same reads.
+    // What CoordinatedSource alone makes for the same answers: the bots' tickers carry the
+    // book (Coinbase's ticker has best_bid/best_ask), so the reference fetches it too.
     let reference_sim = sim(&creds).await;
     let reference = CoordinatedSource::coinbase(
-        reference_sim.client_builder().credentials(creds.clone()).build().unwrap(),
+        reference_sim
+            .client_builder()
+            .credentials(creds.clone())
+            .ticker_batch(tickshare::TickerBatch::LastTradeAndBook)
+            .build()
+            .unwrap(),
     )
     .clock(reference_sim.clock())
     .build()
@@ -105,7 +115,7 @@ async fn twenty_five_legacy_clients_through_the_proxy_cost_what_the_coordinated_
     assert_eq!(s.requests_by_route["accounts"], (2 * BOTS * TICKS) as u64);
     assert_eq!(s.requests_by_route["passthrough"], 0);
     assert!(s.coordinated.coalesced_waiters > 0 || s.coordinated.cache_hits > 0);
-    assert!(s.coordinated.batch_calls >= 1, "ticker reads merged into best_bid_ask");
+    assert!(s.coordinated.batch_calls >= 1, "ticker reads merged into batches");
     assert_eq!(got.calls_by_endpoint["ticker"] + got.calls_by_endpoint["market/ticker"], 0);
 
     // Accounts equal a direct read.
@@ -307,4 +317,36 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
         out.insert(series.to_string(), value.parse::<f64>().unwrap());
     }
     out
+}
+
+#[tokio::test(start_paused = true)]
+async fn books_are_served_not_emptied() {
+    // The proxy answers in Coinbase's shapes, which carry the book: `best_bid_ask` and a
+    // ticker's `best_bid`/`best_ask` must be the exchange's, not empty (they were, once the
+    // batched ticker read became the last trades only).
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = sim(&creds).await;
+    let proxy = proxy(&creds, &upstream).await;
+    let (api, c) = (format!("{}/api/v3/brokerage", proxy.base_url()), http());
+    let direct = bot(&upstream.base_url(), &creds, &upstream);
+    let books = get(&c, &format!("{api}/best_bid_ask?product_ids=BTC-USD&product_ids=ETH-USD"), Some(TOKEN))
+        .await
+        .json();
+    let books = books["pricebooks"].as_array().unwrap().clone();
+    assert_eq!(books.len(), 2);
+    for book in &books {
+        let p: ProductId = book["product_id"].as_str().unwrap().parse().unwrap();
+        let truth = direct.ticker(&p).await.unwrap();
+        let level =
+            |side: &str| book[side][0]["price"].as_str().map(|s| s.parse::<rust_decimal::Decimal>().unwrap());
+        assert_eq!(level("bids"), truth.best_bid, "{p}: {book}");
+        assert_eq!(level("asks"), truth.best_ask, "{p}: {book}");
+        assert!(truth.best_bid.is_some() && truth.best_bid < truth.best_ask, "{truth:?}");
+        // The ticker route: the last trade as price, and the same book.
+        let t = get(&c, &format!("{api}/market/products/{p}/ticker?limit=1"), Some(TOKEN)).await.json();
+        assert_eq!(t["trades"][0]["price"].as_str().unwrap().parse().ok(), Some(truth.price), "{t}");
+        assert_eq!(t["best_bid"].as_str().unwrap().parse().ok(), truth.best_bid, "{t}");
+        assert_eq!(t["best_ask"].as_str().unwrap().parse().ok(), truth.best_ask, "{t}");
+    }
+    proxy.shutdown().await;
 }
