@@ -283,7 +283,6 @@ async fn main() -> Result<(), Box<dyn Error>> {
             });
         }
         if name == "mixed" {
-            drop(schedule);
             deployment = Some((coordinated, legacy, selector, evaluator));
         }
         // Move the clock on so the next phase starts with an empty one-second window.

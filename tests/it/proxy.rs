@@ -328,7 +328,7 @@ async fn books_are_served_not_emptied() {
     let upstream = sim(&creds).await;
     let proxy = proxy(&creds, &upstream).await;
     let (api, c) = (format!("{}/api/v3/brokerage", proxy.base_url()), http());
-    let direct = bot(&upstream.base_url(), &creds, &upstream);
+    let direct = bot(upstream.base_url(), &creds, &upstream);
     let books = get(&c, &format!("{api}/best_bid_ask?product_ids=BTC-USD&product_ids=ETH-USD"), Some(TOKEN))
         .await
         .json();
