@@ -760,6 +760,20 @@ impl MarketDataSource for CoinbaseClient {
         self.candles_in(product, granularity, range).await
     }
 
+    /// The exchange's answer, just fetched; a last candle still in progress by this client's
+    /// clock is marked exact as of now.
+    async fn candles_fresh(
+        &self,
+        product: &ProductId,
+        granularity: Granularity,
+        range: CandleRange,
+    ) -> Result<crate::Fresh<Vec<Candle>>> {
+        let value = self.candles_in(product, granularity, range).await?;
+        let now = self.inner.clock.now_utc() + self.clock_offset();
+        let in_progress = crate::source::fetched_in_progress(&value, granularity, now);
+        Ok(crate::Fresh { value, origin: crate::Origin::Upstream, age: Duration::ZERO, in_progress })
+    }
+
     async fn accounts(&self) -> Result<Vec<Account>> {
         self.list_accounts().await
     }

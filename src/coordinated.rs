@@ -78,7 +78,8 @@ pub struct Fresh<T> {
     #[serde(with = "crate::util::duration_ms")]
     pub age: Duration,
     /// For candles: what the last candle returned is, when it is the one in progress. `None`
-    /// for tickers and accounts, and for candle reads that end at a closed candle.
+    /// for tickers and accounts, for candle reads that end at a closed candle, and from
+    /// sources that do not track it (the default [`MarketDataSource::candles_fresh`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_progress: Option<InProgress>,
 }
@@ -660,6 +661,17 @@ impl MarketDataSource for CoordinatedSource {
         range: CandleRange,
     ) -> Result<Vec<Candle>> {
         self.candles_with(product, granularity, range, ReadOptions::default()).await.map(|f| f.value)
+    }
+
+    /// [`candles_with`](CoordinatedSource::candles_with) with the default options: what the
+    /// cache holds, with its origin, age and the mark of its candle in progress.
+    async fn candles_fresh(
+        &self,
+        product: &ProductId,
+        granularity: Granularity,
+        range: CandleRange,
+    ) -> Result<Fresh<Vec<Candle>>> {
+        self.candles_with(product, granularity, range, ReadOptions::default()).await
     }
 
     async fn accounts(&self) -> Result<Vec<Account>> {

@@ -14,6 +14,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    coordinated::Fresh,
     error::Result,
     model::{Account, Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
     source::MarketDataSource,
@@ -116,6 +117,18 @@ impl MarketDataSource for DirectSource {
         range: CandleRange,
     ) -> Result<Vec<Candle>> {
         let r = self.upstream.candles(product, granularity, range).await;
+        self.count(2, r)
+    }
+
+    /// The upstream's [`candles_fresh`](MarketDataSource::candles_fresh), one call, counted
+    /// as `candles`.
+    async fn candles_fresh(
+        &self,
+        product: &ProductId,
+        granularity: Granularity,
+        range: CandleRange,
+    ) -> Result<Fresh<Vec<Candle>>> {
+        let r = self.upstream.candles_fresh(product, granularity, range).await;
         self.count(2, r)
     }
 

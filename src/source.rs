@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use rust_decimal::Decimal;
 
 use crate::{
+    coordinated::{CandleFidelity, Fresh, InProgress, Origin},
     error::{Error, Result},
     model::{Account, Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
 };
@@ -53,6 +54,31 @@ pub trait MarketDataSource: Send + Sync {
         range: CandleRange,
     ) -> Result<Vec<Candle>>;
 
+    /// [`candles`](MarketDataSource::candles) with their provenance: where the series came
+    /// from, how old it is, and whether its last candle is the one in progress, as the exchange
+    /// answered it or patched from later prices ([`Fresh::in_progress`]). This is how a host
+    /// that holds a source as `Arc<dyn MarketDataSource>` (a selector's route) tells an exact
+    /// candle from a patched one.
+    ///
+    /// The default calls `candles` and calls the answer the upstream's own, just fetched,
+    /// with `in_progress: None`: right for a source that keeps nothing and knows no clock. The
+    /// crate's sources say more: [`CoinbaseClient`](crate::CoinbaseClient) (and so
+    /// [`DirectSource`](crate::DirectSource)) marks a candle in progress as exact as of its
+    /// clock's now, [`CoordinatedSource`](crate::CoordinatedSource) answers what its cache
+    /// holds ([`candles_with`](crate::CoordinatedSource::candles_with)).
+    ///
+    /// # Errors
+    /// As [`candles`](MarketDataSource::candles).
+    async fn candles_fresh(
+        &self,
+        product: &ProductId,
+        granularity: Granularity,
+        range: CandleRange,
+    ) -> Result<Fresh<Vec<Candle>>> {
+        let value = self.candles(product, granularity, range).await?;
+        Ok(Fresh { value, origin: Origin::Upstream, age: Duration::ZERO, in_progress: None })
+    }
+
     /// Every account (wallet) of the API key's user.
     ///
     /// # Errors
@@ -83,6 +109,22 @@ pub trait MarketDataSource: Send + Sync {
         let _ = request;
         None
     }
+}
+
+/// The mark of a series just fetched from the exchange at `now`: its last candle, when still
+/// in progress then, is the exchange's own (exact) state as of `now`.
+pub(crate) fn fetched_in_progress(
+    candles: &[Candle],
+    granularity: Granularity,
+    now: time::OffsetDateTime,
+) -> Option<InProgress> {
+    let last = candles.last()?;
+    (!granularity.is_closed(last.start, now)).then_some(InProgress {
+        start: last.start,
+        fidelity: CandleFidelity::Exact,
+        as_of: now,
+        patches: 0,
+    })
 }
 
 /// What a refresh-ahead fetch should keep warm ([`MarketDataSource::prefetch`]).
@@ -144,6 +186,14 @@ macro_rules! forward_source {
                 range: CandleRange,
             ) -> Result<Vec<Candle>> {
                 (**self).candles(product, granularity, range).await
+            }
+            async fn candles_fresh(
+                &self,
+                product: &ProductId,
+                granularity: Granularity,
+                range: CandleRange,
+            ) -> Result<Fresh<Vec<Candle>>> {
+                (**self).candles_fresh(product, granularity, range).await
             }
             async fn accounts(&self) -> Result<Vec<Account>> {
                 (**self).accounts().await

@@ -215,3 +215,46 @@ async fn shadow_report_is_safe_on_a_faithful_path_and_holds_on_a_broken_one() {
     let json = serde_json::to_value(&bad).unwrap();
     assert_eq!(json["safe_to_migrate"], false);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_marks_reach_a_host_through_the_trait() {
+    // A host holds its sources as `Arc<dyn MarketDataSource>` (the selector's routes):
+    // `candles_fresh` tells it an exact candle in progress from a patched one, on both paths.
+    let (sim, source) = setup(InProgressCandle::Live).await;
+    let legacy = tickshare::DirectSource::new(sim.client_builder().clock(sim.clock()).build().unwrap());
+    let selector = tickshare::SourceSelector::new(
+        std::sync::Arc::new(legacy.clone()),
+        std::sync::Arc::new(source.clone()),
+        tickshare::MigrationFlags {
+            enabled: true,
+            bot_ids: ["new".to_string()].into(),
+            ..Default::default()
+        },
+    );
+    let p = pid("BTC-USD");
+    let (old, new) = (selector.source_for("old"), selector.source_for("new"));
+    // Into the hour, so the bucket in progress has trades.
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    let first = new.candles_fresh(&p, G, range(&sim)).await.unwrap();
+    assert_eq!(selector.route("new"), tickshare::Route::Coordinated);
+    let ip = first.in_progress.expect("the last candle is in progress");
+    assert_eq!((ip.fidelity, ip.patches), (CandleFidelity::Exact, 0), "just fetched");
+    assert_eq!(first.origin, tickshare::Origin::Upstream);
+    // Later prices patch it: the coordinated answer says so, from the cache.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    new.tickers(std::slice::from_ref(&p)).await.unwrap();
+    let later = new.candles_fresh(&p, G, range(&sim)).await.unwrap();
+    assert_eq!(later.origin, tickshare::Origin::Cache);
+    let ip = later.in_progress.unwrap();
+    assert_eq!(ip.fidelity, CandleFidelity::Patched);
+    assert!(ip.patches >= 1 && ip.as_of > first.in_progress.unwrap().as_of, "{ip:?}");
+    // The legacy path's answer is the exchange's own, exact as of now, and counted as a call.
+    let direct = old.candles_fresh(&p, G, range(&sim)).await.unwrap();
+    let ip = direct.in_progress.unwrap();
+    assert_eq!((ip.fidelity, ip.as_of), (CandleFidelity::Exact, sim.clock().now_utc()));
+    assert_eq!(direct.value.last().map(|c| c.start), Some(G.bucket_start(sim.clock().now_utc())));
+    assert_eq!(legacy.stats().upstream_calls, 1);
+    // A series that ends at a closed candle carries no mark.
+    let closed = CandleRange::new(range(&sim).start, G.bucket_start(sim.clock().now_utc())).unwrap();
+    assert!(old.candles_fresh(&p, G, closed).await.unwrap().in_progress.is_none());
+}
