@@ -171,6 +171,13 @@ pub trait UpstreamMeter: Send + Sync {
     fn cache_reads(&self) -> (u64, u64) {
         (0, 0)
     }
+
+    /// Candle reads answered so far with a provisional last candle (its bucket closed, its
+    /// refresh under way: [`Fresh::provisional`](crate::Fresh::provisional)); 0 for sources
+    /// that never serve one.
+    fn provisional_reads(&self) -> u64 {
+        0
+    }
 }
 
 /// Read straight from the counters: a full [`CoordinatedStats`](crate::CoordinatedStats) snapshot sorts the latency
@@ -181,6 +188,9 @@ impl UpstreamMeter for crate::CoordinatedSource {
     }
     fn cache_reads(&self) -> (u64, u64) {
         self.counters().cache_reads()
+    }
+    fn provisional_reads(&self) -> u64 {
+        self.counters().provisional_reads()
     }
 }
 
