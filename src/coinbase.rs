@@ -34,7 +34,7 @@ pub use self::{auth::Credentials, builder::CoinbaseClientBuilder};
 use crate::{
     clock::Clock,
     error::{Error, Result},
-    limiter::{ClassLimit, ClassLimiterStats, EndpointClass, Priority, RateLimiter},
+    limiter::{EndpointClass, Priority, RateLimiter},
     model::{Account, Candle, CandleRange, Granularity, ProductId, Ticker},
     retry::RetryPolicy,
     source::{MarketDataSource, distinct},
@@ -321,28 +321,24 @@ impl CoinbaseClient {
 
     /// The class and path of the next market-data request for `rest` (a path below
     /// [`API_PREFIX`] without `/market`).
-    fn md_route(&self, rest: &str) -> (EndpointClass, String) {
-        match self.md_class() {
+    fn md_route(&self, endpoint: Endpoint, rest: &str) -> (EndpointClass, String) {
+        match self.md_class(endpoint) {
             EndpointClass::Private => (EndpointClass::Private, rest.to_string()),
             EndpointClass::Public => (EndpointClass::Public, format!("/market{rest}")),
         }
     }
 
     /// The client's market-data class or, with [`MarketDataPath::Balanced`], the class whose
-    /// limiter would admit one more request sooner: `(waiting + 1) × interval + pause`, the
-    /// limiter's own prediction.
-    fn md_class(&self) -> EndpointClass {
+    /// limiter would admit one more request of `endpoint`'s priority sooner
+    /// ([`RateLimiter::predicted_wait`]: the requests served before it, not the bulk reads it
+    /// overtakes).
+    fn md_class(&self, endpoint: Endpoint) -> EndpointClass {
         let base = self.market_data_class();
         let (true, Some(limiter)) = (self.inner.balanced_md, &self.inner.limiter) else {
             return base;
         };
-        let (stats, cfg) = (limiter.stats(), limiter.config());
-        let eta = |s: &ClassLimiterStats, limit: &ClassLimit| {
-            let interval = Duration::from_secs(1) / limit.rate_per_second.get();
-            interval.saturating_mul(u32::try_from(s.waiting_now + 1).unwrap_or(u32::MAX))
-                + Duration::from_millis(s.paused_for_ms)
-        };
-        if eta(&stats.public, &cfg.public) < eta(&stats.private, &cfg.private) {
+        let eta = |class| limiter.predicted_wait(class, endpoint.priority());
+        if eta(EndpointClass::Public) < eta(EndpointClass::Private) {
             EndpointClass::Public
         } else {
             EndpointClass::Private
@@ -509,7 +505,7 @@ impl CoinbaseClient {
     /// Cancel safe: dropping the future abandons the request; a rate-limiter slot already
     /// admitted stays spent (the request may have left), and nothing else is changed.
     pub async fn market_trades(&self, product: &ProductId) -> Result<Ticker> {
-        let (class, path) = self.md_route(&format!("/products/{product}/ticker"));
+        let (class, path) = self.md_route(Endpoint::Ticker, &format!("/products/{product}/ticker"));
         let body = self.get(Endpoint::Ticker, class, &path, &[("limit", "1".into())]).await?;
         let ticker = wire::decode_ticker(product, &body)?;
         validate::ticker_at(&ticker, self.inner.clock.now_utc())?;
@@ -555,7 +551,7 @@ impl CoinbaseClient {
     /// # Cancel safety
     /// As [`best_bid_ask`](CoinbaseClient::best_bid_ask).
     pub async fn last_trades(&self, products: &[ProductId]) -> Result<Vec<Ticker>> {
-        self.product_tickers(products, || self.md_route("/products")).await
+        self.product_tickers(products, || self.md_route(Endpoint::Products, "/products")).await
     }
 
     /// Last prices of `products` without a key: `GET /market/products?product_ids=A&product_ids=B…`
@@ -624,7 +620,7 @@ impl CoinbaseClient {
                 ("granularity", granularity.as_str().to_string()),
             ];
             // Chosen per request: with `MarketDataPath::Balanced` a long range spreads too.
-            let (class, path) = self.md_route(&rest);
+            let (class, path) = self.md_route(Endpoint::Candles, &rest);
             let body = self.get(Endpoint::Candles, class, &path, &query).await?;
             let candles = wire::decode_candles(&body)?;
             validate::candles_at(&candles, granularity, self.inner.clock.now_utc())?;
@@ -676,7 +672,7 @@ impl CoinbaseClient {
     /// Cancel safe: dropping the future abandons the request; a rate-limiter slot already
     /// admitted stays spent (the request may have left), and nothing else is changed.
     pub async fn products(&self) -> Result<Vec<wire::Product>> {
-        let (class, path) = self.md_route("/products");
+        let (class, path) = self.md_route(Endpoint::Products, "/products");
         let body = self.get(Endpoint::Products, class, &path, &[]).await?;
         wire::decode_products(&body)
     }
@@ -690,7 +686,7 @@ impl CoinbaseClient {
     /// Cancel safe: dropping the future abandons the request; a rate-limiter slot already
     /// admitted stays spent (the request may have left), and nothing else is changed.
     pub async fn product(&self, product: &ProductId) -> Result<wire::Product> {
-        let (class, path) = self.md_route(&format!("/products/{product}"));
+        let (class, path) = self.md_route(Endpoint::Product, &format!("/products/{product}"));
         let body = self.get(Endpoint::Product, class, &path, &[]).await?;
         wire::decode_product(&body)
     }
@@ -771,7 +767,13 @@ impl MarketDataSource for CoinbaseClient {
         let value = self.candles_in(product, granularity, range).await?;
         let now = self.inner.clock.now_utc() + self.clock_offset();
         let in_progress = crate::source::fetched_in_progress(&value, granularity, now);
-        Ok(crate::Fresh { value, origin: crate::Origin::Upstream, age: Duration::ZERO, in_progress })
+        Ok(crate::Fresh {
+            value,
+            origin: crate::Origin::Upstream,
+            age: Duration::ZERO,
+            in_progress,
+            provisional: None,
+        })
     }
 
     async fn accounts(&self) -> Result<Vec<Account>> {

@@ -14,6 +14,7 @@ mod coalesce;
 mod config;
 #[cfg(feature = "stream")]
 pub(crate) mod feed;
+mod refresh;
 mod series;
 mod stats;
 mod upstream;
@@ -50,7 +51,8 @@ use crate::{
 
 pub use self::{
     breaker::{BreakerConfig, BreakerState, BreakerStats, ClassBreakerStats},
-    config::{CoordinatedBuilder, CoordinatedConfig, InProgressCandle},
+    config::{AfterClose, CoordinatedBuilder, CoordinatedConfig, InProgressCandle},
+    refresh::{CloseRefreshStats, CloseSettlement},
     stats::{CoordinatedStats, LatencyStats},
 };
 
@@ -60,7 +62,9 @@ pub use self::{
 pub enum Origin {
     /// Fetched from the upstream for this read (or by a fetch this read joined).
     Upstream,
-    /// Served from fresh cache.
+    /// Served from fresh cache, or, with [`AfterClose::ServeLastKnown`], from a series whose
+    /// candle has just closed and whose refresh is under way: then exactly its last candle is
+    /// not final, and [`Fresh::provisional`] says so.
     Cache,
     /// Served from cache past its freshness: the upstream failed (or, with
     /// stale-while-revalidate, a refresh is under way). Never older than `max_stale`.
@@ -82,6 +86,30 @@ pub struct Fresh<T> {
     /// sources that do not track it (the default [`MarketDataSource::candles_fresh`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_progress: Option<InProgress>,
+    /// For candles: the last candle returned is a bucket that closed after the series was
+    /// fetched, served as last known until the refresh that brings the exchange's final candle
+    /// lands ([`AfterClose::ServeLastKnown`]). `None` when every closed candle returned is the
+    /// exchange's final one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisional: Option<Provisional>,
+}
+
+/// The closed candle at the end of a candle read that is not final yet: its bucket closed
+/// after the series was fetched (while it was in progress), and the refresh has not landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provisional {
+    /// Start of its bucket.
+    #[serde(with = "time::serde::rfc3339")]
+    pub start: OffsetDateTime,
+    /// Whether it is the exchange's answer at `as_of` or that answer moved by later last-trade
+    /// prices (as [`InProgress::fidelity`]).
+    pub fidelity: CandleFidelity,
+    /// The exchange time of the newest price in it (the fetch, or the last patch), before the
+    /// bucket's close.
+    #[serde(with = "time::serde::rfc3339")]
+    pub as_of: OffsetDateTime,
+    /// Last-trade prices applied since the fetch (0 when as fetched).
+    pub patches: u32,
 }
 
 /// The candle in progress at the end of a candle read.
@@ -158,6 +186,7 @@ struct Inner {
     ticker_flight: Arc<SingleFlight<ProductId, Entry<Ticker>>>,
     series_flight: Arc<SingleFlight<(ProductId, Granularity), SeriesEntry>>,
     accounts_flight: Arc<SingleFlight<(), Entry<Arc<Vec<Account>>>>>,
+    closes: refresh::CloseQueue,
     batcher: Batcher,
     counters: Counters,
     breaker: breaker::Breakers,
@@ -266,6 +295,7 @@ impl CoordinatedSource {
     pub fn stats(&self) -> CoordinatedStats {
         let mut stats = self.inner.counters.snapshot(self.rate_limiter().map(RateLimiter::stats));
         stats.breaker = self.inner.breaker.stats();
+        stats.close_refresh = self.inner.closes.stats();
         let inner = &self.inner;
         stats.cache_entries =
             inner.tickers.entry_count() + inner.series.entry_count() + inner.negative.entry_count();
@@ -370,11 +400,29 @@ impl CoordinatedSource {
             cached.as_ref().is_some_and(|e| inner.in_progress_too_old(e, granularity, now, now_utc));
         if let Some(e) = &cached
             && !refetch
-            && inner.series_covers(e, range, granularity, now)
         {
-            let swr = || self.spawn_series_refresh(key.clone(), range);
-            if let Some(hit) = inner.serve_cached(e, now, opts, swr) {
-                let hit = hit.map(Arc::clone);
+            if inner.series_covers(e, range, granularity, now) {
+                let swr = || self.spawn_series_refresh(key.clone(), range);
+                if let Some(hit) = inner.serve_cached(e, now, opts, swr) {
+                    let hit = hit.map(Arc::clone);
+                    self.queue_close_refresh(&key, e);
+                    return Ok(self
+                        .serve_series(hit, product, granularity, range, inner.deadline(now, opts))
+                        .await);
+                }
+            }
+            // Its candle has just closed: the series as last known, at once, while the
+            // background refresh brings the final candle (`AfterClose::ServeLastKnown`).
+            if opts.max_age.is_none() && inner.serves_last_known(e, range, granularity, now, now_utc) {
+                inc(&inner.counters.cache_hits);
+                self.queue_close_refresh(&key, e);
+                let hit = Fresh {
+                    value: Arc::clone(&e.value),
+                    origin: Origin::Cache,
+                    age: e.age(now),
+                    in_progress: None,
+                    provisional: None,
+                };
                 return Ok(self
                     .serve_series(hit, product, granularity, range, inner.deadline(now, opts))
                     .await);
@@ -392,6 +440,9 @@ impl CoordinatedSource {
             if !retry {
                 break;
             }
+        }
+        if let Ok(e) = &result {
+            self.queue_close_refresh(&key, e);
         }
         let cached = cached.filter(|e| e.value.covers(range));
         let fresh = inner.settle(result, cached.as_ref(), Instant::now())?;
@@ -426,8 +477,26 @@ impl CoordinatedSource {
             }
             InProgressCandle::Exact | InProgressCandle::ClosedOnly => None,
         };
-        let (candles, in_progress) = inner.serve_series(&series.value, g, range, now_utc, latest.as_ref());
-        Fresh { value: candles, origin: series.origin, age: series.age, in_progress }
+        let (candles, in_progress, provisional) =
+            inner.serve_series(&series.value, g, range, now_utc, latest.as_ref());
+        if provisional.is_some() {
+            inc(&inner.counters.provisional_serves);
+        }
+        Fresh { value: candles, origin: series.origin, age: series.age, in_progress, provisional }
+    }
+
+    /// With [`AfterClose::ServeLastKnown`]: queue the series `e` of `key` for a background
+    /// refresh when the bucket it was fetched in closes.
+    fn queue_close_refresh(&self, key: &(ProductId, Granularity), e: &SeriesEntry) {
+        let inner = &self.inner;
+        // Only a series that holds the bucket in progress at its fetch: a read of older
+        // history alone is not kept up to date.
+        if !inner.closes_in_background() || e.value.to != key.1.next_close(e.value.fetched_utc) {
+            return;
+        }
+        if inner.closes.schedule(key, e, inner.clock.instant_at(e.value.to)) {
+            inner.closes.ensure_worker(&self.inner);
+        }
     }
 
     fn series_flight(
@@ -520,7 +589,13 @@ impl CoordinatedSource {
 
 impl<T> Fresh<T> {
     fn map<U>(self, f: impl FnOnce(T) -> U) -> Fresh<U> {
-        Fresh { value: f(self.value), origin: self.origin, age: self.age, in_progress: self.in_progress }
+        Fresh {
+            value: f(self.value),
+            origin: self.origin,
+            age: self.age,
+            in_progress: self.in_progress,
+            provisional: self.provisional,
+        }
     }
 }
 
@@ -591,6 +666,7 @@ impl Inner {
                 origin: Origin::Cache,
                 age: e.age(now),
                 in_progress: None,
+                provisional: None,
             });
         }
         if self.cfg.stale_while_revalidate && opts.max_age.is_none() && e.age(now) <= self.cfg.max_stale {
@@ -602,6 +678,7 @@ impl Inner {
                 origin: Origin::Stale,
                 age: e.age(now),
                 in_progress: None,
+                provisional: None,
             });
         }
         None
@@ -616,9 +693,13 @@ impl Inner {
         T: Clone,
     {
         match result {
-            Ok(e) => {
-                Ok(Fresh { age: e.age(now), value: e.value, origin: Origin::Upstream, in_progress: None })
-            }
+            Ok(e) => Ok(Fresh {
+                age: e.age(now),
+                value: e.value,
+                origin: Origin::Upstream,
+                in_progress: None,
+                provisional: None,
+            }),
             Err(err) => match cached {
                 Some(c) if err.allows_stale() && c.age(now) <= self.cfg.max_stale => {
                     inc(&self.counters.stale_serves);
@@ -628,6 +709,7 @@ impl Inner {
                         origin: Origin::Stale,
                         age: c.age(now),
                         in_progress: None,
+                        provisional: None,
                     })
                 }
                 _ => Err(err),

@@ -329,6 +329,10 @@ pub struct TickReport {
     pub duration: Duration,
     /// Upstream calls made during the tick (by the meters given to the evaluator).
     pub upstream_calls: u64,
+    /// Candle series read during the tick with their last candle provisional (by the meters'
+    /// sources): its bucket had just closed and the series' refresh had not landed, so the
+    /// bots saw that candle as last known ([`Fresh::provisional`](crate::Fresh::provisional)).
+    pub provisional_series: u64,
     /// Cache hits during the tick.
     pub cache_hits: u64,
     /// Cache misses during the tick.
@@ -433,6 +437,10 @@ impl BatchEvaluator {
         })
     }
 
+    fn provisional_reads(&self) -> u64 {
+        self.meters.iter().map(|m| m.provisional_reads()).sum()
+    }
+
     /// Refresh-ahead: fetch now what the snapshot bots of a coming tick will read, so that an
     /// [`evaluate_all`](Self::evaluate_all) within `horizon` reads only the cache and its bots
     /// decide without waiting for the exchange. [`TickSchedule::refresh_ahead`] calls this a
@@ -502,6 +510,7 @@ impl BatchEvaluator {
         let t0 = Instant::now();
         let now = self.clock.now_utc();
         let (calls0, hits0, misses0) = self.read_meters();
+        let provisional0 = self.provisional_reads();
 
         // Resolve every bot's path under one view of the flags (a hot reload during this
         // loop cannot split the tick). A single source needs no per-bot work; a selector gives
@@ -599,6 +608,7 @@ impl BatchEvaluator {
             started_at: now,
             duration: t0.elapsed(),
             upstream_calls: calls1.saturating_sub(calls0),
+            provisional_series: self.provisional_reads().saturating_sub(provisional0),
             cache_hits: hits,
             cache_misses: misses,
             cache_hit_rate: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },

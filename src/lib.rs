@@ -123,9 +123,9 @@ pub use coinbase::{
     ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath, TickerBatch,
 };
 pub use coordinated::{
-    BreakerConfig, BreakerState, BreakerStats, CandleFidelity, ClassBreakerStats, CoordinatedBuilder,
-    CoordinatedConfig, CoordinatedSource, CoordinatedStats, Fresh, InProgress, InProgressCandle,
-    LatencyStats, Origin, ReadOptions,
+    AfterClose, BreakerConfig, BreakerState, BreakerStats, CandleFidelity, ClassBreakerStats,
+    CloseRefreshStats, CloseSettlement, CoordinatedBuilder, CoordinatedConfig, CoordinatedSource,
+    CoordinatedStats, Fresh, InProgress, InProgressCandle, LatencyStats, Origin, Provisional, ReadOptions,
 };
 pub use direct::{DirectSource, DirectStats};
 pub use error::{Error, Result};

@@ -43,6 +43,9 @@ struct Class {
     limit: ClassLimit,
     full: Gcra,
     half: Gcra,
+    /// The pace of [`Priority::Low`] requests: `low_priority_rate_percent` of the rate, a burst
+    /// of one, so bulk reads leave the class's burst to the requests that gate decisions.
+    low: Gcra,
     /// Waiting requests by priority, then arrival. Only the holder of the turn polls the GCRA,
     /// so requests leave in queue order. A std mutex: it is never held across an await.
     queue: Mutex<Queue>,
@@ -83,6 +86,12 @@ struct Inner {
 #[derive(Clone)]
 pub struct RateLimiter {
     inner: Arc<Inner>,
+}
+
+/// The admission interval of [`Priority::Low`] requests: the class's, stretched to
+/// `percent` % of its rate.
+fn low_interval(limit: &ClassLimit, percent: u32) -> Duration {
+    (limit.interval() * 100) / percent.clamp(1, 100)
 }
 
 impl fmt::Debug for RateLimiter {
@@ -142,10 +151,14 @@ impl RateLimiter {
         let class = |limit: ClassLimit| {
             let half_rate = nz((limit.rate_per_second.get() / 2).max(1));
             let half = ClassLimit { rate_per_second: half_rate, burst: NonZeroU32::MIN, ..limit };
+            let low = governor::Quota::with_period(low_interval(&limit, cfg.low_priority_rate_percent))
+                .unwrap_or_else(|| limit.quota())
+                .allow_burst(NonZeroU32::MIN);
             Class {
                 limit,
                 full: governor::RateLimiter::direct_with_clock(limit.quota(), TokioClock),
                 half: governor::RateLimiter::direct_with_clock(half.quota(), TokioClock),
+                low: governor::RateLimiter::direct_with_clock(low, TokioClock),
                 queue: Mutex::new(Queue::default()),
                 waiting: AtomicUsize::new(0),
                 pause: Mutex::new(Pause::default()),
@@ -200,14 +213,27 @@ impl RateLimiter {
         // Fast path: nobody waiting, not paused, a cell is free.
         if c.waiting.load(Ordering::Acquire) == 0
             && self.pause_remaining(c, start).is_none()
-            && self.try_cell(c, start).is_ok()
+            && self.try_cell(c, start, priority).is_ok()
         {
             c.acquired.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        // Above `Low`, with only bulk reads waiting (their turn-holder asleep until its paced
+        // cell): take a free cell at once instead of queueing behind them.
+        if priority > Priority::Low {
+            let q = lock(&c.queue);
+            if q.ahead_of(priority) == 0
+                && (!q.busy || q.holder_low)
+                && self.pause_remaining(c, start).is_none()
+                && self.try_cell(c, start, priority).is_ok()
+            {
+                c.acquired.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
 
         let _waiting = WaitingGuard::enter(&c.waiting);
-        let mut slot = {
+        let (mut slot, place) = {
             let mut q = lock(&c.queue);
             let queued = q.waiters.len() + usize::from(q.busy);
             if queued >= cfg.max_waiters && !q.evict_below(priority) {
@@ -226,39 +252,57 @@ impl RateLimiter {
             }
             if q.busy || !q.waiters.is_empty() {
                 let (key, rx) = q.push(priority);
-                Slot { class: c, key: Some(key), rx: Some(rx), turn: false }
+                (Slot { class: c, key: Some(key), rx: Some(rx), turn: false }, key)
             } else {
                 q.busy = true;
-                Slot { class: c, key: None, rx: None, turn: true }
+                q.holder_low = priority == Priority::Low;
+                let key = q.place(priority);
+                (Slot { class: c, key: None, rx: None, turn: true }, key)
             }
         };
 
-        if let Some(rx) = slot.rx.as_mut() {
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(Grant::Turn)) => {
-                    slot.key = None;
-                    slot.rx = None;
-                    slot.turn = true;
-                }
-                Ok(Ok(Grant::Evicted) | Err(_)) => {
-                    c.shed.fetch_add(1, Ordering::Relaxed);
-                    return Err(Error::Overloaded(format!(
-                        "a higher-priority {class} request took this one's place in the full rate-limiter queue"
-                    )));
-                }
-                Err(_) => {
-                    c.rejected_local.fetch_add(1, Ordering::Relaxed);
-                    return Err(Error::RateLimited { retry_after: Some(c.limit.interval()), local: true });
-                }
-            }
-        }
-
         // This request holds the turn: it alone polls the GCRA until admitted.
         loop {
+            if let Some(rx) = slot.rx.as_mut() {
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(Grant::Turn)) => {
+                        slot.key = None;
+                        slot.rx = None;
+                        slot.turn = true;
+                    }
+                    Ok(Ok(Grant::Evicted) | Err(_)) => {
+                        c.shed.fetch_add(1, Ordering::Relaxed);
+                        return Err(Error::Overloaded(format!(
+                            "a higher-priority {class} request took this one's place in the full rate-limiter queue"
+                        )));
+                    }
+                    Err(_) => {
+                        c.rejected_local.fetch_add(1, Ordering::Relaxed);
+                        return Err(Error::RateLimited {
+                            retry_after: Some(c.limit.interval()),
+                            local: true,
+                        });
+                    }
+                }
+            }
+            // A bulk read holding the turn steps aside for a request that gates a decision,
+            // keeping its place among the bulk reads.
+            if priority == Priority::Low {
+                let mut q = lock(&c.queue);
+                if q.ahead_of(Priority::Normal) > 0 {
+                    let rx = q.reinsert(place);
+                    q.pass_turn();
+                    drop(q);
+                    slot.turn = false;
+                    slot.key = Some(place);
+                    slot.rx = Some(rx);
+                    continue;
+                }
+            }
             let now = Instant::now();
             let wait = match self.pause_remaining(c, now) {
                 Some(p) => p,
-                None => match self.try_cell(c, now) {
+                None => match self.try_cell(c, now, priority) {
                     Ok(()) => break,
                     Err(w) => w,
                 },
@@ -277,7 +321,34 @@ impl RateLimiter {
         Ok(())
     }
 
-    fn try_cell(&self, c: &Class, now: Instant) -> std::result::Result<(), Duration> {
+    /// How long a request of `class` at `priority` would wait if it asked now, as the limiter
+    /// predicts it: one admission interval for itself and for each request that would be
+    /// served before it (at [`Priority::Low`], at the bulk pace), plus the rest of a 429 pause.
+    /// The estimate [`MarketDataPath::Balanced`](crate::MarketDataPath::Balanced) picks a
+    /// class by.
+    pub fn predicted_wait(&self, class: EndpointClass, priority: Priority) -> Duration {
+        let c = &self.inner.classes[class.index()];
+        let ahead = {
+            let q = lock(&c.queue);
+            q.ahead_of(priority) + usize::from(q.busy)
+        };
+        let interval = if priority == Priority::Low {
+            low_interval(&c.limit, self.inner.cfg.low_priority_rate_percent)
+        } else {
+            c.limit.interval()
+        };
+        interval.saturating_mul(u32::try_from(ahead + 1).unwrap_or(u32::MAX))
+            + self.pause_remaining(c, Instant::now()).unwrap_or_default()
+    }
+
+    fn try_cell(&self, c: &Class, now: Instant, priority: Priority) -> std::result::Result<(), Duration> {
+        // Low first: a low cell taken when the class then refuses is a bulk read slowed a
+        // little, where the other order would waste a cell of the exchange's budget.
+        if priority == Priority::Low
+            && let Err(nu) = c.low.check()
+        {
+            return Err(nu.wait_time_from(TokioInstant(now)));
+        }
         let ramping = lock(&c.pause).ramp_until.is_some_and(|r| now < r);
         if ramping && let Err(nu) = c.half.check() {
             return Err(nu.wait_time_from(TokioInstant(now)));
@@ -558,9 +629,10 @@ mod tests {
         for h in handles {
             h.await.unwrap().unwrap();
         }
-        // L0 found the queue empty and took the turn before the others arrived (admission is
-        // not preemptive); then every High in arrival order, every Normal, the other Low.
-        assert_eq!(*order.lock().unwrap(), ["L0", "H0", "H1", "H2", "N0", "N1", "N2", "L1"]);
+        // L0 found the queue empty and took the turn before the others arrived, but a bulk read
+        // steps aside for the higher priorities (keeping its place among the Low ones): every
+        // High in arrival order, every Normal, then L0 and L1.
+        assert_eq!(*order.lock().unwrap(), ["H0", "H1", "H2", "N0", "N1", "N2", "L0", "L1"]);
         // One admission per 125 ms (8/s): the queue never let two out at once.
         assert_eq!(start.elapsed(), Duration::from_millis(1000));
         let s = limiter.stats().public;
@@ -624,7 +696,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_predicted_wait_counts_only_requests_served_first() {
         // Six Low requests queued (at 8/s): another Low would wait 750 ms and is refused at
-        // once, but a High is served right after the current turn and is admitted.
+        // once, but a High is served first (the Low turn-holder steps aside) and is admitted
+        // at the next cell.
         let cfg = RateLimiterConfig { max_wait: Duration::from_millis(500), ..Default::default() };
         let limiter = RateLimiter::new(cfg).unwrap();
         limiter.acquire(EndpointClass::Public).await.unwrap();
@@ -635,10 +708,54 @@ mod tests {
         assert!(matches!(low, Err(Error::RateLimited { local: true, .. })), "{low:?}");
         assert_eq!(t.elapsed(), Duration::ZERO);
         limiter.acquire_with(EndpointClass::Public, Priority::High).await.unwrap();
-        assert_eq!(t.elapsed(), Duration::from_millis(250));
+        assert_eq!(t.elapsed(), Duration::from_millis(125));
         for h in handles {
             let _ = h.await.unwrap();
         }
+    }
+
+    /// #18: bulk reads run at the class's rate one at a time, never from its burst, so the
+    /// reads that gate decisions still find the burst (less the cell the bulk read has just
+    /// taken) however long a bulk refresh runs, and take it without queueing behind it.
+    #[tokio::test(start_paused = true)]
+    async fn bulk_reads_leave_the_burst_to_higher_priorities() {
+        let limiter = RateLimiter::coinbase(); // private: 24/s, burst 5
+        let admitted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut bulk = Vec::new();
+        for _ in 0..60 {
+            let (l, n) = (limiter.clone(), Arc::clone(&admitted));
+            bulk.push(tokio::spawn(async move {
+                l.acquire_with(EndpointClass::Private, Priority::Low).await.unwrap();
+                n.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1_010)).await;
+        // One at once, then one per 1/24 s: no burst of five.
+        assert_eq!(admitted.load(Ordering::SeqCst), 25);
+        let t = Instant::now();
+        for _ in 0..4 {
+            limiter.acquire_with(EndpointClass::Private, Priority::Normal).await.unwrap();
+        }
+        assert_eq!(t.elapsed(), Duration::ZERO, "four of the burst's five cells were free");
+        for h in bulk {
+            h.await.unwrap();
+        }
+        assert_eq!(limiter.stats().private.acquired, 64);
+
+        // At half the rate, bulk reads leave the whole burst most of the time.
+        let cfg = RateLimiterConfig { low_priority_rate_percent: 50, ..Default::default() };
+        let limiter = RateLimiter::new(cfg).unwrap();
+        let start = Instant::now();
+        for _ in 0..12 {
+            limiter.acquire_with(EndpointClass::Private, Priority::Low).await.unwrap();
+        }
+        // Eleven intervals of 1/12 s (each sleep rounded up to tokio's millisecond).
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(1) / 12 * 11 && took < Duration::from_millis(940), "{took:?}");
+        assert!(matches!(
+            RateLimiter::new(RateLimiterConfig { low_priority_rate_percent: 0, ..Default::default() }),
+            Err(Error::Config(_))
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -76,7 +76,13 @@ pub trait MarketDataSource: Send + Sync {
         range: CandleRange,
     ) -> Result<Fresh<Vec<Candle>>> {
         let value = self.candles(product, granularity, range).await?;
-        Ok(Fresh { value, origin: Origin::Upstream, age: Duration::ZERO, in_progress: None })
+        Ok(Fresh {
+            value,
+            origin: Origin::Upstream,
+            age: Duration::ZERO,
+            in_progress: None,
+            provisional: None,
+        })
     }
 
     /// Every account (wallet) of the API key's user.
@@ -221,6 +227,13 @@ pub trait UpstreamMeter: Send + Sync {
     fn cache_reads(&self) -> (u64, u64) {
         (0, 0)
     }
+
+    /// Candle reads answered so far with a provisional last candle (its bucket closed, its
+    /// refresh under way: [`Fresh::provisional`](crate::Fresh::provisional)); 0 for sources
+    /// that never serve one.
+    fn provisional_reads(&self) -> u64 {
+        0
+    }
 }
 
 /// Read straight from the counters: a full [`CoordinatedStats`](crate::CoordinatedStats) snapshot sorts the latency
@@ -231,6 +244,9 @@ impl UpstreamMeter for crate::CoordinatedSource {
     }
     fn cache_reads(&self) -> (u64, u64) {
         self.counters().cache_reads()
+    }
+    fn provisional_reads(&self) -> u64 {
+        self.counters().provisional_reads()
     }
 }
 

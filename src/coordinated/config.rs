@@ -9,7 +9,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CoordinatedSource, Inner, Limiting, batch::Batcher, breaker, coalesce::SingleFlight, stats::Counters,
+    CoordinatedSource, Inner, Limiting, batch::Batcher, breaker, coalesce::SingleFlight, refresh::CloseQueue,
+    stats::Counters,
 };
 use crate::{
     clock::Clock,
@@ -105,6 +106,38 @@ pub struct CoordinatedConfig {
     /// `stats().in_progress_refetches`). Default 5 s.
     #[serde(with = "crate::util::duration_ms")]
     pub in_progress_max_age: Duration,
+    /// What a read gets when the candle its cached series was fetched in has closed and the
+    /// series has not been refreshed yet: [`AfterClose::ServeLastKnown`] (default) or
+    /// [`AfterClose::Wait`]. Applies with [`InProgressCandle::Live`] only; `Exact` and
+    /// `ClosedOnly` readers always wait for the refresh.
+    pub after_close: AfterClose,
+    /// With [`AfterClose::ServeLastKnown`]: most background close refreshes in flight at once
+    /// (each waits its turn in the rate limiter at candle priority, so a small number keeps both
+    /// classes busy without queueing hundreds of requests there). Default 16.
+    pub close_refresh_concurrency: usize,
+}
+
+/// What happens at a candle close to the series read before it (see
+/// [`CoordinatedConfig::after_close`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterClose {
+    /// Every series read since its last fetch is refreshed in the background when its candle
+    /// closes (after `candle_grace` and its jitter), in a fair order: by when each went stale,
+    /// ties broken by a hash of the series and the close (never by which bot reads first),
+    /// through the same single-flight and rate limiter as any read, at most
+    /// `close_refresh_concurrency` at once. Until its refresh lands (for at most `max_stale`
+    /// past its freshness), a read of that series is answered at once from the cache: its
+    /// closed candles are exact, and its last candle, the bucket that has just closed, is the
+    /// last known state of that bucket (as fetched while in progress, moved by later last
+    /// trades), marked in [`Fresh::provisional`](crate::Fresh::provisional). A read with a
+    /// `max_age` ([`ReadOptions::max_age`](crate::ReadOptions::max_age)) waits for the
+    /// refresh instead. Default.
+    #[default]
+    ServeLastKnown,
+    /// No background refresh: the first read after the close fetches the series (and every
+    /// reader waits for it): the behaviour before this setting existed.
+    Wait,
 }
 
 /// The freshness contract of the candle in progress (closed candles are always exact and
@@ -154,6 +187,8 @@ impl Default for CoordinatedConfig {
             breaker: BreakerConfig::default(),
             in_progress: InProgressCandle::Live,
             in_progress_max_age: Duration::from_secs(5),
+            after_close: AfterClose::ServeLastKnown,
+            close_refresh_concurrency: 16,
         }
     }
 }
@@ -184,6 +219,9 @@ impl CoordinatedConfig {
         }
         if self.in_progress == InProgressCandle::Exact && self.in_progress_max_age.is_zero() {
             return bad("in_progress_max_age must be greater than zero with in_progress = exact");
+        }
+        if self.close_refresh_concurrency == 0 {
+            return bad("close_refresh_concurrency must be at least 1");
         }
         if self.max_stale < self.ticker_ttl {
             return bad("max_stale must be at least ticker_ttl");
@@ -257,6 +295,10 @@ impl CoordinatedBuilder {
         in_progress: InProgressCandle,
         /// See [`CoordinatedConfig::in_progress_max_age`].
         in_progress_max_age: Duration,
+        /// See [`CoordinatedConfig::after_close`].
+        after_close: AfterClose,
+        /// See [`CoordinatedConfig::close_refresh_concurrency`].
+        close_refresh_concurrency: usize,
     }
 
     /// The circuit breaker's settings (see [`CoordinatedConfig::breaker`]);
@@ -341,6 +383,7 @@ impl CoordinatedBuilder {
             ticker_flight: SingleFlight::new(),
             series_flight: SingleFlight::new(),
             accounts_flight: SingleFlight::new(),
+            closes: CloseQueue::default(),
             batcher: Batcher::new(cfg.batch_size),
             counters: Counters::default(),
             upstream: self.upstream,

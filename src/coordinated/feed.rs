@@ -308,7 +308,14 @@ mod tests {
         });
         mock.expect_ticker().never();
         mock.expect_tickers().never();
-        CoordinatedSource::builder(mock).clock(clock).candle_jitter(Duration::ZERO).build().unwrap()
+        // The read-driven refresh at a close (`AfterClose::Wait`): these tests count REST calls
+        // at reads.
+        CoordinatedSource::builder(mock)
+            .clock(clock)
+            .candle_jitter(Duration::ZERO)
+            .after_close(crate::AfterClose::Wait)
+            .build()
+            .unwrap()
     }
 
     #[tokio::test(start_paused = true)]

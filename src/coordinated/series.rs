@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::{CandleFidelity, InProgress, InProgressCandle, cache::Patch};
+use super::{AfterClose, CandleFidelity, InProgress, InProgressCandle, Provisional, cache::Patch};
 use super::{
     Inner,
     cache::{Entry, Series, SeriesEntry},
@@ -32,6 +32,32 @@ impl Inner {
         // Within the grace after a close, the series still counts as covering the bucket that
         // just opened: it is served as is and refreshed when the grace ends.
         e.value.from <= range.start && range.end <= e.value.to + g.duration() && now < e.fresh_until
+    }
+
+    /// Whether series are refreshed in the background at their close and served as last known
+    /// meanwhile: [`AfterClose::ServeLastKnown`] with [`InProgressCandle::Live`].
+    pub(super) fn closes_in_background(&self) -> bool {
+        self.cfg.after_close == AfterClose::ServeLastKnown && self.cfg.in_progress == InProgressCandle::Live
+    }
+
+    /// Whether a read of `range` may be answered at once from `e`, expired because the bucket
+    /// it was fetched in has just closed: the series ends exactly at that close (one close
+    /// behind, no more), the range ends no later than the bucket that opened then, and the
+    /// series expired no more than `max_stale` ago.
+    pub(super) fn serves_last_known(
+        &self,
+        e: &SeriesEntry,
+        range: CandleRange,
+        g: Granularity,
+        now: Instant,
+        now_utc: OffsetDateTime,
+    ) -> bool {
+        self.closes_in_background()
+            && e.value.to == g.bucket_start(now_utc)
+            && e.value.to == g.next_close(e.value.fetched_utc)
+            && e.value.from <= range.start
+            && range.end <= e.value.to + g.duration()
+            && now <= later(e.fresh_until, self.cfg.max_stale)
     }
 
     pub(super) async fn fetch_series(
@@ -187,9 +213,14 @@ impl Inner {
         range: CandleRange,
         now_utc: OffsetDateTime,
         latest: Option<&Ticker>,
-    ) -> (Vec<Candle>, Option<InProgress>) {
+    ) -> (Vec<Candle>, Option<InProgress>, Option<Provisional>) {
         let open_bucket = g.bucket_start(now_utc);
-        match self.cfg.in_progress {
+        let late = match self.cfg.in_progress {
+            InProgressCandle::Live => latest.and_then(|t| patched(s, g, t)),
+            InProgressCandle::Exact | InProgressCandle::ClosedOnly => None,
+        };
+        let s = late.as_ref().unwrap_or(s);
+        let (v, ip) = match self.cfg.in_progress {
             InProgressCandle::ClosedOnly => {
                 let mut v = s.slice(range);
                 v.retain(|c| c.start < open_bucket);
@@ -206,8 +237,6 @@ impl Inner {
                 (v, ip)
             }
             InProgressCandle::Live => {
-                let late = latest.and_then(|t| patched(s, g, t));
-                let s = late.as_ref().unwrap_or(s);
                 let v = s.slice(range);
                 let ip = v.last().filter(|c| c.start >= open_bucket).map(|c| match s.patch {
                     Some(p) => InProgress {
@@ -225,7 +254,30 @@ impl Inner {
                 });
                 (v, ip)
             }
-        }
+        };
+        // A closed last candle whose bucket ended after the fetch was in progress then: it is
+        // the last known state of that bucket, not the exchange's final candle.
+        let provisional = v
+            .last()
+            .filter(|c| {
+                let end = c.start + g.duration();
+                c.start < open_bucket && end > s.fetched_utc && end <= now_utc
+            })
+            .map(|c| match s.patch {
+                Some(p) => Provisional {
+                    start: c.start,
+                    fidelity: CandleFidelity::Patched,
+                    as_of: p.as_of,
+                    patches: p.count,
+                },
+                None => Provisional {
+                    start: c.start,
+                    fidelity: CandleFidelity::Exact,
+                    as_of: s.fetched_utc,
+                    patches: 0,
+                },
+            });
+        (v, ip, provisional)
     }
 
     /// When a series fetched at `fetched_utc` stops being fresh: at the close of the bucket in

@@ -12,7 +12,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::BreakerStats;
+use super::{BreakerStats, CloseRefreshStats};
 use crate::{
     coinbase::Endpoint,
     error::Error,
@@ -76,6 +76,7 @@ pub(crate) struct Counters {
     pub(crate) deadline_misses: AtomicU64,
     pub(crate) live_patches: AtomicU64,
     pub(crate) in_progress_refetches: AtomicU64,
+    pub(crate) provisional_serves: AtomicU64,
     pub(crate) errors: [AtomicU64; Error::KINDS.len()],
     latencies_us: Mutex<VecDeque<u64>>,
 }
@@ -84,6 +85,11 @@ impl Counters {
     /// Upstream calls of every operation: `snapshot().upstream_calls` without the snapshot.
     pub(crate) fn upstream_total(&self) -> u64 {
         self.upstream.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Candle reads answered with a provisional last candle so far.
+    pub(crate) fn provisional_reads(&self) -> u64 {
+        self.provisional_serves.load(Ordering::Relaxed)
     }
 
     /// `(hits, misses)` of cache reads so far.
@@ -149,6 +155,8 @@ impl Counters {
             deadline_misses: get(&self.deadline_misses),
             live_patches: get(&self.live_patches),
             in_progress_refetches: get(&self.in_progress_refetches),
+            provisional_serves: get(&self.provisional_serves),
+            close_refresh: CloseRefreshStats::default(),
             errors_by_kind,
             upstream_latency_ms: LatencyStats {
                 samples: lat.len() as u64,
@@ -226,6 +234,15 @@ pub struct CoordinatedStats {
     /// `in_progress_max_age` ([`InProgressCandle::Exact`](crate::InProgressCandle::Exact)):
     /// each one upstream call, also counted in `upstream_calls`.
     pub in_progress_refetches: u64,
+    /// Candle reads answered with their last candle provisional
+    /// ([`Fresh::provisional`](crate::Fresh::provisional)): its bucket had closed and the
+    /// series' refresh had not landed ([`AfterClose`](crate::AfterClose)).
+    #[serde(default)]
+    pub provisional_serves: u64,
+    /// The background refreshes of series after their candle closed, and how long after each
+    /// recent close the last series became exact.
+    #[serde(default)]
+    pub close_refresh: CloseRefreshStats,
     /// Upstream errors by [`Error::kind`](crate::Error::kind).
     pub errors_by_kind: BTreeMap<String, u64>,
     /// Upstream latency.

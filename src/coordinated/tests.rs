@@ -339,10 +339,13 @@ async fn candles_are_fetched_incrementally_and_expire_at_the_close() {
     let start = datetime!(2024-01-01 10:30 UTC);
     let clock = Clock::starting_at(start);
     let fake = Arc::new(Fake::default());
+    // The read-driven refresh at the close (`AfterClose::Wait`); the background one is
+    // `a_close_is_served_as_last_known_and_refreshed_in_the_background`.
     let src = CoordinatedSource::builder_arc(fake.clone())
         .clock(clock)
         .candle_grace(Duration::from_millis(500))
         .candle_jitter(Duration::ZERO)
+        .after_close(AfterClose::Wait)
         .build()
         .unwrap();
     let p = pid("BTC-USD");
@@ -511,4 +514,126 @@ async fn refresh_before_expiry_refreshes_once_and_readers_never_miss() {
     let too_long =
         CoordinatedSource::builder_arc(fake.clone()).refresh_before_expiry(Duration::from_secs(5)).build();
     assert!(matches!(too_long, Err(Error::Config(_))));
+}
+
+/// `AfterClose::ServeLastKnown` (#18): after an hourly close every read is answered at once
+/// from the cache with its just-closed candle marked provisional, while the series are
+/// refreshed in the background one by one in an order that does not depend on which product was
+/// read first; a reader with a `max_age` waits for its own refresh instead.
+#[tokio::test(start_paused = true)]
+async fn a_close_is_served_as_last_known_and_refreshed_in_the_background() {
+    let clock = Clock::starting_at(datetime!(2024-01-01 10:30 UTC));
+    let g = Granularity::OneHour;
+    let products: Vec<ProductId> =
+        ["A-USD", "B-USD", "C-USD", "D-USD", "E-USD", "F-USD"].into_iter().map(pid).collect();
+    let build = |fake: &Arc<Fake>| {
+        CoordinatedSource::builder_arc(fake.clone())
+            .clock(clock)
+            .candle_grace(Duration::from_millis(500))
+            .candle_jitter(Duration::ZERO)
+            .close_refresh_concurrency(1)
+            .build()
+            .unwrap()
+    };
+    let fake = |_| Arc::new(Fake { delay: Duration::from_millis(100), ..Fake::default() });
+    let (fa, fb) = (fake(0), fake(1));
+    let (a, b) = (build(&fa), build(&fb));
+    let range = || CandleRange::lookback(g, 24, clock.now_utc()).unwrap();
+    // Two sources, the same products read in opposite orders.
+    for p in &products {
+        a.candles(p, g, range()).await.unwrap();
+    }
+    for p in products.iter().rev() {
+        b.candles(p, g, range()).await.unwrap();
+    }
+    assert_eq!(lock(&fa.candle_calls).len(), 6);
+
+    // 11:00:00.55: the grace is over, the first refresh is in flight, every read answers at once.
+    tokio::time::sleep_until(clock.instant_at(datetime!(2024-01-01 11:00:00.55 UTC))).await;
+    let before = Instant::now();
+    for p in &products {
+        let r = a.candles_with(p, g, range(), ReadOptions::default()).await.unwrap();
+        assert_eq!(r.origin, Origin::Cache, "{p}");
+        let last = r.value.last().unwrap();
+        assert_eq!(last.start, datetime!(2024-01-01 10:00 UTC), "{p}: the bucket that just closed");
+        let mark = r.provisional.expect("the just-closed candle is marked");
+        assert_eq!((mark.start, mark.fidelity, mark.patches), (last.start, CandleFidelity::Exact, 0));
+        assert!(mark.as_of < datetime!(2024-01-01 11:00 UTC));
+        assert_eq!(r.in_progress, None);
+    }
+    assert_eq!(Instant::now(), before, "no read waited");
+    assert_eq!(a.stats().provisional_serves, 6);
+    assert_eq!(lock(&fa.candle_calls).len(), 7, "reads made no call; one refresh in flight");
+
+    // The refreshes land one after the other (concurrency 1, 100 ms each), in the same order
+    // for both sources, each from the candle that was in progress (10:00).
+    tokio::time::sleep_until(clock.instant_at(datetime!(2024-01-01 11:00:02 UTC))).await;
+    let order = |f: &Fake| -> Vec<(ProductId, OffsetDateTime)> {
+        lock(&f.candle_calls)[6..].iter().map(|(p, r)| (p.clone(), r.start)).collect()
+    };
+    let (oa, ob) = (order(&fa), order(&fb));
+    assert_eq!(oa.len(), 6);
+    assert_eq!(oa, ob, "the refresh order does not follow the read order");
+    assert!(oa.iter().all(|(_, start)| *start == datetime!(2024-01-01 10:00 UTC)));
+    let st = a.stats().close_refresh;
+    assert_eq!((st.refreshed, st.failed, st.pending, st.scheduled), (6, 0, 0, 0));
+    let close = st.recent_closes.last().unwrap().clone();
+    assert_eq!((close.close, close.series, close.exact), (datetime!(2024-01-01 11:00 UTC), 6, 6));
+    // The grace, then six refreshes of 100 ms back to back.
+    let after = close.last_exact_after_ms.unwrap();
+    assert!((1_100.0..1_200.0).contains(&after), "{after}");
+    for p in &products {
+        let r = a.candles_with(p, g, range(), ReadOptions::default()).await.unwrap();
+        assert_eq!(r.provisional, None, "{p}");
+        assert_eq!(r.value.last().unwrap().start, datetime!(2024-01-01 11:00 UTC));
+        assert!(r.in_progress.is_some());
+    }
+
+    // 12:00:00.55: the last series in the queue, read with a `max_age`, waits for its own
+    // refresh (and the background one then finds it done: still one call per series).
+    let calls = lock(&fa.candle_calls).len();
+    tokio::time::sleep_until(clock.instant_at(datetime!(2024-01-01 12:00:00.55 UTC))).await;
+    let (last, _) = oa.last().unwrap().clone();
+    let r = a.candles_with(&last, g, range(), ReadOptions::max_age(Duration::from_secs(3600))).await.unwrap();
+    assert_eq!(r.origin, Origin::Upstream);
+    assert_eq!((r.provisional, r.value.last().unwrap().start), (None, datetime!(2024-01-01 12:00 UTC)));
+    tokio::time::sleep_until(clock.instant_at(datetime!(2024-01-01 12:00:02 UTC))).await;
+    assert_eq!(lock(&fa.candle_calls).len(), calls + 6);
+    let st = a.stats().close_refresh;
+    // Five by the worker, one by the reader, which queued its series for 13:00 at once.
+    assert_eq!((st.refreshed, st.pending, st.scheduled), (11, 0, 1));
+    let noon = st.recent_closes.iter().find(|c| c.close == datetime!(2024-01-01 12:00 UTC)).unwrap();
+    assert_eq!((noon.series, noon.exact), (6, 6));
+}
+
+/// With `AfterClose::Wait` (and with `InProgressCandle::Exact`) nothing is refreshed in the
+/// background: the first read after the close fetches, and waits.
+#[tokio::test(start_paused = true)]
+async fn after_close_wait_keeps_the_read_driven_refresh() {
+    let clock = Clock::starting_at(datetime!(2024-01-01 10:30 UTC));
+    let g = Granularity::OneHour;
+    for (after, mode) in
+        [(AfterClose::Wait, InProgressCandle::Live), (AfterClose::ServeLastKnown, InProgressCandle::Exact)]
+    {
+        let fake = Arc::new(Fake { delay: Duration::from_millis(100), ..Fake::default() });
+        let src = CoordinatedSource::builder_arc(fake.clone())
+            .clock(clock)
+            .candle_jitter(Duration::ZERO)
+            .after_close(after)
+            .in_progress(mode)
+            .in_progress_max_age(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        let p = pid("BTC-USD");
+        let range = || CandleRange::lookback(g, 24, clock.now_utc()).unwrap();
+        src.candles(&p, g, range()).await.unwrap();
+        let close = clock.instant_at(g.next_close(clock.now_utc()));
+        tokio::time::sleep_until(close + Duration::from_secs(5)).await;
+        assert_eq!(lock(&fake.candle_calls).len(), 1, "{after:?} {mode:?}: no background refresh");
+        let t0 = Instant::now();
+        let r = src.candles_with(&p, g, range(), ReadOptions::default()).await.unwrap();
+        assert_eq!(Instant::now() - t0, Duration::from_millis(100), "the read waited for the fetch");
+        assert_eq!((r.origin, r.provisional), (Origin::Upstream, None));
+        assert_eq!(src.stats().close_refresh, CloseRefreshStats::default());
+    }
 }

@@ -217,6 +217,12 @@ pub struct RateLimiterConfig {
     /// rate. Default 5 s.
     #[serde(with = "crate::util::duration_ms")]
     pub ramp_up: Duration,
+    /// [`Priority::Low`] requests (candle backfill and refreshes) are admitted at most at this
+    /// percentage of each class's rate, one at a time (never from the burst): however long a
+    /// bulk refresh runs, the class keeps its burst, less the cell the bulk read has just
+    /// taken, for the ticker and account reads of the next tick. 1..=100; default 100 (bulk
+    /// reads still use the whole rate).
+    pub low_priority_rate_percent: u32,
 }
 
 impl Default for RateLimiterConfig {
@@ -229,6 +235,7 @@ impl Default for RateLimiterConfig {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             ramp_up: Duration::from_secs(5),
+            low_priority_rate_percent: 100,
         }
     }
 }
@@ -249,6 +256,12 @@ impl RateLimiterConfig {
     pub fn validate(&self) -> Result<()> {
         self.public.validate(EndpointClass::Public)?;
         self.private.validate(EndpointClass::Private)?;
+        if !(1..=100).contains(&self.low_priority_rate_percent) {
+            return Err(Error::Config(format!(
+                "low_priority_rate_percent must be 1..=100, got {}",
+                self.low_priority_rate_percent
+            )));
+        }
         if self.max_waiters == 0 {
             return Err(Error::Config("max_waiters must be at least 1".into()));
         }

@@ -27,6 +27,8 @@ pub(super) type Key = (u8, u64);
 pub(super) struct Queue {
     /// Some request holds the turn (it alone polls the GCRA).
     pub(super) busy: bool,
+    /// The turn is held by a [`Priority::Low`] request (higher ones may overtake it).
+    pub(super) holder_low: bool,
     pub(super) next_seq: u64,
     pub(super) waiters: BTreeMap<Key, tokio::sync::oneshot::Sender<Grant>>,
     pub(super) by_rank: [usize; 3],
@@ -40,6 +42,22 @@ impl Queue {
         self.waiters.insert(key, tx);
         self.by_rank[usize::from(key.0)] += 1;
         (key, rx)
+    }
+
+    /// A place in the queue for a request of `priority` that takes the turn at once (kept in
+    /// case it steps aside later, [`reinsert`](Queue::reinsert)).
+    pub(super) fn place(&mut self, priority: Priority) -> Key {
+        let key = (priority.rank(), self.next_seq);
+        self.next_seq += 1;
+        key
+    }
+
+    /// Queue again, at its old place, a request that held the turn and steps aside.
+    pub(super) fn reinsert(&mut self, key: Key) -> tokio::sync::oneshot::Receiver<Grant> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiters.insert(key, tx);
+        self.by_rank[usize::from(key.0)] += 1;
+        rx
     }
 
     pub(super) fn remove(&mut self, key: &Key) -> Option<tokio::sync::oneshot::Sender<Grant>> {
@@ -58,10 +76,12 @@ impl Queue {
         while let Some((key, tx)) = self.waiters.pop_first() {
             self.by_rank[usize::from(key.0)] -= 1;
             if tx.send(Grant::Turn).is_ok() {
+                self.holder_low = key.0 == Priority::Low.rank();
                 return;
             }
         }
         self.busy = false;
+        self.holder_low = false;
     }
 
     /// Evict the newest waiter of the lowest priority, if that is below `priority`.

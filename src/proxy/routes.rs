@@ -303,11 +303,23 @@ async fn candles(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
     }
     let range = CandleRange::new(from_unix(start), from_unix(last + 1))
         .map_err(|e| Reply::bad_request(&e.to_string()))?;
-    let got = shared
+    let mut got = shared
         .source
         .candles_with(&id, g, range, ReadOptions::default())
         .await
         .map_err(|e| Reply::from_error(&e))?;
+    // Coinbase's wire format cannot carry `Fresh::provisional`: rather than serve a candle that
+    // has just closed as if it were final, wait for the refresh that brings it (data fetched
+    // since the close only).
+    if let Some(p) = got.provisional {
+        let since_close = shared.clock.now_utc() - (p.start + g.duration());
+        let max_age = std::time::Duration::try_from(since_close).unwrap_or_default();
+        got = shared
+            .source
+            .candles_with(&id, g, range, ReadOptions::max_age(max_age))
+            .await
+            .map_err(|e| Reply::from_error(&e))?;
+    }
     let mut candles: Vec<WireCandle> = got
         .value
         .iter()

@@ -141,7 +141,10 @@ async fn a_350_bucket_backfill_goes_out_in_requests_of_at_most_300_buckets_witho
         .await
         .unwrap();
     let client = documented.client_builder().candle_max_buckets(350).build().unwrap();
-    assert_eq!(client.candles(&btc, g, range).await.unwrap(), c);
+    // The closed candles: the one in progress depends on when each exchange was asked (the
+    // second 50-bucket request above waited one admission interval: bulk reads never take
+    // the burst).
+    assert_eq!(client.candles(&btc, g, range).await.unwrap()[..349], c[..349]);
     assert_eq!(documented.stats().recent_candle_requests.len(), 1);
     // Against the real rule, a 350-bucket request is refused.
     let e = sim.client_builder().candle_max_buckets(350).build().unwrap().candles(&btc, g, range).await;
@@ -312,9 +315,10 @@ async fn balanced_market_data_spreads_a_burst_over_both_classes() {
             assert_eq!(public, 0);
         }
     }
-    // Private alone: 5 at once, then 20 at 24/s (~0.86 s); both classes: ~32/s (~0.65 s).
-    assert!(elapsed[0] > Duration::from_millis(800), "{elapsed:?}");
-    assert!(elapsed[1] < Duration::from_millis(720), "{elapsed:?}");
+    // Candles are bulk reads, paced one at a time (never from the burst): private alone at
+    // 24/s (~1.03 s), both classes at ~32/s (~0.78 s).
+    assert!(elapsed[0] > Duration::from_millis(1_000), "{elapsed:?}");
+    assert!(elapsed[1] < Duration::from_millis(820), "{elapsed:?}");
 
     // An idle limiter admits a lone request on the private class at once.
     let client = sim.client_builder().market_data(MarketDataPath::Balanced).build().unwrap();

@@ -88,10 +88,13 @@ async fn ticker_ttl_expires_on_the_paused_clock() {
 async fn candles_refresh_incrementally_at_the_close() {
     let clock = tickshare::Clock::starting_at(datetime!(2024-04-24 09:56:00 UTC));
     let sim = SimExchange::builder().clock(clock).start().await.unwrap();
+    // The read-driven refresh (`AfterClose::Wait`); the background refresh after a close is
+    // tested in freshness.rs.
     let source = CoordinatedSource::coinbase(sim.client().unwrap())
         .clock(clock)
         .candle_jitter(Duration::ZERO)
         .candle_grace(Duration::from_millis(500))
+        .after_close(tickshare::AfterClose::Wait)
         .build()
         .unwrap();
     let btc = pid("BTC-USD");

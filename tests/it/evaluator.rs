@@ -194,13 +194,15 @@ async fn refresh_ahead_ticks_read_the_cache() {
 
     // A cold tick at 09:56:38 fills the cache. Then every tick is prefetched 1.5 s ahead and
     // makes no call itself: at 10:00 the tickers and balances (expired since 09:56) are
-    // refreshed ahead, and the hourly candles are served within the close's grace; at 10:05 the
-    // prefetch also brings each series' final 09:00 candle (one incremental call per product).
+    // refreshed ahead, and the hourly candles are served within the close's grace, their 09:00
+    // candle marked provisional. From 10:00:00.5 the source refreshes each series in the
+    // background (`AfterClose::ServeLastKnown`: one incremental call per product), so the
+    // 10:05 window holds those 25 calls besides the prefetch's 2.
     assert_eq!(eval.evaluate_all(&bots).await.upstream_calls, 27);
-    for (due, calls) in [
-        (datetime!(2024-04-24 10:00:00 UTC), 2),
-        (datetime!(2024-04-24 10:05:00 UTC), 27),
-        (datetime!(2024-04-24 10:10:00 UTC), 2),
+    for (due, calls, window, provisional) in [
+        (datetime!(2024-04-24 10:00:00 UTC), 2, 2, 25),
+        (datetime!(2024-04-24 10:05:00 UTC), 2, 27, 0),
+        (datetime!(2024-04-24 10:10:00 UTC), 2, 2, 0),
     ] {
         sim.reset_stats();
         let t = ticks.tick(&bots).await;
@@ -214,7 +216,8 @@ async fn refresh_ahead_ticks_read_the_cache() {
         assert_eq!(t.report.cache_hit_rate, 1.0);
         assert_eq!(t.report.errors().count(), 0);
         assert_eq!(t.latency, Duration::ZERO, "{due}: the bots waited for nothing");
-        assert_eq!(sim.stats().total_calls, calls, "{:?}", sim.stats().calls_by_endpoint);
+        assert_eq!(t.report.provisional_series, provisional, "{due}");
+        assert_eq!(sim.stats().total_calls, window, "{:?}", sim.stats().calls_by_endpoint);
     }
 
     // The caller overran past 10:15: that tick runs at once (late, without prefetch) and
@@ -315,9 +318,9 @@ async fn tick_loop_cancel_safety_and_validation() {
     assert!(next.prefetch.is_some());
 }
 
-/// With ticks three seconds past the grid and a 1.5 s lead, the prefetch of the tick after an
-/// hourly close comes after the source's close grace: it brings every series' final candle, so
-/// the bots read the closed hour at that tick (not at the next one) and still wait for nothing.
+/// With ticks three seconds past the grid, the series refreshed in the background from the
+/// close's grace on (`AfterClose::ServeLastKnown`) are exact again by the tick: the bots read
+/// the closed hour at that tick (not at the next one) and still wait for nothing.
 #[tokio::test(start_paused = true)]
 async fn an_offset_grid_reads_the_closed_candle_at_the_hour() {
     let (sim, source, eval, bots) = coordinated_fleet(25, Duration::from_millis(30)).await;
@@ -329,8 +332,14 @@ async fn an_offset_grid_reads_the_closed_candle_at_the_hour() {
     let hour = ticks.tick(&bots).await;
     assert_eq!(hour.due, datetime!(2024-04-24 10:00:03 UTC));
     let p = hour.prefetch.as_ref().expect("prefetched");
-    assert_eq!((p.upstream_calls, p.failed_reads), (27, 0), "tickers, accounts and 25 final candles");
+    // The prefetch's tickers and accounts, plus whichever background refreshes landed during it.
+    assert!(p.upstream_calls >= 2 && p.failed_reads == 0, "{p:?}");
     assert_eq!((hour.report.upstream_calls, hour.latency), (0, Duration::ZERO));
+    assert_eq!(hour.report.provisional_series, 0, "every series was exact again by 10:00:03");
+    let refreshed = source.stats().close_refresh;
+    assert_eq!((refreshed.refreshed, refreshed.failed, refreshed.pending), (25, 0, 0));
+    assert_eq!(refreshed.scheduled, 25, "read again at 10:00:03: queued for the 11:00 close");
+    assert_eq!(sim.stats().calls(tickshare::sim::Endpoint::Candles), 50, "25 cold, 25 final 09:00 candles");
     // The series read at 10:00:03 held the 09:00 candle as the exchange closed it.
     let product = &bots[0].product;
     let range =

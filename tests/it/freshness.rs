@@ -37,7 +37,9 @@ fn range(sim: &SimExchange) -> CandleRange {
 async fn live_in_progress_candle_follows_every_price_the_source_served() {
     let (sim, source) = setup(InProgressCandle::Live).await;
     let products: Vec<ProductId> = sim.products();
-    let exact = sim.client_builder().clock(sim.clock()).build().unwrap();
+    // Unlimited: the reference fetch must not wait for a limiter (five candle reads per tick
+    // are paced one at a time), or its candle in progress would be later than the source's.
+    let exact = sim.client_builder().clock(sim.clock()).unlimited().build().unwrap();
     let mut seen: Vec<(ProductId, time::OffsetDateTime, tickshare::Decimal)> = Vec::new();
     let (mut patched, mut mismatched_close_bps) = (0, Vec::new());
     // 200 ticks 37 s apart: more than two hours, two hourly closes.
@@ -257,4 +259,137 @@ async fn the_marks_reach_a_host_through_the_trait() {
     // A series that ends at a closed candle carries no mark.
     let closed = CandleRange::new(range(&sim).start, G.bucket_start(sim.clock().now_utc())).unwrap();
     assert!(old.candles_fresh(&p, G, closed).await.unwrap().in_progress.is_none());
+}
+
+/// A fleet of one bot per product on its own exchange (the fixed clock, 30 ms latency, both
+/// classes), its products in `order` reversed or not, and a source that draws no jitter (so
+/// the refresh order after a close is the source's tie-break alone).
+async fn close_fleet(
+    products: usize,
+    reverse: bool,
+) -> (SimExchange, CoordinatedSource, tickshare::BatchEvaluator, Vec<tickshare::Bot>) {
+    let sim = SimExchange::builder()
+        .clock(fixed_clock())
+        .products(products)
+        .latency(Duration::from_millis(30))
+        .start()
+        .await
+        .unwrap();
+    let client = sim
+        .client_builder()
+        .clock(sim.clock())
+        .market_data(tickshare::MarketDataPath::Balanced)
+        .build()
+        .unwrap();
+    let source =
+        CoordinatedSource::coinbase(client).clock(sim.clock()).candle_jitter(Duration::ZERO).build().unwrap();
+    let eval = tickshare::BatchEvaluator::new(std::sync::Arc::new(source.clone()))
+        .clock(sim.clock())
+        .meter(std::sync::Arc::new(source.clone()));
+    let mut ids = sim.products();
+    if reverse {
+        ids.reverse();
+    }
+    let strategy: std::sync::Arc<dyn tickshare::Strategy> =
+        std::sync::Arc::new(tickshare::MovingAverageCrossover::default());
+    let bots = ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| tickshare::Bot::new(format!("bot-{i:02}"), p, std::sync::Arc::clone(&strategy)))
+        .collect();
+    (sim, source, eval, bots)
+}
+
+/// #18: the tick just after an hourly close is served at once, every series that has not
+/// been refreshed yet marked provisional (its 09:00 candle as last known); the series are
+/// refreshed in the background in an order that does not follow the bots' order, all of them
+/// exact within the floor the limiter sets (the grace, then 50 calls at 8/s + 24/s), and then
+/// equal to a fresh fetch.
+#[tokio::test(start_paused = true)]
+async fn after_an_hourly_close_the_tick_is_served_at_once_and_the_series_become_exact() {
+    let n = 50;
+    let (sim, source, eval, bots) = close_fleet(n, false).await;
+    let (sim_r, source_r, eval_r, bots_r) = close_fleet(n, true).await;
+    // What the exchange closed, without a request (the reads below must not compete with the
+    // refresh for the exchange's limits).
+    let exchange = |p: &ProductId, c: &tickshare::Candle| sim.candle_at(p, G, c.start) == Some(*c);
+    // Cold at 09:56:38: every series fetched, its 09:00 candle in progress.
+    for (e, b) in [(&eval, &bots), (&eval_r, &bots_r)] {
+        let cold = e.evaluate_all(b).await;
+        assert_eq!(cold.errors().count(), 0);
+    }
+    let close = time::macros::datetime!(2024-04-24 10:00 UTC);
+    tokio::time::sleep_until(sim.clock().instant_at(close) + Duration::from_millis(700)).await;
+
+    // 10:00:00.7: the refresh began at 10:00:00.5; the tick does not wait for it.
+    for (e, b) in [(&eval, &bots), (&eval_r, &bots_r)] {
+        let tick = e.evaluate_all(b).await;
+        assert_eq!(tick.errors().count(), 0);
+        assert!(tick.provisional_series >= 30, "{}", tick.provisional_series);
+        // One ticker batch and the accounts (the series alone would take 1.5 s at the limits).
+        assert!(tick.duration < Duration::from_millis(200), "{:?}", tick.duration);
+    }
+    let now = sim.clock().now_utc();
+    let range = CandleRange::lookback(G, 24, now).unwrap();
+    let mut provisional = 0;
+    for p in sim.products() {
+        let read = source.candles_with(&p, G, range, ReadOptions::default()).await.unwrap();
+        let closed = &read.value[..read.value.len() - 1];
+        match read.provisional {
+            Some(mark) => {
+                provisional += 1;
+                assert_eq!(read.in_progress, None);
+                let last = read.value.last().unwrap();
+                assert_eq!((last.start, mark.start), (close - G.duration(), close - G.duration()));
+                assert!(mark.as_of < close);
+                // Every candle before it is the exchange's.
+                assert!(closed.iter().all(|c| exchange(&p, c)), "{p}");
+            }
+            None => {
+                assert_eq!(read.value.last().unwrap().start, close, "{p}: refreshed");
+                assert!(closed.iter().all(|c| exchange(&p, c)), "{p}");
+            }
+        }
+    }
+    assert!(provisional >= 30, "{provisional}");
+
+    // 10:00:05: every series exact, the last within the floor (the grace, then 50 calls at
+    // the limiter's 32/s, with the ticks' own calls served first).
+    tokio::time::sleep_until(sim.clock().instant_at(close) + Duration::from_secs(5)).await;
+    for s in [&source, &source_r] {
+        let st = s.stats().close_refresh;
+        assert_eq!((st.refreshed, st.failed, st.pending), (n as u64, 0, 0));
+        let c = st.recent_closes.iter().find(|c| c.close == close).unwrap();
+        assert_eq!((c.series, c.exact), (n as u64, n as u64));
+        let after = c.last_exact_after_ms.unwrap();
+        let floor = 500.0 + n as f64 / 32.0 * 1000.0;
+        assert!(after >= 500.0 && after <= floor + 150.0, "{after} ms (floor {floor} ms)");
+    }
+    let range = CandleRange::lookback(G, 24, sim.clock().now_utc()).unwrap();
+    for p in sim.products() {
+        let read = source.candles_with(&p, G, range, ReadOptions::default()).await.unwrap();
+        assert_eq!(read.provisional, None, "{p}");
+        let closed = &read.value[..read.value.len() - 1];
+        assert_eq!(closed.len(), 23);
+        assert!(closed.iter().all(|c| exchange(&p, c)), "{p}: the 09:00 candle as the exchange closed it");
+    }
+
+    // Fair: each series refreshed once, in the same order for both fleets although their bots
+    // read in opposite orders.
+    // (The refreshes are the requests from the 09:00 bucket; the reference reads ask 24.)
+    let from = (close - G.duration()).unix_timestamp();
+    let order = |sim: &SimExchange| -> Vec<ProductId> {
+        let reqs = sim.stats().recent_candle_requests;
+        reqs.iter().filter(|r| r.start == from).map(|r| r.product.clone()).collect()
+    };
+    let (a, b) = (order(&sim), order(&sim_r));
+    assert_eq!(a, b);
+    let mut distinct = a.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), n);
+    assert_ne!(a, sim.products(), "not the bots' order");
+    for s in [sim.stats(), sim_r.stats()] {
+        assert_eq!(s.rate_limited_429, 0);
+    }
 }

@@ -350,3 +350,44 @@ async fn books_are_served_not_emptied() {
     }
     proxy.shutdown().await;
 }
+
+/// #18: the proxy's clients read Coinbase's wire format, which cannot carry
+/// `Fresh::provisional`, so a read just after a close waits for the series' refresh (already
+/// under way in the background) instead of serving the just-closed candle as last known.
+#[tokio::test(start_paused = true)]
+async fn the_proxy_never_serves_a_just_closed_candle_as_final() {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = SimExchange::builder()
+        .products(PRODUCTS)
+        .clock(fixed_clock())
+        .jwt_public_key_pem(&creds.public_key_pem())
+        .latency(Duration::from_secs(2))
+        .start()
+        .await
+        .unwrap();
+    let proxy = proxy(&creds, &upstream).await;
+    let client = bot(&proxy.base_url(), &creds, &upstream);
+    let p: ProductId = "BTC-USD".parse().unwrap();
+    let g = Granularity::OneMinute;
+    let read = |now: time::OffsetDateTime| {
+        let client = client.clone();
+        let p = p.clone();
+        async move { client.candles(&p, g, CandleRange::lookback(g, 10, now).unwrap()).await.unwrap() }
+    };
+    read(upstream.clock().now_utc()).await; // cached, the 09:56 or 09:57 minute in progress
+    let now = upstream.clock().now_utc();
+    let close = g.next_close(now);
+    // 1.2 s after the close: the background refresh started within the grace and jitter
+    // (at most 1 s) and is still in flight (2 s latency).
+    tokio::time::sleep_until(upstream.clock().instant_at(close) + Duration::from_millis(1_200)).await;
+    let t0 = tokio::time::Instant::now();
+    let candles = read(upstream.clock().now_utc()).await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "the read waited for the refresh: {:?}",
+        t0.elapsed()
+    );
+    let just_closed = close - g.duration();
+    let c = candles.iter().find(|c| c.start == just_closed).expect("the just-closed minute");
+    assert_eq!(Some(*c), upstream.candle_at(&p, g, just_closed), "the exchange's final candle");
+}
