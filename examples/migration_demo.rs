@@ -222,6 +222,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             None
         };
         sim.reset_stats();
+        let phase_start = tokio::time::Instant::now();
         let mut tick_ms = Vec::new();
         let mut bot_errors = 0;
         let (mut warm_reads, mut warm_calls) = (0, 0);
@@ -241,8 +242,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 warm_calls += tick.report.upstream_calls;
             }
         }
-        // Let the exchange's one-second windows close before reading them.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The phase is its ticks' hour: read the exchange's counts when the next tick would be
+        // due, so every call (the background refresh after an hourly close included) lands in
+        // exactly one phase, and each phase holds exactly one hourly close.
+        tokio::time::sleep_until(phase_start + Duration::from_secs(300) * args.ticks as u32).await;
         let s = sim.stats();
         let cs = coordinated.stats();
         let (hits, misses) =
@@ -285,8 +288,6 @@ async fn main() -> Result<(), Box<dyn Error>> {
         if name == "mixed" {
             deployment = Some((coordinated, legacy, selector, evaluator));
         }
-        // Move the clock on so the next phase starts with an empty one-second window.
-        tokio::time::sleep(Duration::from_secs(300)).await;
     }
 
     if args.json {
