@@ -175,6 +175,9 @@ impl ProxyBuilder {
     }
 
     /// The most open client connections (default 4,096); further ones are closed at once.
+    /// Also the listening socket's accept backlog (at least 128; the kernel caps it at
+    /// `net.core.somaxconn`), so that as many clients connecting at once are not kept waiting
+    /// for a SYN retransmission.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n;
         self
@@ -250,9 +253,7 @@ impl ProxyBuilder {
         let source = source.build()?;
         let key = self.credentials.verifying_key();
         let forwarder = forward::Forwarder::new(&self.upstream, self.credentials.clone(), client.clone())?;
-        let listener = tokio::net::TcpListener::bind(self.listen)
-            .await
-            .map_err(|e| Error::Transport(format!("could not bind {}: {e}", self.listen)))?;
+        let listener = bind(self.listen, self.max_connections)?;
         let addr = listener.local_addr().map_err(|e| Error::Transport(e.to_string()))?;
         let shared = Arc::new(Shared {
             source,
@@ -277,6 +278,20 @@ impl ProxyBuilder {
         tracing::info!(%addr, "tickshare proxy listening");
         Ok(Proxy { shared, addr, stop, task: Some(task) })
     }
+}
+
+/// Bind `addr` with an accept backlog of `max_connections` (the kernel caps it at
+/// `net.core.somaxconn`). `TcpListener::bind` would listen with std's backlog of 128: when more
+/// clients than that connect at once (a fleet of bots ticking on the same second), the kernel
+/// drops the further SYNs and those clients wait for their retransmission, a second or more.
+fn bind(addr: SocketAddr, max_connections: usize) -> Result<tokio::net::TcpListener> {
+    let bind_error = |e: std::io::Error| Error::Transport(format!("could not bind {addr}: {e}"));
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+            .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(addr).map_err(bind_error)?;
+    socket.listen(u32::try_from(max_connections).unwrap_or(u32::MAX).clamp(128, 65_535)).map_err(bind_error)
 }
 
 /// What the proxy shares between connections.
