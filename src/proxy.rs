@@ -86,6 +86,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle};
 
+#[cfg(feature = "redis")]
+use crate::redis::{SharedTier, SharedTierConfig};
 use crate::{
     clock::Clock,
     coinbase::{CoinbaseClient, Credentials, DEFAULT_BASE_URL},
@@ -111,6 +113,8 @@ pub struct ProxyBuilder {
     coordinated: Option<CoordinatedConfig>,
     products_ttl: Duration,
     clock: Clock,
+    #[cfg(feature = "redis")]
+    shared_tier: Option<(String, SharedTierConfig)>,
 }
 
 impl fmt::Debug for ProxyBuilder {
@@ -210,12 +214,27 @@ impl ProxyBuilder {
         self
     }
 
+    /// Share the upstream with every other proxy (or Rust host) on the same key through
+    /// [`SharedTier`] on the Redis at `redis_url` (feature `redis`): one L2 cache, one
+    /// single-flight per key across processes, and one distributed rate limit, which the
+    /// pass-through takes its slots from too. The proxy's own client is then built without a
+    /// limiter of its own ([`unlimited`](crate::CoinbaseClientBuilder::unlimited)); while Redis
+    /// is unreachable the proxy runs on its share of the limit
+    /// ([`SharedTierConfig::expected_workers`]). See the [`redis`](crate::redis) module docs.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn shared_tier(mut self, redis_url: impl Into<String>, cfg: SharedTierConfig) -> Self {
+        self.shared_tier = Some((redis_url.into(), cfg));
+        self
+    }
+
     /// Bind and start serving on the current tokio runtime.
     ///
     /// # Errors
     /// [`Error::Config`] for a non-loopback address without [`allow_remote`](Self::allow_remote)
     /// and a local token, a local token under 16 bytes, zero limits, a bad upstream URL or an
-    /// invalid coordinated configuration; [`Error::Transport`] if the address cannot be bound.
+    /// invalid coordinated configuration or shared-tier configuration; [`Error::Transport`] if
+    /// the address cannot be bound.
     pub async fn start(self) -> Result<Proxy> {
         let remote_ok = self.allow_remote && !self.local_tokens.is_empty();
         if !self.listen.ip().is_loopback() && !remote_ok {
@@ -239,9 +258,29 @@ impl ProxyBuilder {
         let client = CoinbaseClient::builder()
             .base_url(self.upstream.clone())
             .credentials(self.credentials.clone())
-            .clock(self.clock)
-            .build()?;
-        let mut source = CoordinatedSource::coinbase(client.clone()).clock(self.clock);
+            .clock(self.clock);
+        #[cfg(feature = "redis")]
+        let client = if self.shared_tier.is_some() { client.unlimited() } else { client };
+        let client = client.build()?;
+        let source = CoordinatedSource::coinbase(client.clone());
+        #[cfg(feature = "redis")]
+        let (source, tier) = match self.shared_tier {
+            Some((url, cfg)) => {
+                let tier = SharedTier::coinbase(url, self.credentials.key_name(), client.clone())
+                    .config(cfg)
+                    .clock(self.clock)
+                    .build()
+                    .await?;
+                // Matched to the client as `CoordinatedSource::coinbase` does; the tier limits.
+                let source = CoordinatedSource::builder(tier.clone())
+                    .market_data_class(client.market_data_class())
+                    .batch_size(client.tickers_chunk().min(CoordinatedConfig::default().batch_size))
+                    .batch_class(client.tickers_class());
+                (source, Some(tier))
+            }
+            None => (source, None),
+        };
+        let mut source = source.clock(self.clock);
         if let Some(cfg) = self.coordinated {
             let batch = client.tickers_chunk().min(cfg.batch_size);
             source = source
@@ -252,7 +291,16 @@ impl ProxyBuilder {
         }
         let source = source.build()?;
         let key = self.credentials.verifying_key();
-        let forwarder = forward::Forwarder::new(&self.upstream, self.credentials.clone(), client.clone())?;
+        #[allow(unused_mut)]
+        let mut gate = match client.rate_limiter() {
+            Some(l) => forward::Gate::Local(l.clone()),
+            None => forward::Gate::None,
+        };
+        #[cfg(feature = "redis")]
+        if let Some(tier) = tier {
+            gate = forward::Gate::Shared(tier);
+        }
+        let forwarder = forward::Forwarder::new(&self.upstream, self.credentials.clone(), gate)?;
         let listener = bind(self.listen, self.max_connections)?;
         let addr = listener.local_addr().map_err(|e| Error::Transport(e.to_string()))?;
         let shared = Arc::new(Shared {
@@ -409,6 +457,8 @@ impl Proxy {
             coordinated: None,
             products_ttl: Duration::from_secs(60),
             clock: Clock::system(),
+            #[cfg(feature = "redis")]
+            shared_tier: None,
         }
     }
 
