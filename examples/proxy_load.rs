@@ -3,10 +3,15 @@
 //!
 //! ```text
 //! cargo run --release --example proxy_load --features proxy -- [--connections 1000] [--secs 10] [--rate 20000]
+//!     [--proxy-threads 1] [--load-threads 1] [--shared-runtime]
 //! ```
 //!
 //! The load generator runs in the same process as the proxy (and the simulated exchange behind
-//! it), so on a small machine they share the cores: the numbers are a floor. The client is a
+//! it), so on a small machine they share the cores: the numbers are a floor. By default the
+//! proxy and the load generator each get a runtime of their own (one worker each), and the CPU
+//! used by each runtime's threads is printed (from `/proc/self/task`), so a run shows whether
+//! the load generator or the proxy was the bottleneck; `--shared-runtime` runs both on one
+//! runtime of two workers, as the first measurements did. The client is a
 //! minimal HTTP/1.1 writer/reader over `TcpStream`, so that the benchmark measures the proxy
 //! rather than a client library.
 
@@ -82,51 +87,121 @@ fn fastrand_offset() -> f64 {
     (h.finish() % 10_000) as f64 / 10_000.0
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn Error>> {
-    let (mut conns, mut secs, mut rate) = (1000usize, 10u64, None::<f64>);
+/// CPU seconds (user + system) used so far by this process's threads, by thread name.
+fn cpu_by_thread_name() -> std::collections::BTreeMap<String, f64> {
+    // Clock ticks per second as Linux reports them in /proc (USER_HZ, 100 on every common build).
+    const TICKS: f64 = 100.0;
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    for t in tasks.flatten() {
+        let (Ok(comm), Ok(stat)) =
+            (std::fs::read_to_string(t.path().join("comm")), std::fs::read_to_string(t.path().join("stat")))
+        else {
+            continue;
+        };
+        // Fields after the `(comm)`: state is field 3, utime 14 and stime 15.
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(comm.trim().to_string()).or_insert(0.0) += (ticks(11) + ticks(12)) / TICKS;
+    }
+    out
+}
+
+struct Args {
+    conns: usize,
+    secs: u64,
+    rate: Option<f64>,
+    /// One runtime for the proxy and the load generator (the first measurements' setup).
+    shared: bool,
+    proxy_threads: usize,
+    load_threads: usize,
+}
+
+fn parse_args() -> Result<Args, Box<dyn Error>> {
+    let mut a = Args { conns: 1000, secs: 10, rate: None, shared: false, proxy_threads: 1, load_threads: 1 };
     let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--connections" => conns = it.next().ok_or("--connections needs a value")?.parse()?,
-            "--secs" => secs = it.next().ok_or("--secs needs a value")?.parse()?,
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--connections" => a.conns = value()?.parse()?,
+            "--secs" => a.secs = value()?.parse()?,
             // Total requests per second, spread evenly over the connections (open loop);
             // without it every connection sends back to back (closed loop, peak throughput).
-            "--rate" => rate = Some(it.next().ok_or("--rate needs a value")?.parse()?),
+            "--rate" => a.rate = Some(value()?.parse()?),
+            "--shared-runtime" => a.shared = true,
+            "--proxy-threads" => a.proxy_threads = value()?.parse::<usize>()?.max(1),
+            "--load-threads" => a.load_threads = value()?.parse::<usize>()?.max(1),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
-    let sim = SimExchange::builder().start().await?;
-    let proxy = Proxy::builder(Credentials::generate("organizations/load/apiKeys/proxy"))
-        .upstream(sim.base_url())
-        .listen("127.0.0.1:0".parse()?)
-        .local_token(TOKEN)
-        .start()
-        .await?;
+    Ok(a)
+}
+
+fn runtime(name: &str, threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name(name).enable_all().build()
+}
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let a = parse_args()?;
+    // The proxy (and the simulated exchange behind it) on one runtime, the load generator on
+    // another, each with its own worker threads, so that the CPU each uses can be told apart;
+    // `--shared-runtime` puts both on one runtime of two workers.
+    let (proxy_rt, load_rt) = if a.shared {
+        (runtime("shared-rt", 2)?, None)
+    } else {
+        (runtime("proxy-rt", a.proxy_threads)?, Some(runtime("load-gen", a.load_threads)?))
+    };
+    let (sim, proxy) = proxy_rt.block_on(async {
+        let sim = SimExchange::builder().start().await?;
+        let proxy = Proxy::builder(Credentials::generate("organizations/load/apiKeys/proxy"))
+            .upstream(sim.base_url())
+            .listen("127.0.0.1:0".parse()?)
+            .local_token(TOKEN)
+            .start()
+            .await?;
+        Ok::<_, Box<dyn Error>>((sim, proxy))
+    })?;
     let addr = proxy.addr();
-    // Warm the cache, then measure.
-    connection(addr, Instant::now() + Duration::from_millis(5), None).await?;
-    let until = Instant::now() + Duration::from_secs(secs);
-    let started = Instant::now();
-    let pace = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
-    let tasks: Vec<_> = (0..conns).map(|_| tokio::spawn(connection(addr, until, pace))).collect();
-    let mut lat: Vec<u32> = Vec::new();
-    let mut failed = 0;
-    for t in tasks {
-        match t.await? {
-            Ok(l) => lat.extend(l),
-            Err(e) => {
-                failed += 1;
-                if failed == 1 {
-                    eprintln!("a connection failed: {e}");
+    let load = load_rt.as_ref().unwrap_or(&proxy_rt);
+    let (conns, secs) = (a.conns, a.secs);
+    let pace = a.rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
+    let cpu_before = cpu_by_thread_name();
+    let (lat, failed, took) = load.block_on(async move {
+        // Warm the cache, then measure.
+        connection(addr, Instant::now() + Duration::from_millis(5), None).await?;
+        let until = Instant::now() + Duration::from_secs(secs);
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..conns).map(|_| tokio::spawn(connection(addr, until, pace))).collect();
+        let mut lat: Vec<u32> = Vec::new();
+        let mut failed = 0;
+        for t in tasks {
+            match t.await? {
+                Ok(l) => lat.extend(l),
+                Err(e) => {
+                    failed += 1;
+                    if failed == 1 {
+                        eprintln!("a connection failed: {e}");
+                    }
                 }
             }
         }
-    }
-    let took = started.elapsed().as_secs_f64();
+        Ok::<_, Box<dyn Error>>((lat, failed, started.elapsed().as_secs_f64()))
+    })?;
+    let cpu_after = cpu_by_thread_name();
+    let mut lat = lat;
     lat.sort_unstable();
     let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0) as f64 / 1000.0;
     let s = proxy.stats();
+    let setup = if a.shared {
+        "one runtime, 2 workers, for proxy and load generator".to_string()
+    } else {
+        format!(
+            "proxy runtime {} worker(s), load generator runtime {} worker(s)",
+            a.proxy_threads, a.load_threads
+        )
+    };
+    println!("setup              {setup}");
     println!("connections        {conns} ({failed} failed)");
     println!("requests           {} in {took:.1} s", lat.len());
     println!("throughput         {:.0} req/s", lat.len() as f64 / took);
@@ -137,6 +212,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
         pct(0.99),
         pct(1.0)
     );
+    let used: Vec<String> = cpu_after
+        .iter()
+        .map(|(name, after)| (name, after - cpu_before.get(name).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .map(|(name, d)| format!("{name} {:.0} % of a core", d / took * 100.0))
+        .collect();
+    println!("cpu by thread      {}", used.join(", "));
     println!(
         "upstream calls     {} (cache hit rate {:.5}); exchange saw {} requests, {} x 429",
         s.coordinated.upstream_calls,
@@ -144,6 +226,6 @@ async fn main() -> Result<(), Box<dyn Error>> {
         sim.stats().total_calls,
         sim.stats().rate_limited_429
     );
-    proxy.shutdown().await;
+    proxy_rt.block_on(proxy.shutdown());
     Ok(())
 }

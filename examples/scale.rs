@@ -46,6 +46,19 @@
 //!   defaults (hourly, after the warm-up, the background refresh keeps at most 16 requests in
 //!   the limiter, and neither is needed).
 //!
+//! - `proxy`: 250 naive clients (each a `CoinbaseClient` with its own rate limiter, the legacy
+//!   pattern per five-minute tick: ticker, one-hour candles of the last day, accounts, a balance
+//!   check) over 50 products, pointed at a `tickshare::proxy::Proxy` in front of the
+//!   simulated exchange; one warm-up hour, three measured. Beside it, on a second simulator,
+//!   the same 250 bots' reads go through one `CoordinatedSource` alone: the reference.
+//!   Goals: no 429 (simulator, clients, the proxy's own), no client error, every answer what
+//!   the exchange had (the ticker's price at its time and within the freshness TTL, every
+//!   closed candle), and upstream calls per hour at most the reference's. `proxy.*` holds the
+//!   scenario's own figures; `peak_rss_mib` is the whole process (simulators, proxy, 250
+//!   clients, the reference), an upper bound on the proxy's memory, and
+//!   `proxy.rss_growth_mib` what the resident set grew from just before the proxy started to
+//!   the end of the run (the proxy's caches and connections, plus the clients' pools).
+//!
 //! Figures: `calls_per_hour` and `calls_by_endpoint` (per hour) after the warm-up;
 //! `rate_limited_429` and `max_requests_in_any_1s` over the whole run; `tick_ms_*` on the
 //! simulated clock (waiting for the exchange and the rate limiter) after the warm-up;
@@ -58,9 +71,11 @@ use std::{collections::BTreeMap, error::Error, sync::Arc, time::Duration};
 
 use serde::Serialize;
 use tickshare::{
-    BatchEvaluator, Bot, Clock, CoordinatedSource, Granularity, MarketDataPath, MarketStream,
-    MovingAverageCrossover, RateLimiter, RateLimiterConfig, RsiThreshold, Strategy, TickSchedule,
-    sim::{PerClass, SimExchange, SimStats},
+    BatchEvaluator, Bot, CandleRange, Clock, CoinbaseClient, CoordinatedConfig, CoordinatedSource,
+    Credentials, Granularity, MarketDataPath, MarketDataSource, MarketStream, MovingAverageCrossover,
+    ProductId, RateLimiter, RateLimiterConfig, RsiThreshold, Strategy, TickSchedule,
+    proxy::Proxy,
+    sim::{PerClass, SimExchange, SimHandle, SimStats},
 };
 use time::{OffsetDateTime, macros::datetime};
 
@@ -133,6 +148,31 @@ struct Outcome {
     goal: String,
     met: bool,
     real_seconds: f64,
+    /// The `proxy` scenario's own figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy: Option<ProxyFigures>,
+}
+
+/// What the `proxy` scenario measures besides the common figures.
+#[derive(Debug, Serialize)]
+struct ProxyFigures {
+    /// Upstream calls per hour of the same reads through one `CoordinatedSource` alone.
+    reference_calls_per_hour: f64,
+    /// Requests the 250 clients sent to the proxy over the whole run.
+    client_requests: u64,
+    /// 429s the clients received (from the proxy).
+    client_429: u64,
+    /// Requests the proxy refused with its per-connection limit.
+    proxy_limited: u64,
+    /// Answers that differ from what the exchange had (ticker price or age, closed candles,
+    /// empty accounts, a failed balance check).
+    answer_mismatches: u64,
+    /// Answers checked.
+    answers_checked: u64,
+    /// Errors of the reference source's reads.
+    reference_errors: u64,
+    /// Resident set growth from just before the proxy started to the end of the run, MiB.
+    rss_growth_mib: Option<f64>,
 }
 
 fn percentile(v: &[f64], p: f64) -> Option<f64> {
@@ -321,6 +361,249 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
         goal: String::new(),
         met: true,
         real_seconds: wall.elapsed().as_secs_f64(),
+        proxy: None,
+    })
+}
+
+/// `VmRSS`, MiB.
+fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Errors and wrong answers of one tick of one bot.
+#[derive(Debug, Default, Clone, Copy)]
+struct Checked {
+    errors: u64,
+    mismatches: u64,
+    answers: u64,
+}
+
+impl std::ops::AddAssign for Checked {
+    fn add_assign(&mut self, o: Checked) {
+        self.errors += o.errors;
+        self.mismatches += o.mismatches;
+        self.answers += o.answers;
+    }
+}
+
+/// One tick of one naive bot: ticker, one-hour candles of the last day, accounts, a balance
+/// check; each answer checked against what the exchange had.
+async fn naive_tick(src: &dyn MarketDataSource, p: &ProductId, sim: &SimHandle, ttl: Duration) -> Checked {
+    let mut c = Checked::default();
+    let now = sim.clock().now_utc();
+    let fresh = time::Duration::try_from(ttl).unwrap_or(time::Duration::MAX);
+    match src.ticker(p).await {
+        Ok(t) => {
+            c.answers += 1;
+            let right = now - t.time <= fresh && sim.price_at(p, t.time) == Some(t.price);
+            c.mismatches += u64::from(!right);
+        }
+        Err(_) => c.errors += 1,
+    }
+    let g = Granularity::OneHour;
+    match CandleRange::new(now - time::Duration::hours(24), now) {
+        Ok(range) => match src.candles(p, g, range).await {
+            Ok(candles) => {
+                c.answers += 1;
+                let closed: Vec<_> = candles.iter().filter(|k| g.is_closed(k.start, now)).collect();
+                let right =
+                    closed.len() >= 23 && closed.iter().all(|k| sim.candle_at(p, g, k.start) == Some(**k));
+                c.mismatches += u64::from(!right);
+            }
+            Err(_) => c.errors += 1,
+        },
+        Err(_) => c.errors += 1,
+    }
+    match src.accounts().await {
+        Ok(a) => {
+            c.answers += 1;
+            c.mismatches += u64::from(a.is_empty());
+        }
+        Err(_) => c.errors += 1,
+    }
+    match src.validate_trade_balance("USD", 10.into()).await {
+        Ok(ok) => {
+            c.answers += 1;
+            c.mismatches += u64::from(!ok);
+        }
+        Err(_) => c.errors += 1,
+    }
+    c
+}
+
+/// One tick of a fleet of naive bots, bot `b` on product `b % products.len()`, each bot a
+/// task of its own. A task that failed to finish counts as one error.
+async fn naive_fleet_tick(
+    bots: impl Iterator<Item = Arc<dyn MarketDataSource>>,
+    products: &[ProductId],
+    sim: &SimHandle,
+    ttl: Duration,
+) -> Vec<Checked> {
+    let tasks: Vec<_> = bots
+        .enumerate()
+        .map(|(b, src)| {
+            let (p, sim) = (products[b % products.len()].clone(), sim.clone());
+            tokio::spawn(async move { naive_tick(&*src, &p, &sim, ttl).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap_or(Checked { errors: 1, ..Checked::default() }));
+    }
+    out
+}
+
+/// The `proxy` scenario (see the module docs).
+async fn run_proxy(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
+    let wall = std::time::Instant::now();
+    let creds = Credentials::generate("organizations/scale/apiKeys/proxy");
+    let start_sim = || {
+        SimExchange::builder()
+            .products(s.products)
+            .latency(LATENCY)
+            .jwt_public_key_pem(&creds.public_key_pem())
+            .start()
+    };
+    let sim = start_sim().await?;
+    // The reference: the same reads through one coordinated source, on a simulator of its own
+    // (same seed, same clock).
+    let reference_sim = start_sim().await?;
+    let reference =
+        CoordinatedSource::coinbase(reference_sim.client_builder().credentials(creds.clone()).build()?)
+            .clock(reference_sim.clock())
+            .build()?;
+    let rss_before = rss_mib();
+    let proxy = Proxy::builder(creds.clone())
+        .upstream(sim.base_url())
+        .listen("127.0.0.1:0".parse()?)
+        .header_read_timeout(None)
+        .clock(sim.clock())
+        .start()
+        .await?;
+    // 250 naive clients, each with its own limiter and connection pool, signing with the key
+    // the proxy verifies.
+    let clients = (0..s.bots)
+        .map(|_| {
+            CoinbaseClient::builder()
+                .base_url(proxy.base_url())
+                .credentials(creds.clone())
+                .clock(sim.clock())
+                .build()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let products = sim.products();
+    let (sim_handle, reference_handle) = (sim.handle(), reference_sim.handle());
+    let ttl = CoordinatedConfig::default().ticker_ttl;
+
+    let warmup_ticks = (s.warmup_hours * 3600 / TICK.as_secs()) as usize;
+    let total_ticks = ((s.warmup_hours + s.hours) * 3600 / TICK.as_secs()).max(1) as usize;
+    let start = tokio::time::Instant::now();
+    let (mut through, mut alone) = (Checked::default(), Checked::default());
+    let (mut warmup, mut reference_warmup): (Option<SimStats>, Option<SimStats>) = (None, None);
+    let mut tick_ms = Vec::new();
+    let mut cpu_ms = Vec::new();
+    let (mut cold_tick_ms, mut cold_tick_calls) = (0.0, 0);
+    for i in 0..total_ticks {
+        tokio::time::sleep_until(start + TICK * i as u32).await;
+        if i == warmup_ticks && i > 0 {
+            warmup = Some(sim.stats());
+            reference_warmup = Some(reference_sim.stats());
+            sim.reset_stats();
+            reference_sim.reset_stats();
+        }
+        let (cpu, t0) = (std::time::Instant::now(), tokio::time::Instant::now());
+        // Every bot is a task of its own, as independent bots are.
+        let via_proxy = async {
+            let checks = naive_fleet_tick(
+                clients.iter().map(|c| Arc::new(c.clone()) as Arc<dyn MarketDataSource>),
+                &products,
+                &sim_handle,
+                ttl,
+            )
+            .await;
+            (checks, t0.elapsed().as_secs_f64() * 1000.0)
+        };
+        let via_reference = naive_fleet_tick(
+            (0..s.bots).map(|_| Arc::new(reference.clone()) as Arc<dyn MarketDataSource>),
+            &products,
+            &reference_handle,
+            ttl,
+        );
+        let ((checks, ms), reference_checks) = tokio::join!(via_proxy, via_reference);
+        checks.into_iter().for_each(|c| through += c);
+        reference_checks.into_iter().for_each(|c| alone += c);
+        if i == 0 {
+            cold_tick_ms = ms;
+            cold_tick_calls = sim.stats().total_calls;
+        }
+        if i >= warmup_ticks {
+            tick_ms.push(ms);
+            cpu_ms.push(cpu.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    tokio::time::sleep_until(start + TICK * total_ticks as u32).await;
+    let (measured, reference_measured) = (sim.stats(), reference_sim.stats());
+    let hours = s.hours.max(1) as f64;
+    let client_stats: Vec<_> = clients.iter().map(CoinbaseClient::stats).collect();
+    let proxy_stats = proxy.stats();
+    let (w429, w1s) =
+        warmup.as_ref().map_or((0, PerClass::default()), |w| (w.rate_limited_429, w.max_requests_in_any_1s));
+    let figures = ProxyFigures {
+        reference_calls_per_hour: reference_measured.total_calls as f64 / hours,
+        client_requests: client_stats.iter().map(|c| c.total_requests).sum(),
+        client_429: client_stats.iter().map(|c| c.rate_limited_429).sum(),
+        proxy_limited: proxy_stats.limited,
+        answer_mismatches: through.mismatches,
+        answers_checked: through.answers,
+        reference_errors: alone.errors
+            + alone.mismatches
+            + reference_warmup.map_or(0, |w| w.rate_limited_429)
+            + reference_measured.rate_limited_429,
+        rss_growth_mib: rss_mib().zip(rss_before).map(|(after, before)| after - before),
+    };
+    Ok(Outcome {
+        scenario: s.name,
+        bots: s.bots,
+        products: s.products,
+        latency_ms: LATENCY.as_millis() as u64,
+        market_data: s.market_data,
+        simulated_hours: s.warmup_hours + s.hours,
+        ticks: total_ticks,
+        calls_per_hour: Some(measured.total_calls as f64 / hours),
+        calls_by_endpoint: measured
+            .calls_by_endpoint
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| (k.clone(), *n as f64 / hours))
+            .collect(),
+        rate_limited_429: w429 + measured.rate_limited_429,
+        max_requests_in_any_1s: max_per_class(w1s, measured.max_requests_in_any_1s),
+        bot_errors: through.errors,
+        peak_rss_mib: peak_rss_mib(),
+        peak_rss_scope: "process",
+        tick_ms_p50: percentile(&tick_ms, 0.50),
+        tick_ms_p99: percentile(&tick_ms, 0.99),
+        tick_ms_max: tick_ms.iter().copied().reduce(f64::max),
+        tick_cpu_ms_p50: percentile(&cpu_ms, 0.50).unwrap_or(0.0),
+        tick_cpu_ms_p99: percentile(&cpu_ms, 0.99).unwrap_or(0.0),
+        cold_tick_ms,
+        cold_tick_calls,
+        cold_floor_ms: None,
+        cold_exchange_floor_ms: None,
+        last_series_exact_ms: None,
+        last_series_exact_ms_p50: None,
+        closes_measured: None,
+        close_series_min: None,
+        exact_floor_ms: None,
+        exchange_floor_ms: None,
+        provisional_series_max: None,
+        goal: String::new(),
+        met: true,
+        real_seconds: wall.elapsed().as_secs_f64(),
+        proxy: Some(figures),
     })
 }
 
@@ -368,6 +651,21 @@ fn judge(o: &mut Outcome) {
                 clean && o.cold_tick_ms <= 1.2 * floor,
             )
         }
+        "proxy" => {
+            let met = o.proxy.as_ref().is_some_and(|p| {
+                p.client_429 == 0
+                    && p.proxy_limited == 0
+                    && p.answer_mismatches == 0
+                    && p.answers_checked > 0
+                    && p.reference_errors == 0
+                    && o.calls_per_hour.is_some_and(|c| c <= p.reference_calls_per_hour)
+            });
+            (
+                "no 429 (exchange, clients, proxy), no client error, every answer right, calls/hour <= CoordinatedSource alone"
+                    .to_string(),
+                clean && met,
+            )
+        }
         _ => ("(reference: no 429)".to_string(), clean),
     };
     o.goal = goal;
@@ -393,7 +691,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: scale [--json] [--scenario cold_private_only|cold|seed_kpi|seed_kpi_refresh_ahead|seed_kpi_streaming|large|large_cold]... [--hours H (large's measured hours, default 23)]"
+                    "usage: scale [--json] [--scenario cold_private_only|cold|seed_kpi|seed_kpi_refresh_ahead|seed_kpi_streaming|large|large_cold|proxy]... [--hours H (large's measured hours, default 23)]"
                 );
                 std::process::exit(0);
             }
@@ -492,13 +790,25 @@ fn main() -> Result<(), Box<dyn Error>> {
             read_timeout: Some(Duration::from_secs(30)),
             start: Some(LARGE_START),
         },
+        Scenario {
+            name: "proxy",
+            bots: 250,
+            products: 50,
+            warmup_hours: 1,
+            hours: 3,
+            market_data: MarketDataPath::Auto,
+            max_wait: default_wait,
+            lead: None,
+            read_timeout: None,
+            start: None,
+        },
     ];
     let mut outcomes = Vec::new();
     for s in scenarios.iter().filter(|s| args.only.is_empty() || args.only.iter().any(|n| n == s.name)) {
         let scoped = reset_peak_rss();
         // A fresh runtime (and paused clock) per scenario.
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build()?;
-        let mut o = rt.block_on(run(s))?;
+        let mut o = if s.name == "proxy" { rt.block_on(run_proxy(s))? } else { rt.block_on(run(s))? };
         drop(rt);
         if scoped {
             o.peak_rss_scope = "scenario";
@@ -554,6 +864,17 @@ fn main() -> Result<(), Box<dyn Error>> {
             let calls: Vec<String> = o.calls_by_endpoint.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
             let unit = if o.calls_per_hour.is_some() { "per hour after warm-up" } else { "in the tick" };
             println!("    calls {unit}: {}", calls.join(", "));
+            if let Some(p) = &o.proxy {
+                println!(
+                    "    reference (CoordinatedSource alone) {:.1} calls/h; clients sent {}, got {} x 429; {} of {} answers wrong; RSS grew {} MiB",
+                    p.reference_calls_per_hour,
+                    p.client_requests,
+                    p.client_429,
+                    p.answer_mismatches,
+                    p.answers_checked,
+                    p.rss_growth_mib.map_or("-".to_string(), |m| format!("{m:.1}")),
+                );
+            }
         }
     }
     if let Some(o) = outcomes.iter().find(|o| !o.met) {

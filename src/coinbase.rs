@@ -367,7 +367,18 @@ impl CoinbaseClient {
         let on_retry = |retry: u32, e: &Error, wait: Duration| {
             tracing::debug!(endpoint = endpoint.as_str(), attempt = retry, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
         };
-        let r = inner.retry.run(|| self.attempt(endpoint, class, &url, &full_path), on_retry).await;
+        // The last attempt's number, for the one extra attempt after a 401 below.
+        let mut last = 1;
+        let r = inner
+            .retry
+            .run(
+                |n| {
+                    last = n;
+                    self.attempt(endpoint, class, &url, &full_path, n)
+                },
+                on_retry,
+            )
+            .await;
         match (r, inner.unauthorized_retry) {
             (Err(Error::Unauthorized(m)), Some(backoff))
                 if class == EndpointClass::Private && inner.creds.is_some() =>
@@ -390,7 +401,7 @@ impl CoinbaseClient {
                 }
                 tokio::time::sleep(backoff).await;
                 tracing::debug!(endpoint = endpoint.as_str(), skewed, "retrying once after 401");
-                self.attempt(endpoint, class, &url, &full_path).await
+                self.attempt(endpoint, class, &url, &full_path, last + 1).await
             }
             (r, _) => r,
         }
@@ -430,14 +441,16 @@ impl CoinbaseClient {
         u64::try_from(ms.div_euclid(1000)).unwrap_or(0)
     }
 
-    /// One HTTP request: the limiter admits it, it is signed and sent, and its outcome is
-    /// recorded into the limiter and the counters.
+    /// One HTTP request, attempt number `attempt` (1-based) of its call: the limiter admits
+    /// it, it is signed and sent, and its outcome is recorded into the limiter and the
+    /// counters.
     async fn attempt(
         &self,
         endpoint: Endpoint,
         class: EndpointClass,
         url: &reqwest::Url,
         path: &str,
+        attempt: u32,
     ) -> Result<Vec<u8>> {
         let inner = &self.inner;
         if let Some(l) = &inner.limiter {
@@ -454,12 +467,14 @@ impl CoinbaseClient {
             req = req.bearer_auth(creds.rest_jwt_at("GET", &inner.jwt_host, path, self.jwt_now()));
         }
         inner.requests[endpoint.index()].fetch_add(1, Ordering::Relaxed);
-        // One span per HTTP request: endpoint, class, status, outcome and latency; never the
-        // URL's query, a header or a token.
+        // One span per HTTP request: endpoint, class, attempt (1-based, within the retry loop
+        // of whichever layer owns the call), status, outcome and latency; never the URL's
+        // query, a header or a token.
         let span = tracing::debug_span!(
             "upstream_request",
             endpoint = endpoint.as_str(),
             class = class.as_str(),
+            attempt,
             status = tracing::field::Empty,
             outcome = tracing::field::Empty,
             latency_ms = tracing::field::Empty,

@@ -86,6 +86,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle};
 
+#[cfg(feature = "redis")]
+use crate::redis::{SharedTier, SharedTierConfig};
 use crate::{
     clock::Clock,
     coinbase::{CoinbaseClient, Credentials, DEFAULT_BASE_URL, TickerBatch},
@@ -111,6 +113,8 @@ pub struct ProxyBuilder {
     products_ttl: Duration,
     ticker_batch: TickerBatch,
     clock: Clock,
+    #[cfg(feature = "redis")]
+    shared_tier: Option<(String, SharedTierConfig)>,
 }
 
 impl fmt::Debug for ProxyBuilder {
@@ -175,6 +179,9 @@ impl ProxyBuilder {
     }
 
     /// The most open client connections (default 4,096); further ones are closed at once.
+    /// Also the listening socket's accept backlog (at least 128; the kernel caps it at
+    /// `net.core.somaxconn`), so that as many clients connecting at once are not kept waiting
+    /// for a SYN retransmission.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n;
         self
@@ -220,12 +227,27 @@ impl ProxyBuilder {
         self
     }
 
+    /// Share the upstream with every other proxy (or Rust host) on the same key through
+    /// [`SharedTier`] on the Redis at `redis_url` (feature `redis`): one L2 cache, one
+    /// single-flight per key across processes, and one distributed rate limit, which the
+    /// pass-through takes its slots from too. The proxy's own client is then built without a
+    /// limiter of its own ([`unlimited`](crate::CoinbaseClientBuilder::unlimited)); while Redis
+    /// is unreachable the proxy runs on its share of the limit
+    /// ([`SharedTierConfig::expected_workers`]). See the [`redis`](crate::redis) module docs.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn shared_tier(mut self, redis_url: impl Into<String>, cfg: SharedTierConfig) -> Self {
+        self.shared_tier = Some((redis_url.into(), cfg));
+        self
+    }
+
     /// Bind and start serving on the current tokio runtime.
     ///
     /// # Errors
     /// [`Error::Config`] for a non-loopback address without [`allow_remote`](Self::allow_remote)
     /// and a local token, a local token under 16 bytes, zero limits, a bad upstream URL or an
-    /// invalid coordinated configuration; [`Error::Transport`] if the address cannot be bound.
+    /// invalid coordinated configuration or shared-tier configuration; [`Error::Transport`] if
+    /// the address cannot be bound.
     pub async fn start(self) -> Result<Proxy> {
         let remote_ok = self.allow_remote && !self.local_tokens.is_empty();
         if !self.listen.ip().is_loopback() && !remote_ok {
@@ -250,9 +272,29 @@ impl ProxyBuilder {
             .base_url(self.upstream.clone())
             .credentials(self.credentials.clone())
             .ticker_batch(self.ticker_batch)
-            .clock(self.clock)
-            .build()?;
-        let mut source = CoordinatedSource::coinbase(client.clone()).clock(self.clock);
+            .clock(self.clock);
+        #[cfg(feature = "redis")]
+        let client = if self.shared_tier.is_some() { client.unlimited() } else { client };
+        let client = client.build()?;
+        let source = CoordinatedSource::coinbase(client.clone());
+        #[cfg(feature = "redis")]
+        let (source, tier) = match self.shared_tier {
+            Some((url, cfg)) => {
+                let tier = SharedTier::coinbase(url, self.credentials.key_name(), client.clone())
+                    .config(cfg)
+                    .clock(self.clock)
+                    .build()
+                    .await?;
+                // Matched to the client as `CoordinatedSource::coinbase` does; the tier limits.
+                let source = CoordinatedSource::builder(tier.clone())
+                    .market_data_class(client.market_data_class())
+                    .batch_size(client.tickers_chunk().min(CoordinatedConfig::default().batch_size))
+                    .batch_class(client.tickers_class());
+                (source, Some(tier))
+            }
+            None => (source, None),
+        };
+        let mut source = source.clock(self.clock);
         if let Some(cfg) = self.coordinated {
             let batch = client.tickers_chunk().min(cfg.batch_size);
             source = source
@@ -263,10 +305,17 @@ impl ProxyBuilder {
         }
         let source = source.build()?;
         let key = self.credentials.verifying_key();
-        let forwarder = forward::Forwarder::new(&self.upstream, self.credentials.clone(), client.clone())?;
-        let listener = tokio::net::TcpListener::bind(self.listen)
-            .await
-            .map_err(|e| Error::Transport(format!("could not bind {}: {e}", self.listen)))?;
+        #[allow(unused_mut)]
+        let mut gate = match client.rate_limiter() {
+            Some(l) => forward::Gate::Local(l.clone()),
+            None => forward::Gate::None,
+        };
+        #[cfg(feature = "redis")]
+        if let Some(tier) = tier {
+            gate = forward::Gate::Shared(tier);
+        }
+        let forwarder = forward::Forwarder::new(&self.upstream, self.credentials.clone(), gate)?;
+        let listener = bind(self.listen, self.max_connections)?;
         let addr = listener.local_addr().map_err(|e| Error::Transport(e.to_string()))?;
         let shared = Arc::new(Shared {
             source,
@@ -291,6 +340,20 @@ impl ProxyBuilder {
         tracing::info!(%addr, "tickshare proxy listening");
         Ok(Proxy { shared, addr, stop, task: Some(task) })
     }
+}
+
+/// Bind `addr` with an accept backlog of `max_connections` (the kernel caps it at
+/// `net.core.somaxconn`). `TcpListener::bind` would listen with std's backlog of 128: when more
+/// clients than that connect at once (a fleet of bots ticking on the same second), the kernel
+/// drops the further SYNs and those clients wait for their retransmission, a second or more.
+fn bind(addr: SocketAddr, max_connections: usize) -> Result<tokio::net::TcpListener> {
+    let bind_error = |e: std::io::Error| Error::Transport(format!("could not bind {addr}: {e}"));
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+            .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(addr).map_err(bind_error)?;
+    socket.listen(u32::try_from(max_connections).unwrap_or(u32::MAX).clamp(128, 65_535)).map_err(bind_error)
 }
 
 /// What the proxy shares between connections.
@@ -409,6 +472,8 @@ impl Proxy {
             products_ttl: Duration::from_secs(60),
             ticker_batch: TickerBatch::LastTradeAndBook,
             clock: Clock::system(),
+            #[cfg(feature = "redis")]
+            shared_tier: None,
         }
     }
 

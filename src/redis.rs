@@ -121,6 +121,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+#[cfg(feature = "proxy")]
+pub(crate) use self::health::Path as TierPath;
 use self::{
     codec::Keys,
     flight::{Answer, BoxFut, FetchFn, Fetched},
@@ -422,6 +424,40 @@ impl SharedTier {
             .await
             .map(|_| ())
             .map_err(|_| Error::Transport("redis unavailable; shared accounts expire by their TTL".into()))
+    }
+}
+
+impl SharedTier {
+    /// Wait for one request's slot of `class` in the budget every process shares (or, while
+    /// Redis is unreachable, in this process's share), for a request the caller sends itself:
+    /// the proxy's pass-through. Report its outcome with [`record`](Self::record) and the path
+    /// returned.
+    ///
+    /// # Errors
+    /// [`Error::RateLimited`] (`local: true`) when no slot comes within the limiter's
+    /// `max_wait`, or the class has no share while Redis is down.
+    #[cfg(feature = "proxy")]
+    pub(crate) async fn admit(&self, class: EndpointClass) -> Result<Path> {
+        let inner = &*self.inner;
+        if let path @ Path::Shared { .. } = inner.path().await
+            && let Ok(admitted) = inner.gate(path, class).await
+        {
+            return admitted.map(|()| path);
+        }
+        let path = inner.degraded_path();
+        match inner.gate(path, class).await {
+            Ok(admitted) => admitted.map(|()| path),
+            // A degraded path never touches Redis.
+            Err(RedisDown) => Err(Error::Closed("the shared tier lost track of a request".into())),
+        }
+    }
+
+    /// Record the outcome of a request [`admit`](Self::admit)ted on `path`: a 429 pauses the
+    /// class in every process, as one of the tier's own calls would.
+    #[cfg(feature = "proxy")]
+    pub(crate) async fn record(&self, path: Path, class: EndpointClass, outcome: &Result<()>) {
+        inc(&self.inner.counters.upstream_calls);
+        self.inner.record(path, class, outcome).await;
     }
 }
 

@@ -15,7 +15,9 @@
 //! not multiply ((1 + 2) × (1 + n) requests for one read): the outermost layer whose policy
 //! retries owns the call, and every layer below it makes one attempt per attempt of the owner.
 //! The ownership is a tokio task-local, so it follows the call through the layers of one task
-//! and ends with it.
+//! and ends with it. It carries the owner's attempt number (1-based), so a layer below that
+//! makes single attempts still knows which attempt of the call it is making (the
+//! `upstream_request` span's `attempt` field).
 
 use std::{future::Future, time::Duration};
 
@@ -24,8 +26,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 tokio::task_local! {
-    /// Set while a layer that retries runs one attempt: the layers below make single attempts.
-    static RETRY_OWNED: ();
+    /// Set while a layer that retries runs one attempt, to that attempt's number (1-based): the
+    /// layers below make single attempts and report this number.
+    static RETRY_OWNED: u32;
 }
 
 /// When and how long to wait before sending a failed call again.
@@ -102,10 +105,11 @@ impl RetryPolicy {
 
     /// Run `attempt` under this policy: again after each error for which
     /// [`delay`](RetryPolicy::delay) gives a wait, sleeping on tokio's clock in between.
+    /// `attempt(n)` is given the attempt's number, 1 for the first.
     /// `on_retry(retry, &error, wait)` is told of each retry before its wait.
     ///
-    /// Inside an attempt of a layer above that retries, `attempt` runs once: that layer owns
-    /// the call (see the [module docs](self)).
+    /// Inside an attempt of a layer above that retries, `attempt` runs once, with the number
+    /// of that layer's attempt: that layer owns the call (see the [module docs](self)).
     ///
     /// # Errors
     /// The last attempt's error.
@@ -115,15 +119,19 @@ impl RetryPolicy {
         mut on_retry: impl FnMut(u32, &Error, Duration),
     ) -> Result<T>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        if self.max_retries == 0 || RETRY_OWNED.try_with(|_| ()).is_ok() {
-            return attempt().await;
+        if let Ok(owner) = RETRY_OWNED.try_with(|n| *n) {
+            return attempt(owner).await;
+        }
+        if self.max_retries == 0 {
+            return attempt(1).await;
         }
         let mut retry = 0;
         loop {
-            let e = match RETRY_OWNED.scope((), attempt()).await {
+            let number = retry + 1;
+            let e = match RETRY_OWNED.scope(number, attempt(number)).await {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
@@ -192,7 +200,7 @@ mod tests {
         let mut told = Vec::new();
         let r: Result<()> = RetryPolicy::new(2)
             .run(
-                || async {
+                |_| async {
                     calls.fetch_add(1, Ordering::Relaxed);
                     Err(FAIL())
                 },
@@ -211,9 +219,9 @@ mod tests {
         let outer = RetryPolicy::new(2);
         let r: Result<()> = outer
             .run(
-                || {
+                |_| {
                     inner.run(
-                        || async {
+                        |_| async {
                             calls.fetch_add(1, Ordering::Relaxed);
                             Err(FAIL())
                         },
@@ -229,7 +237,7 @@ mod tests {
         calls.store(0, Ordering::Relaxed);
         let _ = inner
             .run(
-                || async {
+                |_| async {
                     calls.fetch_add(1, Ordering::Relaxed);
                     Err::<(), _>(FAIL())
                 },
@@ -237,5 +245,41 @@ mod tests {
             )
             .await;
         assert_eq!(calls.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_are_numbered_from_one_and_inner_layers_report_the_owners_number() {
+        let seen = std::sync::Mutex::new(Vec::new());
+        let inner = RetryPolicy::new(3);
+        let r: Result<()> = RetryPolicy::new(2)
+            .run(
+                |outer| {
+                    let seen = &seen;
+                    // The inner policy would retry 3 times alone; under the owner it makes one
+                    // attempt, numbered as the owner's.
+                    inner.run(
+                        move |inner| async move {
+                            seen.lock().unwrap().push((outer, inner));
+                            Err(FAIL())
+                        },
+                        |_, _, _| {},
+                    )
+                },
+                |_, _, _| {},
+            )
+            .await;
+        assert!(r.is_err());
+        assert_eq!(*seen.lock().unwrap(), vec![(1, 1), (2, 2), (3, 3)]);
+        let mut alone = Vec::new();
+        let _: Result<()> = RetryPolicy::none()
+            .run(
+                |n| {
+                    alone.push(n);
+                    async { Err(FAIL()) }
+                },
+                |_, _, _| {},
+            )
+            .await;
+        assert_eq!(alone, vec![1], "no retries: one attempt, number 1");
     }
 }

@@ -30,7 +30,7 @@ impl Inner {
             inc(&self.counters.retries);
             tracing::debug!(op = op.as_str(), attempt = retry, error = %e, wait_ms = wait.as_millis() as u64, "retrying upstream call");
         };
-        self.retry.run(|| self.attempt(op, class, &f), on_retry).await
+        self.retry.run(|_| self.attempt(op, class, &f), on_retry).await
     }
 
     /// One attempt: the breaker admits it, the gate (if this source limits) lets it out, and

@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 
 use super::routes::Reply;
 use crate::{
-    coinbase::{API_PREFIX, CoinbaseClient, Credentials},
+    coinbase::{API_PREFIX, Credentials},
     error::{Error, Result},
     limiter::{EndpointClass, Priority, RateLimiter},
 };
@@ -35,7 +35,25 @@ pub(super) struct Forwarder {
     base: String,
     jwt_host: String,
     creds: Credentials,
-    limiter: Option<RateLimiter>,
+    gate: Gate,
+}
+
+/// How the shared tier admitted a request (to record its outcome on the same path).
+#[cfg(feature = "redis")]
+type Admitted = crate::redis::TierPath;
+#[cfg(not(feature = "redis"))]
+type Admitted = std::convert::Infallible;
+
+/// What admits a pass-through request: the proxy's own client's limiter, or the budget every
+/// process on the key shares.
+pub(super) enum Gate {
+    /// Nothing (a client built without a limiter).
+    None,
+    /// The proxy's client's rate limiter.
+    Local(RateLimiter),
+    /// The shared tier's distributed limit.
+    #[cfg(feature = "redis")]
+    Shared(crate::redis::SharedTier),
 }
 
 /// An upstream answer, relayed as it came.
@@ -47,7 +65,7 @@ pub(super) struct Forwarded {
 }
 
 impl Forwarder {
-    pub(super) fn new(upstream: &str, creds: Credentials, client: CoinbaseClient) -> Result<Self> {
+    pub(super) fn new(upstream: &str, creds: Credentials, gate: Gate) -> Result<Self> {
         let base = reqwest::Url::parse(upstream.trim_end_matches('/'))
             .map_err(|e| Error::Config(format!("upstream is not a URL: {e}")))?;
         let host = base.host_str().ok_or_else(|| Error::Config("upstream has no host".into()))?;
@@ -62,13 +80,7 @@ impl Forwarder {
             .user_agent(concat!("tickshare-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Config(format!("could not build the HTTP client: {e}")))?;
-        Ok(Forwarder {
-            http,
-            base: base.as_str().trim_end_matches('/').to_string(),
-            jwt_host,
-            creds,
-            limiter: client.rate_limiter().cloned(),
-        })
+        Ok(Forwarder { http, base: base.as_str().trim_end_matches('/').to_string(), jwt_host, creds, gate })
     }
 
     /// The limiter class of a path: public market data and time, else private.
@@ -130,9 +142,15 @@ impl Forwarder {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Forwarded> {
-        if let Some(l) = &self.limiter {
-            l.acquire_with(class, Priority::High).await?;
-        }
+        let admitted: Option<Admitted> = match &self.gate {
+            Gate::None => None,
+            Gate::Local(l) => {
+                l.acquire_with(class, Priority::High).await?;
+                None
+            }
+            #[cfg(feature = "redis")]
+            Gate::Shared(tier) => Some(tier.admit(class).await?),
+        };
         let started = tokio::time::Instant::now();
         let mut req = self.http.request(method.clone(), url).bearer_auth(self.creds.rest_jwt(
             method.as_str(),
@@ -181,17 +199,18 @@ impl Forwarder {
             }
         }
         tracing::debug!("pass-through answered");
-        if let Some(l) = &self.limiter {
-            let recorded: Result<()> = match &outcome {
-                Ok(f) if f.status == 429 => {
-                    Err(Error::RateLimited { retry_after: retry_after(f), local: false })
-                }
-                Ok(_) => Ok(()),
-                Err(_) => Err(Error::Timeout),
-            };
-            if recorded.is_ok() || matches!(recorded, Err(Error::RateLimited { .. })) {
+        let recorded: Result<()> = match &outcome {
+            Ok(f) if f.status == 429 => Err(Error::RateLimited { retry_after: retry_after(f), local: false }),
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::Timeout),
+        };
+        match (&self.gate, admitted) {
+            (Gate::Local(l), _) if recorded.is_ok() || matches!(recorded, Err(Error::RateLimited { .. })) => {
                 l.record(class, &recorded);
             }
+            #[cfg(feature = "redis")]
+            (Gate::Shared(tier), Some(path)) => tier.record(path, class, &recorded).await,
+            _ => {}
         }
         outcome
     }

@@ -125,12 +125,19 @@ impl Inner {
         if let Err(e) = self.gate(path, class).await? {
             return Ok(Err(e));
         }
-        let c = &self.counters;
-        inc(&c.upstream_calls);
+        inc(&self.counters.upstream_calls);
         let r = send().await;
+        self.record(path, class, &r).await;
+        Ok(r)
+    }
+
+    /// Record the outcome of one upstream request sent on `path`: into the local limiter, the
+    /// counters and, for a 429 on the shared path, the pause every process keeps.
+    pub(super) async fn record<T>(&self, path: Path, class: EndpointClass, r: &Result<T>) {
+        let c = &self.counters;
         // The local limiter pauses too, so that a fall-back right after keeps the pause.
-        self.fallback.record(class, &r);
-        match &r {
+        self.fallback.record(class, r);
+        match r {
             Ok(_) => {}
             Err(Error::RateLimited { retry_after, local: false }) => {
                 inc(&c.upstream_errors);
@@ -160,6 +167,5 @@ impl Inner {
                 tracing::debug!(class = class.as_str(), error = %e, "upstream call failed");
             }
         }
-        Ok(r)
     }
 }

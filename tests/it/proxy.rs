@@ -391,3 +391,33 @@ async fn the_proxy_never_serves_a_just_closed_candle_as_final() {
     let c = candles.iter().find(|c| c.start == just_closed).expect("the just-closed minute");
     assert_eq!(Some(*c), upstream.candle_at(&p, g, just_closed), "the exchange's final candle");
 }
+
+/// Issue 17 (the `proxy` scale scenario): 250 bots ticking on the same second open their
+/// connections at once. The proxy listened with std's backlog of 128, so the kernel dropped the
+/// SYNs beyond it and those clients waited for a retransmission (a second of real time, which
+/// a paused clock turns into a connect timeout).
+#[tokio::test(start_paused = true)]
+async fn three_hundred_clients_connecting_at_once_are_all_accepted() {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = sim(&creds).await;
+    let proxy = proxy(&creds, &upstream).await;
+    let addr = proxy.addr();
+    // All connects leave in one poll, before the accept loop runs again.
+    let connects =
+        (0..300).map(|_| tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)));
+    let streams = futures_util::future::join_all(connects).await;
+    let connected = streams.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    assert_eq!(connected, 300);
+    // And the proxy answers on each of them.
+    let mut answered = 0;
+    for s in streams.into_iter().flatten().flatten() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = s;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: proxy\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        answered += usize::from(buf.starts_with(b"HTTP/1.1 200"));
+    }
+    assert_eq!(answered, 300);
+    assert_eq!(proxy.stats().connections, 300);
+}

@@ -411,3 +411,162 @@ async fn unknown_products_and_errors_are_shared_briefly() {
     assert!(!b.accounts().await.unwrap().is_empty());
     assert_eq!(sim.stats().calls(Endpoint::Accounts), 2);
 }
+
+mod proxies {
+    //! Issue 17 point 5: several proxies on one key share the Redis tier.
+
+    use std::time::Duration;
+
+    use tickshare::{
+        CandleRange, CoinbaseClient, CoordinatedConfig, Credentials, Granularity, MarketDataSource,
+        SharedTierConfig,
+        proxy::Proxy,
+        sim::{SimExchange, SimStats},
+    };
+
+    use super::RedisServer;
+    use crate::support::fixed_clock;
+
+    const CLIENTS: usize = 20;
+    const PRODUCTS: usize = 10;
+    const TICKS: usize = 3;
+
+    async fn sim(creds: &Credentials) -> SimExchange {
+        SimExchange::builder()
+            .products(PRODUCTS)
+            .clock(fixed_clock())
+            .latency(Duration::from_millis(5))
+            .jwt_public_key_pem(&creds.public_key_pem())
+            .start()
+            .await
+            .unwrap()
+    }
+
+    /// Short freshness, so that every tick (a second apart) reads tickers and accounts anew;
+    /// a batch window wide enough for a busy debug build to gather a tick's tickers.
+    fn coordinated() -> CoordinatedConfig {
+        CoordinatedConfig {
+            ticker_ttl: Duration::from_millis(500),
+            accounts_ttl: Duration::from_millis(500),
+            batch_window: Duration::from_millis(50),
+            ..CoordinatedConfig::default()
+        }
+    }
+
+    async fn proxy(creds: &Credentials, sim: &SimExchange, tier: Option<(&str, &str)>) -> Proxy {
+        let mut b = Proxy::builder(creds.clone())
+            .upstream(sim.base_url())
+            .listen("127.0.0.1:0".parse().unwrap())
+            .clock(sim.clock())
+            .coordinated(coordinated());
+        if let Some((url, namespace)) = tier {
+            let cfg = SharedTierConfig {
+                namespace: namespace.to_string(),
+                ticker_ttl: Duration::from_millis(500),
+                accounts_ttl: Duration::from_millis(500),
+                lease_poll: Duration::from_millis(5),
+                ..SharedTierConfig::default()
+            };
+            b = b.shared_tier(url, cfg);
+        }
+        b.start().await.unwrap()
+    }
+
+    /// `CLIENTS` legacy clients (own limiter each), split evenly over `proxies`, all at once for
+    /// `TICKS` ticks a second apart: ticker, candles of the last hour, accounts. Every answer
+    /// is checked against the exchange. Returns the exchange's counters and the clients' 429s.
+    async fn drive(proxies: &[&Proxy], sim: &SimExchange, creds: &Credentials) -> (SimStats, u64) {
+        let clients: Vec<CoinbaseClient> = (0..CLIENTS)
+            .map(|i| {
+                CoinbaseClient::builder()
+                    // The first half on the first proxy, and so on: each proxy's clients cover
+                    // every product.
+                    .base_url(proxies[i * proxies.len() / CLIENTS].base_url())
+                    .credentials(creds.clone())
+                    .clock(sim.clock())
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let products = sim.products();
+        sim.reset_stats();
+        for tick in 0..TICKS {
+            if tick > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let reads = clients.iter().enumerate().map(|(i, c)| {
+                let p = &products[i % PRODUCTS];
+                async move {
+                    let now = sim.clock().now_utc();
+                    let t = c.ticker(p).await.unwrap();
+                    // Real time: the trade's time on the wire is rounded, so the price is the
+                    // exchange's at about that time (within 0.1 %).
+                    let want = sim.price_at(p, t.time).unwrap();
+                    assert!(
+                        (t.price - want).abs() * tickshare::Decimal::from(1000) <= want,
+                        "{p}: {} vs {want}",
+                        t.price
+                    );
+                    let range = CandleRange::new(now - time::Duration::hours(1), now).unwrap();
+                    let g = Granularity::OneMinute;
+                    for k in c.candles(p, g, range).await.unwrap() {
+                        if g.is_closed(k.start, now) {
+                            assert_eq!(Some(k), sim.candle_at(p, g, k.start), "{p} {}", k.start);
+                        }
+                    }
+                    assert!(!c.accounts().await.unwrap().is_empty());
+                }
+            });
+            futures_util::future::join_all(reads).await;
+        }
+        (sim.stats(), clients.iter().map(|c| c.stats().rate_limited_429).sum())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_proxies_on_one_key_share_the_redis_tier() {
+        let Some(redis) = RedisServer::start().await else { return };
+        let creds = Credentials::generate("organizations/t/apiKeys/two-proxies");
+        // The reference: one proxy for all the clients, on a simulator of its own.
+        let reference_sim = sim(&creds).await;
+        let one = proxy(&creds, &reference_sim, None).await;
+        let (one_proxy, _) = drive(&[&one], &reference_sim, &creds).await;
+
+        // Two proxies on one key and one Redis, in front of one simulator, half the clients each.
+        let shared_sim = sim(&creds).await;
+        let url = redis.url();
+        let a = proxy(&creds, &shared_sim, Some((&url, "two-proxies"))).await;
+        let b = proxy(&creds, &shared_sim, Some((&url, "two-proxies"))).await;
+        let (two_proxies, client_429) = drive(&[&a, &b], &shared_sim, &creds).await;
+        // The same two proxies without the tier: each makes the reference's calls for its half
+        // of the clients, which cover every product.
+        let unshared_sim = sim(&creds).await;
+        let (c, d) = (proxy(&creds, &unshared_sim, None).await, proxy(&creds, &unshared_sim, None).await);
+        let (unshared, _) = drive(&[&c, &d], &unshared_sim, &creds).await;
+
+        eprintln!(
+            "one proxy: {}, two sharing the tier: {}, two without: {}",
+            one_proxy.total_calls, two_proxies.total_calls, unshared.total_calls
+        );
+        assert_eq!(two_proxies.rate_limited_429, 0);
+        assert_eq!(client_429, 0);
+        assert_eq!(two_proxies.auth_failures, 0);
+        // About one proxy's worth: a tick's ticker batch may split differently across the batch
+        // window in either proxy, so one call per tick of slack.
+        assert!(
+            two_proxies.total_calls <= one_proxy.total_calls + TICKS as u64,
+            "{} > {} + {TICKS}",
+            two_proxies.total_calls,
+            one_proxy.total_calls
+        );
+        assert!(
+            two_proxies.total_calls * 3 <= unshared.total_calls * 2,
+            "sharing saved less than a third: {} vs {} without the tier",
+            two_proxies.total_calls,
+            unshared.total_calls
+        );
+        // Both proxies served clients.
+        for p in [&a, &b] {
+            assert_eq!(p.stats().requests_by_route["ticker"], (CLIENTS / 2 * TICKS) as u64);
+        }
+    }
+}
