@@ -18,6 +18,7 @@ mod coalesce;
 mod evaluator;
 mod legacy_vs_coordinated;
 mod limiter;
+mod stream;
 mod support;
 
 use std::time::Duration;
@@ -32,6 +33,6 @@ criterion_group! {
     name = benches;
     config = config();
     targets = cache::bench, coalesce::bench, batch::bench, evaluator::bench, limiter::bench,
-        legacy_vs_coordinated::bench, auth::bench
+        legacy_vs_coordinated::bench, auth::bench, stream::bench
 }
 criterion_main!(benches);

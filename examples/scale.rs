@@ -58,6 +58,25 @@
 //!   clients, the reference), an upper bound on the proxy's memory, and
 //!   `proxy.rss_growth_mib` what the resident set grew from just before the proxy started to
 //!   the end of the run (the proxy's caches and connections, plus the clients' pools).
+//! - `large_streaming` (issue #18): the `large` fleet fed by the simulated exchange's WebSocket
+//!   side (`MarketStream` over 500 products: subscribe messages of at most 100 products, at
+//!   most 200 products per connection, so three connections sharing one budget of 8 messages
+//!   per second; the simulator enforces the same caps). Warm-up: the first tick fetches every
+//!   series' history once; the stream joins that hour late, so the first hourly close is
+//!   served from REST once more (500 calls), then every hour is derived from the pushed
+//!   five-minute candles. Two warm-up hours, then 22 measured (`--hours`). Goals: at most 15
+//!   REST calls an hour, 0 × 429, every product's cached one-hour series equal to a REST fetch
+//!   at the end (closed candles; the check's fetches are not counted), tick p50 and p99 under
+//!   50 ms of simulated time, peak RSS under 100 MiB, no subscribe refused by the simulator's
+//!   caps. The simulator pushes candle updates every second as Coinbase does
+//!   (`--candle-interval-ms` changes it; the output's `candle_interval_ms` says which): about
+//!   20 s of real CPU per simulated hour, so the day takes several minutes.
+//!
+//!   `feed_cpu_ms_per_hour` is the stream client's own work per simulated hour (decoding
+//!   frames and applying them to the cache, timed in real time by `MarketStream`,
+//!   `StreamStats::busy_us`); `non_tick_cpu_ms_per_hour` is the process's CPU time
+//!   (`/proc/self/stat`) outside the ticks per simulated hour, which adds the simulator's own
+//!   WebSocket side (building and serializing every frame) and the runtime's scheduling.
 //!
 //! Figures: `calls_per_hour` and `calls_by_endpoint` (per hour) after the warm-up;
 //! `rate_limited_429` and `max_requests_in_any_1s` over the whole run; `tick_ms_*` on the
@@ -67,7 +86,12 @@
 //! `/proc/self/status`, reset before each scenario through `/proc/self/clear_refs` where the
 //! kernel allows it. Exits non-zero if a goal is missed.
 
-use std::{collections::BTreeMap, error::Error, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    error::Error,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use serde::Serialize;
 use tickshare::{
@@ -75,7 +99,7 @@ use tickshare::{
     Credentials, Granularity, MarketDataPath, MarketDataSource, MarketStream, MovingAverageCrossover,
     ProductId, RateLimiter, RateLimiterConfig, RsiThreshold, Strategy, TickSchedule,
     proxy::Proxy,
-    sim::{PerClass, SimExchange, SimHandle, SimStats},
+    sim::{PerClass, SimExchange, SimHandle, SimStats, WsConfig},
 };
 use time::{OffsetDateTime, macros::datetime};
 
@@ -151,6 +175,9 @@ struct Outcome {
     /// The `proxy` scenario's own figures.
     #[serde(skip_serializing_if = "Option::is_none")]
     proxy: Option<ProxyFigures>,
+    /// Streaming scenarios: how the push feed ran (absent without the stream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<StreamOutcome>,
 }
 
 /// What the `proxy` scenario measures besides the common figures.
@@ -173,6 +200,82 @@ struct ProxyFigures {
     reference_errors: u64,
     /// Resident set growth from just before the proxy started to the end of the run, MiB.
     rss_growth_mib: Option<f64>,
+}
+
+/// What a streaming scenario adds (issue #18).
+#[derive(Debug, Serialize)]
+struct StreamOutcome {
+    /// The simulator's candle update period (Coinbase: 1,000).
+    candle_interval_ms: u64,
+    max_products_per_message: usize,
+    max_products_per_connection: usize,
+    connections: u64,
+    reconnects: u64,
+    sequence_gaps: u64,
+    repairs: u64,
+    /// REST market-data reads the stream could not serve, measured window.
+    rest_fallbacks: u64,
+    /// Frames the client decoded, measured window, per hour.
+    messages_per_hour: f64,
+    /// The most client messages (subscribes) the exchange received in any second, whole run.
+    max_client_messages_in_any_1s: u64,
+    /// Client messages the exchange refused (over a limit), whole run.
+    refused_messages: u64,
+    /// The stream client's decode + apply time per simulated hour (real ms).
+    feed_cpu_ms_per_hour: f64,
+    /// Process CPU outside the ticks per simulated hour (real ms): feed + simulator + runtime.
+    non_tick_cpu_ms_per_hour: Option<f64>,
+    /// Products whose cached one-hour series was compared with a REST fetch at the end.
+    series_checked: usize,
+    /// Products whose cached closed candles differed from REST's (must be 0).
+    series_mismatched: usize,
+    /// Candle REST calls in the measured window, per hour.
+    candle_calls_per_hour: f64,
+}
+
+/// The streaming setup of a scenario, by name (None: REST only).
+struct StreamSetup {
+    candle_interval: Duration,
+    max_products_per_message: usize,
+    max_products_per_connection: usize,
+}
+
+/// `--candle-interval-ms` for `large_streaming`.
+static CANDLE_INTERVAL: OnceLock<Duration> = OnceLock::new();
+
+fn stream_setup(name: &str) -> Option<StreamSetup> {
+    let defaults = tickshare::StreamConfig::default();
+    let (per_message, per_connection) =
+        (defaults.max_products_per_message, defaults.max_products_per_connection);
+    let interval = match name {
+        // The seed fleet: every update the simulator's default (1 s) would send.
+        "seed_kpi_streaming" => {
+            return Some(StreamSetup {
+                candle_interval: WsConfig::default().candle_interval,
+                max_products_per_message: per_message,
+                max_products_per_connection: per_connection,
+            });
+        }
+        "large_streaming" => CANDLE_INTERVAL.get().copied().unwrap_or(Duration::from_secs(1)),
+        _ => return None,
+    };
+    Some(StreamSetup {
+        candle_interval: interval,
+        max_products_per_message: per_message,
+        max_products_per_connection: per_connection,
+    })
+}
+
+/// This process's CPU time (user + system) in ms, from `/proc/self/stat`.
+fn process_cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces) close with ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(ticks * 10.0)
 }
 
 fn percentile(v: &[f64], p: f64) -> Option<f64> {
@@ -214,9 +317,16 @@ fn max_per_class(a: PerClass, b: PerClass) -> PerClass {
 
 async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
     let wall = std::time::Instant::now();
+    let setup = stream_setup(s.name);
     let mut sim = SimExchange::builder().products(s.products).latency(LATENCY);
     if let Some(start) = s.start {
         sim = sim.clock(Clock::starting_at(start));
+    }
+    if let Some(st) = &setup {
+        sim = sim.ws(WsConfig::default()
+            .candle_interval(st.candle_interval)
+            .max_products_per_message(st.max_products_per_message)
+            .max_products_per_connection(st.max_products_per_connection));
     }
     let sim = sim.start().await?;
     let limits = RateLimiterConfig { max_wait: s.max_wait, ..Default::default() };
@@ -226,15 +336,28 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
     let mut source = CoordinatedSource::coinbase(client).clock(sim.clock());
     if let Some(t) = s.read_timeout {
         source = source.read_timeout(t);
+    } else if setup.is_some() {
+        // The cold tick queues 500 history fetches behind the rate limiter (about 16 s): let
+        // reads wait as long as the limiter may, as `max_wait` does for the limiter.
+        source = source.read_timeout(s.max_wait.max(Duration::from_secs(15)));
     }
     let source = source.build()?;
     let grace_ms = source.config().candle_grace.as_secs_f64() * 1000.0;
     let meter = source.clone();
-    let _stream = if s.name == "seed_kpi_streaming" {
-        Some(MarketStream::builder(source.clone()).url(sim.ws_url()).products(sim.products()).start()?)
-    } else {
-        None
+    let stream = match &setup {
+        Some(st) => Some(
+            MarketStream::builder(source.clone())
+                .url(sim.ws_url())
+                .max_products_per_message(st.max_products_per_message)
+                .max_products_per_connection(st.max_products_per_connection)
+                // A slower simulated push interval needs a longer wait for the closing push.
+                .candle_grace(tickshare::StreamConfig::default().candle_grace.max(st.candle_interval * 2))
+                .products(sim.products())
+                .start()?,
+        ),
+        None => None,
     };
+    let check_source = source.clone();
     let evaluator = BatchEvaluator::new(Arc::new(source.clone())).clock(sim.clock()).meter(Arc::new(meter));
     let bots = fleet(s.bots, &sim.products());
 
@@ -255,6 +378,8 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
             }
         }
     };
+    let mut at_warm: Option<(Option<f64>, tickshare::StreamStats)> = None;
+    let mut ws_warm: Option<tickshare::sim::WsStats> = None;
     // Unaligned: the first tick is due now, then one every TICK. Each tick's window (the calls
     // it causes) begins `lead` before it, at its prefetch when there is one.
     let lead = s.lead.unwrap_or_default();
@@ -264,7 +389,11 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
         tokio::time::sleep_until(due.checked_sub(lead).unwrap_or(due)).await;
         if i == warmup_ticks && i > 0 {
             warmup = Some(sim.stats());
+            ws_warm = Some(sim.ws_stats());
             sim.reset_stats();
+            if let Some(st) = &stream {
+                at_warm = Some((process_cpu_ms(), st.stats()));
+            }
         }
         let cpu = std::time::Instant::now();
         let tick = ticks.tick(&bots).await;
@@ -273,6 +402,12 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
         bot_errors += report.errors().count() as u64;
         provisional_max = provisional_max.max(report.provisional_series);
         note_closes(&mut closes);
+        // `SCALE_DEBUG=1`: say why bots failed (stderr), when a goal is missed on errors.
+        if std::env::var_os("SCALE_DEBUG").is_some()
+            && let Some(e) = report.errors().next()
+        {
+            eprintln!("tick {i}: {} errors, e.g. {:?}", report.errors().count(), e.outcome);
+        }
         if i == 0 {
             cold_tick_ms = ms;
             cold_tick_calls = report.upstream_calls;
@@ -287,6 +422,64 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
     tokio::time::sleep_until(start + TICK * total_ticks as u32 - lead).await;
     note_closes(&mut closes);
     let measured = sim.stats();
+    let ws_measured = sim.ws_stats();
+    let cpu_end = process_cpu_ms();
+    let stream_outcome = match (&stream, &setup) {
+        (Some(stream), Some(setup)) => {
+            let end = stream.stats();
+            let (cpu0, st0) = at_warm.clone().unwrap_or((None, tickshare::StreamStats::default()));
+            let hours = (s.hours as f64).max(1.0);
+            let tick_cpu: f64 = cpu_ms.iter().sum();
+            // Exactness: every product's cached one-hour series against a REST fetch now
+            // (after the measured window closed: these calls are not counted).
+            let direct = sim.client()?;
+            let now = sim.clock().now_utc();
+            let range = tickshare::CandleRange::lookback(Granularity::OneHour, 24, now)?;
+            let mut mismatched = 0;
+            let products = sim.products();
+            for p in &products {
+                let cached = check_source.candles(p, Granularity::OneHour, range).await?;
+                let rest = direct.candles(p, Granularity::OneHour, range).await?;
+                let closed = |v: &[tickshare::Candle]| -> Vec<tickshare::Candle> {
+                    v.iter().filter(|c| Granularity::OneHour.is_closed(c.start, now)).copied().collect()
+                };
+                if closed(&cached) != closed(&rest) || closed(&cached).len() < 23 {
+                    mismatched += 1;
+                }
+            }
+            let candle_calls = measured
+                .calls_by_endpoint
+                .iter()
+                .filter(|(k, _)| k.contains("candles"))
+                .map(|(_, n)| *n)
+                .sum::<u64>();
+            Some(StreamOutcome {
+                candle_interval_ms: setup.candle_interval.as_millis() as u64,
+                max_products_per_message: setup.max_products_per_message,
+                max_products_per_connection: setup.max_products_per_connection,
+                connections: end.connection_count,
+                reconnects: end.reconnects,
+                sequence_gaps: end.sequence_gaps,
+                repairs: end.repairs,
+                rest_fallbacks: end.rest_fallbacks - st0.rest_fallbacks,
+                messages_per_hour: (end.messages - st0.messages) as f64 / hours,
+                // Over the whole run: the subscriptions go out in the warm-up.
+                max_client_messages_in_any_1s: ws_measured
+                    .max_client_messages_in_any_1s
+                    .max(ws_warm.as_ref().map_or(0, |w| w.max_client_messages_in_any_1s)),
+                refused_messages: ws_measured.refused_messages
+                    + ws_warm.as_ref().map_or(0, |w| w.refused_messages),
+                feed_cpu_ms_per_hour: (end.busy_us - st0.busy_us) as f64 / 1000.0 / hours,
+                non_tick_cpu_ms_per_hour: cpu0
+                    .zip(cpu_end)
+                    .map(|(a, b)| ((b - a - tick_cpu) / hours).max(0.0)),
+                series_checked: products.len(),
+                series_mismatched: mismatched,
+                candle_calls_per_hour: candle_calls as f64 / hours,
+            })
+        }
+        _ => None,
+    };
     let hours = s.hours as f64;
     let per_hour = |n: u64| n as f64 / hours;
     let (calls_per_hour, calls_by_endpoint) = if s.hours == 0 {
@@ -361,6 +554,7 @@ async fn run(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
         goal: String::new(),
         met: true,
         real_seconds: wall.elapsed().as_secs_f64(),
+        stream: stream_outcome,
         proxy: None,
     })
 }
@@ -604,6 +798,7 @@ async fn run_proxy(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
         met: true,
         real_seconds: wall.elapsed().as_secs_f64(),
         proxy: Some(figures),
+        stream: None,
     })
 }
 
@@ -666,6 +861,21 @@ fn judge(o: &mut Outcome) {
                 clean && met,
             )
         }
+        "large_streaming" => (
+            "calls/hour <= 15, 0 candle calls, no 429, every series exact, tick p50 and p99 < 50 ms, peak RSS < 100 MiB, <= 8 client messages/s and none refused"
+                .to_string(),
+            clean
+                && o.calls_per_hour.is_some_and(|c| c <= 15.0)
+                && o.tick_ms_p50.is_some_and(|p| p < 50.0)
+                && o.tick_ms_p99.is_some_and(|p| p < 50.0)
+                && o.peak_rss_mib.is_some_and(|m| m < 100.0)
+                && o.stream.as_ref().is_some_and(|st| {
+                    st.series_mismatched == 0
+                        && st.candle_calls_per_hour == 0.0
+                        && st.refused_messages == 0
+                        && st.max_client_messages_in_any_1s <= 8
+                }),
+        ),
         _ => ("(reference: no 429)".to_string(), clean),
     };
     o.goal = goal;
@@ -676,10 +886,11 @@ struct Args {
     json: bool,
     only: Vec<String>,
     hours: Option<u64>,
+    candle_interval_ms: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, Box<dyn Error>> {
-    let mut a = Args { json: false, only: Vec::new(), hours: None };
+    let mut a = Args { json: false, only: Vec::new(), hours: None, candle_interval_ms: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         match flag.as_str() {
@@ -689,9 +900,15 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
                 let v = it.next().ok_or("--hours needs a value")?;
                 a.hours = Some(v.parse::<u64>().map_err(|_| format!("--hours: not a number: {v}"))?.max(1));
             }
+            "--candle-interval-ms" => {
+                let v = it.next().ok_or("--candle-interval-ms needs a value")?;
+                a.candle_interval_ms = Some(
+                    v.parse::<u64>().map_err(|_| format!("--candle-interval-ms: not a number: {v}"))?.max(1),
+                );
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: scale [--json] [--scenario cold_private_only|cold|seed_kpi|seed_kpi_refresh_ahead|seed_kpi_streaming|large|large_cold|proxy]... [--hours H (large's measured hours, default 23)]"
+                    "usage: scale [--json] [--scenario cold_private_only|cold|seed_kpi|seed_kpi_refresh_ahead|seed_kpi_streaming|large|large_cold|large_streaming|proxy]... [--hours H (large's measured hours, default 23; large_streaming's, default 22)] [--candle-interval-ms MS (large_streaming's simulated candle cadence, default 1000 as Coinbase)]"
                 );
                 std::process::exit(0);
             }
@@ -703,6 +920,9 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
 
 fn main() -> Result<(), Box<dyn Error>> {
     let args = parse_args()?;
+    if let Some(ms) = args.candle_interval_ms {
+        let _ = CANDLE_INTERVAL.set(Duration::from_millis(ms));
+    }
     let default_wait = RateLimiterConfig::default().max_wait;
     let scenarios = [
         Scenario {
@@ -802,6 +1022,18 @@ fn main() -> Result<(), Box<dyn Error>> {
             read_timeout: None,
             start: None,
         },
+        Scenario {
+            name: "large_streaming",
+            bots: 10_000,
+            products: 500,
+            warmup_hours: 2,
+            hours: args.hours.unwrap_or(22),
+            market_data: MarketDataPath::Balanced,
+            max_wait: Duration::from_secs(60),
+            lead: None,
+            read_timeout: None,
+            start: None,
+        },
     ];
     let mut outcomes = Vec::new();
     for s in scenarios.iter().filter(|s| args.only.is_empty() || args.only.iter().any(|n| n == s.name)) {
@@ -873,6 +1105,24 @@ fn main() -> Result<(), Box<dyn Error>> {
                     p.answer_mismatches,
                     p.answers_checked,
                     p.rss_growth_mib.map_or("-".to_string(), |m| format!("{m:.1}")),
+                );
+            }
+            if let Some(st) = &o.stream {
+                println!(
+                    "    stream: {} connections (<= {} products each, <= {} per message), candles every {} ms, {:.0} frames/h, feed CPU {:.0} ms/h (process outside ticks {} ms/h), {} reconnects, {} gaps, {} repairs, {}/{} series differ from REST, {} refused messages",
+                    st.connections,
+                    st.max_products_per_connection,
+                    st.max_products_per_message,
+                    st.candle_interval_ms,
+                    st.messages_per_hour,
+                    st.feed_cpu_ms_per_hour,
+                    st.non_tick_cpu_ms_per_hour.map_or("-".to_string(), |v| format!("{v:.0}")),
+                    st.reconnects,
+                    st.sequence_gaps,
+                    st.repairs,
+                    st.series_mismatched,
+                    st.series_checked,
+                    st.refused_messages,
                 );
             }
         }

@@ -119,7 +119,7 @@ pub use crate::limiter::EndpointClass;
 pub use builder::{SimAccount, SimBuilder, SimProducts};
 pub use faults::{Fault, FaultId, FaultTarget};
 pub use stats::{CANDLE_LOG_CAPACITY, CandleRequest, PerClass, SimStats};
-pub use ws::{WsConfig, WsDialect, WsFault, WsStats};
+pub use ws::{WsConfig, WsConnFault, WsDialect, WsFault, WsStats};
 
 use crate::{
     clock::Clock,
@@ -440,6 +440,20 @@ impl SimHandle {
         let start = granularity.bucket_start(t).unix_timestamp();
         let now_ms = unix_ms(self.shared.clock.now_utc());
         m.candle(m.get(product.as_str())?, granularity, start, now_ms)
+    }
+
+    /// The candle of `product` at `granularity` containing `t`, as the exchange reported it at
+    /// `t` (for a candle in progress then: what a REST read at `t` answered). `None` for an
+    /// unlisted product or a candle not started by `t`.
+    pub fn candle_as_of(
+        &self,
+        product: &ProductId,
+        granularity: Granularity,
+        t: OffsetDateTime,
+    ) -> Option<Candle> {
+        let m = &self.shared.market;
+        let start = granularity.bucket_start(t).unix_timestamp();
+        m.candle(m.get(product.as_str())?, granularity, start, unix_ms(t))
     }
 
     /// A snapshot of the counters.

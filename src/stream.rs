@@ -22,14 +22,36 @@
 //!
 //! # What it does
 //!
-//! One connection to `wss://advanced-trade-ws.coinbase.com` (or the simulated exchange's
-//! `ws://127.0.0.1:PORT`). It subscribes to `heartbeats`, `candles` and `ticker_batch` (or
-//! `ticker`) for the products you name ([`set_products`](MarketStream::set_products); products
-//! added later are subscribed, products dropped are unsubscribed), one channel per message, the
-//! first within 5 s of connecting, at most 8 messages per second (COINBASE.md §3, §5). None of
-//! these channels needs a JWT, so none is sent (only `user`-type channels need one,
-//! [`wire::channel::needs_jwt`]); [`StreamConfig::jwt_on_market_data`] attaches a fresh one to
-//! every message anyway, as Coinbase's SDK does once keys are configured.
+//! Connections to `wss://advanced-trade-ws.coinbase.com` (or the simulated exchange's
+//! `ws://127.0.0.1:PORT`). Each subscribes to `heartbeats`, `candles` and `ticker_batch` (or
+//! `ticker`) for its share of the products you name
+//! ([`set_products`](MarketStream::set_products); products added later are subscribed,
+//! products dropped are unsubscribed), one channel per message, the first within 5 s of
+//! connecting (COINBASE.md §3, §5). None of these channels needs a JWT, so none is sent (only
+//! `user`-type channels need one, [`wire::channel::needs_jwt`]);
+//! [`StreamConfig::jwt_on_market_data`] attaches a fresh one to every message anyway, as
+//! Coinbase's SDK does once keys are configured.
+//!
+//! # Hundreds of products
+//!
+//! Coinbase limits unauthenticated WebSocket messages to 8 per second and new connections to
+//! 8 per second, both per IP; it documents no limit on products per message or per
+//! connection. This stream assumes both exist and makes them settings:
+//!
+//! - a subscribe message names at most [`StreamConfig::max_products_per_message`] products
+//!   (default 100): a channel's products go out in chunks;
+//! - a connection carries at most [`StreamConfig::max_products_per_connection`] products
+//!   (default 200): more products open more connections (500 products: three). Products keep
+//!   their connection while followed; new ones fill the first connection with room;
+//! - every connection of the stream shares one budget of
+//!   [`StreamConfig::messages_per_second`] (a connection that has not subscribed yet goes
+//!   first, so it meets the 5 s deadline behind any backlog), and connections open at most
+//!   [`StreamConfig::connections_per_second`] per second. Two streams in one process each have
+//!   their own budget: give each a share.
+//!
+//! Each connection keeps its own `sequence_num`, silence timer, backoff and reconnect: a gap
+//! or a disconnect on one marks stale, and repairs, only the products it carries
+//! ([`StreamStats::connection_stats`] shows each one).
 //!
 //! **`-USDC` products** follow Coinbase's production rule (COINBASE.md §5): its market-data
 //! channels serve `X-USDC` from the `X-USD` book and answer a `BTC-USDC` subscription with
@@ -43,13 +65,19 @@
 //! - **Candles** (five-minute only) are merged into the cached `FIVE_MINUTE` series, the newest
 //!   one marked in progress. Series at 15 and 30 minutes, 1, 2, 4 and 6 hours and 1 day that a
 //!   reader has cached are **derived** by exact aggregation of the five-minute candles (open of
-//!   the first, close of the last, highest high, lowest low, summed volume), only for buckets
-//!   the five-minute series covers in full ([`StreamConfig::aggregate`]). So after a warm-up
-//!   (one REST fetch of each series' history, and for derived series the first bucket the
-//!   stream saw start) reads are served with zero REST calls. `ONE_MINUTE` always uses REST.
+//!   the first, close of the last, highest high, lowest low, summed volume)
+//!   ([`StreamConfig::aggregate`]). That includes the **candle in progress**: once the stream
+//!   has covered the current bucket from its start, the derived series' last candle is the
+//!   aggregate of the bucket's closed five-minute candles and the pushed one in progress, as of
+//!   the last push (its [`InProgress::as_of`](crate::InProgress)), which is what REST answers
+//!   at that instant. A bucket the stream joined late is never derived: the series keeps its
+//!   REST answer, marked as of the fetch, until its close refreshes it from REST once. So
+//!   after a warm-up (one REST fetch of each series' history, and for derived series the
+//!   first bucket the stream saw start) reads are served with zero REST calls. `ONE_MINUTE`
+//!   always uses REST.
 //! - **Liveness**: a `sequence_num` gap (one counter per connection, across channels), a
-//!   silence longer than [`StreamConfig::silence_timeout`] or a disconnect marks the
-//!   subscribed products' data stale: reads fall back to REST, through the same single-flight,
+//!   silence longer than [`StreamConfig::silence_timeout`] or a disconnect marks the data of
+//!   that connection's products stale: reads fall back to REST, through the same single-flight,
 //!   batching and rate limiter, until the stream delivers again. Silence and disconnects
 //!   reconnect with exponential backoff and jitter, and resubscribe.
 //! - **Repair**: a five-minute series that missed a candle close while the stream was away
@@ -70,7 +98,7 @@ mod conn;
 pub mod wire;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     fmt,
     sync::{
         Arc, Mutex,
@@ -91,6 +119,9 @@ use crate::{
 };
 
 pub use wire::COINBASE_WS_URL;
+
+#[doc(hidden)]
+pub use conn::FeedBench;
 
 /// Which ticker channel to subscribe to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -142,8 +173,19 @@ pub struct StreamConfig {
     /// Longest reconnect delay. Default 30 s.
     #[serde(with = "crate::util::duration_ms")]
     pub reconnect_max: Duration,
-    /// Most client messages per second (Coinbase: 8 unauthenticated per IP). Default 8.
+    /// Most client messages per second, every connection of the stream together (Coinbase: 8
+    /// unauthenticated per IP). Default 8.
     pub messages_per_second: u32,
+    /// Most new connections per second (Coinbase: 8 per IP). Default 8.
+    pub connections_per_second: u32,
+    /// Most products in one (un)subscribe message. Coinbase documents no limit; the default,
+    /// 100, is an assumption that keeps a message a few kilobytes. Default 100.
+    pub max_products_per_message: usize,
+    /// Most products (books) one connection subscribes to; more are spread over more
+    /// connections, each with its own sequence, liveness and repair. Coinbase documents no
+    /// limit; the default, 200, is an assumption that keeps each connection's one-second
+    /// candle frame near 40 KB (and its `ticker_batch` frame near 60 KB). Default 200.
+    pub max_products_per_connection: usize,
     /// A (un)subscription not acknowledged within this time is sent again. Default 5 s.
     #[serde(with = "crate::util::duration_ms")]
     pub subscribe_timeout: Duration,
@@ -172,6 +214,9 @@ impl Default for StreamConfig {
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
             messages_per_second: 8,
+            connections_per_second: 8,
+            max_products_per_message: 100,
+            max_products_per_connection: 200,
             subscribe_timeout: Duration::from_secs(5),
             aggregate: true,
             repair_interval: Duration::from_secs(5),
@@ -191,8 +236,11 @@ impl StreamConfig {
         if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) {
             return bad("stream url must start with ws:// or wss://");
         }
-        if self.messages_per_second == 0 {
-            return bad("stream messages_per_second must be at least 1");
+        if self.messages_per_second == 0 || self.connections_per_second == 0 {
+            return bad("stream messages_per_second and connections_per_second must be at least 1");
+        }
+        if self.max_products_per_message == 0 || self.max_products_per_connection == 0 {
+            return bad("stream max_products_per_message and max_products_per_connection must be at least 1");
         }
         if self.silence_timeout < Duration::from_secs(2) {
             return bad("stream silence_timeout must be at least 2 s (heartbeats come every second)");
@@ -270,9 +318,29 @@ impl StreamBuilder {
         self
     }
 
+    /// See [`StreamConfig::candle_grace`]. It must exceed the interval at which the server
+    /// pushes candle updates (Coinbase: about every second), or each close is refetched by REST
+    /// before its push arrives.
+    pub fn candle_grace(mut self, d: Duration) -> Self {
+        self.cfg.candle_grace = d;
+        self
+    }
+
     /// See [`StreamConfig::aggregate`].
     pub fn aggregate(mut self, on: bool) -> Self {
         self.cfg.aggregate = on;
+        self
+    }
+
+    /// See [`StreamConfig::max_products_per_message`].
+    pub fn max_products_per_message(mut self, n: usize) -> Self {
+        self.cfg.max_products_per_message = n;
+        self
+    }
+
+    /// See [`StreamConfig::max_products_per_connection`].
+    pub fn max_products_per_connection(mut self, n: usize) -> Self {
+        self.cfg.max_products_per_connection = n;
         self
     }
 
@@ -304,6 +372,14 @@ impl StreamBuilder {
     /// [`Error::Config`] for an invalid configuration, `jwt_on_market_data` without
     /// credentials, or outside a tokio runtime.
     pub fn start(self) -> Result<MarketStream> {
+        let shared = self.into_shared()?;
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(conn::run(Arc::clone(&shared), stop_rx));
+        Ok(MarketStream { shared, stop, task: Some(task) })
+    }
+
+    /// Validate and build the state the connection tasks share.
+    fn into_shared(self) -> Result<Arc<Shared>> {
         self.cfg.validate()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::Config("MarketStream must be started inside a tokio runtime".into()));
@@ -326,12 +402,13 @@ impl StreamBuilder {
                 connected_total: Duration::ZERO,
                 products: BTreeMap::new(),
                 by_channel: BTreeMap::new(),
+                conns: BTreeMap::new(),
             }),
+            pace: Mutex::new(Pace::default()),
+            opens: Mutex::new(VecDeque::new()),
             baseline,
         });
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(conn::run(Arc::clone(&shared), stop_rx));
-        Ok(MarketStream { shared, stop, task: Some(task) })
+        Ok(shared)
     }
 }
 
@@ -379,8 +456,8 @@ impl MarketStream {
         self.shared.desired.borrow().iter().cloned().collect()
     }
 
-    /// Whether the stream is connected and every followed product is live (pushed data
-    /// arrived since the last subscription, gap or reconnect).
+    /// Whether every connection of the stream is open and every followed product is live
+    /// (pushed data arrived since the last subscription, gap or reconnect of its connection).
     pub fn is_live(&self) -> bool {
         let st = lock(&self.shared.state);
         let desired = self.shared.desired.borrow();
@@ -411,15 +488,19 @@ impl Drop for MarketStream {
     }
 }
 
-/// A snapshot of a [`MarketStream`]'s counters. Counts are exact and monotonic since start.
+/// A snapshot of a [`MarketStream`]'s counters. Counts are exact and monotonic since start;
+/// they add up every connection's ([`connection_stats`](Self::connection_stats) has each one).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StreamStats {
-    /// Whether a connection is open now.
+    /// Whether every connection of the stream is open now.
     pub connected: bool,
-    /// Time connected since start, milliseconds (tokio's clock).
+    /// Time with every connection open since start, milliseconds (tokio's clock).
     pub connected_ms: u64,
-    /// Time not connected since start, milliseconds.
+    /// Time with some connection not open since start, milliseconds.
     pub disconnected_ms: u64,
+    /// Connections the stream runs now (the followed products spread over them,
+    /// [`StreamConfig::max_products_per_connection`] each).
+    pub connection_count: u64,
     /// Connections opened.
     pub connections: u64,
     /// Connection attempts that failed (refused, timed out, handshake rejected).
@@ -464,8 +545,41 @@ pub struct StreamStats {
     pub followed_products: u64,
     /// Followed products that are live.
     pub live_products: u64,
+    /// Real (not tokio) time spent decoding frames and applying them to the cache,
+    /// microseconds: the feed's own CPU cost (on a single-threaded runtime, time other tasks
+    /// ran while an apply awaited the cache is included; the cache's operations rarely yield).
+    pub busy_us: u64,
     /// Per followed product.
     pub products: BTreeMap<String, ProductLiveness>,
+    /// Per connection, by its id (ids are not reused).
+    pub connection_stats: BTreeMap<u32, ConnectionStats>,
+}
+
+/// The state of one connection of a [`MarketStream`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionStats {
+    /// Whether it is open now.
+    pub connected: bool,
+    /// Books (subscribed product ids) assigned to it.
+    pub products: u64,
+    /// Its followed products that are live.
+    pub live_products: u64,
+    /// Times it was opened.
+    pub connections: u64,
+    /// Times it was opened after the first.
+    pub reconnects: u64,
+    /// Messages it received.
+    pub messages: u64,
+    /// `sequence_num` gaps it saw (each marked only its own products stale).
+    pub sequence_gaps: u64,
+    /// Silences longer than the timeout (each ended it).
+    pub silences: u64,
+    /// Its last `sequence_num`.
+    pub last_sequence: Option<u64>,
+    /// Time since its last message, milliseconds.
+    pub last_message_age_ms: Option<u64>,
+    /// Channel to the number of products the exchange acknowledged on it.
+    pub acknowledged: BTreeMap<String, u64>,
 }
 
 /// The liveness of one followed product.
@@ -488,16 +602,49 @@ struct Shared {
     counters: Counters,
     /// A std mutex: never held across an await.
     state: Mutex<State>,
+    /// Client messages sent in the last second, every connection together: one budget of
+    /// [`StreamConfig::messages_per_second`].
+    pace: Mutex<Pace>,
+    /// Connection attempts in the last second ([`StreamConfig::connections_per_second`]).
+    opens: Mutex<VecDeque<Instant>>,
     /// REST market-data calls of the source before the stream started.
     baseline: u64,
 }
 
+/// The shared message budget.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Send times within the last second.
+    sent: VecDeque<Instant>,
+    /// Connections that are open and have not sent their first message yet: they go first, so
+    /// a connection opened behind a backlog still subscribes within Coinbase's 5 s.
+    waiting_first: usize,
+}
+
 struct State {
     started: Instant,
+    /// Since when every connection has been open (`None`: some connection is not).
     connected_since: Option<Instant>,
     connected_total: Duration,
     products: BTreeMap<ProductId, ProductState>,
     by_channel: BTreeMap<String, u64>,
+    /// Per connection id.
+    conns: BTreeMap<u32, ConnState>,
+}
+
+/// What the stream knows of one connection.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// Its books.
+    books: BTreeSet<ProductId>,
+    connected: bool,
+    connections: u64,
+    messages: u64,
+    sequence_gaps: u64,
+    silences: u64,
+    last_seq: Option<u64>,
+    last_msg: Option<Instant>,
+    acknowledged: BTreeMap<String, u64>,
 }
 
 /// What the stream knows of one followed product.
@@ -520,6 +667,8 @@ struct ProductState {
     repairing: bool,
     /// When the last repair started.
     repair_at: Option<Instant>,
+    /// When every cached series of the product was last checked for derivation.
+    scanned_at: Option<Instant>,
 }
 
 impl ProductState {
@@ -547,6 +696,7 @@ struct Counters {
     decode_errors: AtomicU64,
     subscribe_messages: AtomicU64,
     unsubscribe_messages: AtomicU64,
+    busy_ns: AtomicU64,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -592,10 +742,33 @@ impl Shared {
             })
             .collect();
         let repairs = get(&c.repairs);
+        let connection_stats = st
+            .conns
+            .iter()
+            .map(|(id, k)| {
+                let live =
+                    st.products.iter().filter(|(p, s)| k.books.contains(&p.book_id()) && s.is_live()).count();
+                let stats = ConnectionStats {
+                    connected: k.connected,
+                    products: k.books.len() as u64,
+                    live_products: live as u64,
+                    connections: k.connections,
+                    reconnects: k.connections.saturating_sub(1),
+                    messages: k.messages,
+                    sequence_gaps: k.sequence_gaps,
+                    silences: k.silences,
+                    last_sequence: k.last_seq,
+                    last_message_age_ms: k.last_msg.map(|t| ms(now.saturating_duration_since(t))),
+                    acknowledged: k.acknowledged.clone(),
+                };
+                (*id, stats)
+            })
+            .collect();
         StreamStats {
             connected: st.connected_since.is_some(),
             connected_ms,
             disconnected_ms: total_ms.saturating_sub(connected_ms),
+            connection_count: st.conns.len() as u64,
             connections: get(&c.connections),
             connect_failures: get(&c.connect_failures),
             reconnects: get(&c.reconnects),
@@ -619,7 +792,9 @@ impl Shared {
                 .saturating_sub(repairs),
             followed_products: desired.len() as u64,
             live_products: products.values().filter(|p| p.live).count() as u64,
+            busy_us: get(&c.busy_ns) / 1_000,
             products,
+            connection_stats,
         }
     }
 }
@@ -640,6 +815,9 @@ mod tests {
         for bad in [
             StreamConfig { url: "http://x".into(), ..StreamConfig::default() },
             StreamConfig { messages_per_second: 0, ..StreamConfig::default() },
+            StreamConfig { connections_per_second: 0, ..StreamConfig::default() },
+            StreamConfig { max_products_per_message: 0, ..StreamConfig::default() },
+            StreamConfig { max_products_per_connection: 0, ..StreamConfig::default() },
             StreamConfig { silence_timeout: Duration::from_secs(1), ..StreamConfig::default() },
             StreamConfig { reconnect_min: Duration::from_millis(10), ..StreamConfig::default() },
             StreamConfig { reconnect_max: Duration::from_millis(200), ..StreamConfig::default() },

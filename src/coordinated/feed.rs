@@ -14,7 +14,11 @@
 //! - **Longer granularities** that are whole multiples of five minutes are derived by
 //!   aggregating five-minute candles (open of the first, close of the last, highest high,
 //!   lowest low, summed volume), only for buckets whose every five-minute bucket the cached
-//!   five-minute series covers; only series some reader already cached are touched.
+//!   five-minute series covers; only series some reader already cached are touched. The bucket
+//!   in progress is derived the same way from the closed five-minute candles it holds and the
+//!   pushed one in progress, so it is exact as of the push; a series whose first non-final
+//!   bucket began before the five-minute series does keeps its REST answer until a REST
+//!   refresh moves it past that bucket.
 //! - **Stale marks** expire a product's ticker and the series the feed maintains, so the next
 //!   read goes to REST through the usual single-flight, batching and rate limiter.
 

@@ -230,10 +230,53 @@ impl Market {
     /// The candle of `g` starting at UNIX second `start`, as seen at millisecond `now_ms`;
     /// `None` when it has not started yet or `start` is not a valid time.
     ///
-    /// open = price at the start; close = price at the last millisecond of the bucket once it
-    /// has closed, else the current price; high and low over [`SAMPLES_PER_CANDLE`] evenly
-    /// spaced samples no later than the close, plus the close.
+    /// One and five minutes: open = price at the start; close = price at the last millisecond
+    /// of the bucket once it has closed, else the current price; high and low over the price
+    /// path's ten-second boundaries no later than the close, plus the close; a hashed volume.
+    /// Every longer granularity is the exact aggregate of its five-minute candles (open of the
+    /// first, close of the last, highest high, lowest low, summed volume), as an exchange's
+    /// candles built from one trade history are: a client that derives an hour from the
+    /// five-minute candles it was pushed gets what REST answers for that hour.
     pub(crate) fn candle(&self, p: &ProductSpec, g: Granularity, start: i64, now_ms: i64) -> Option<Candle> {
+        let five = Granularity::FiveMinute;
+        if g.seconds() <= five.seconds() || g.seconds() % five.seconds() != 0 {
+            return self.sampled_candle(p, g, start, now_ms);
+        }
+        let start_ms = start.checked_mul(1000)?;
+        if start_ms > now_ms {
+            return None;
+        }
+        let mut out: Option<Candle> = None;
+        let mut b = start;
+        while b < start + g.seconds() && b.checked_mul(1000)? <= now_ms {
+            let c = self.sampled_candle(p, five, b, now_ms)?;
+            out = Some(match out {
+                None => c,
+                Some(a) => Candle {
+                    start: a.start,
+                    open: a.open,
+                    high: a.high.max(c.high),
+                    low: a.low.min(c.low),
+                    close: c.close,
+                    volume: a.volume + c.volume,
+                },
+            });
+            b += five.seconds();
+        }
+        out
+    }
+
+    /// The candle of `g` computed from the price path directly (see [`candle`](Self::candle));
+    /// at one hour and longer high and low come from [`SAMPLES_PER_CANDLE`] evenly spaced
+    /// samples. What the one- and five-minute candles are, and cheap enough for the ticker's
+    /// 24-hour high and low.
+    pub(crate) fn sampled_candle(
+        &self,
+        p: &ProductSpec,
+        g: Granularity,
+        start: i64,
+        now_ms: i64,
+    ) -> Option<Candle> {
         let start_ms = start.checked_mul(1000)?;
         if start_ms > now_ms {
             return None;
@@ -456,6 +499,32 @@ mod tests {
         assert!(c.volume < full.volume);
         assert!(m.candle(p, Granularity::OneHour, start + 3600, now).is_none(), "future");
         assert!(m.candle(p, Granularity::OneHour, i64::MAX, now).is_none());
+    }
+
+    /// Issue 18: a longer candle is the exact aggregate of its five-minute candles, closed or
+    /// in progress, so candles derived from a push feed equal REST's.
+    #[test]
+    fn longer_candles_aggregate_the_five_minute_ones_exactly() {
+        let m = market(5);
+        let p = m.get("ETH-USD").unwrap();
+        let five = Granularity::FiveMinute;
+        let start = datetime!(2024-04-24 00:00 UTC).unix_timestamp();
+        for (g, now) in [
+            (Granularity::FifteenMinute, start * 1000 + 900_000),
+            (Granularity::OneHour, start * 1000 + 3_600_000),
+            (Granularity::OneHour, start * 1000 + 1_234_567),
+            (Granularity::SixHour, start * 1000 + 3 * 3_600_000 + 17),
+            (Granularity::OneDay, start * 1000 + 86_400_000),
+        ] {
+            let c = m.candle(p, g, start, now).unwrap();
+            let parts: Vec<Candle> =
+                (0..g.seconds() / 300).map_while(|k| m.candle(p, five, start + 300 * k, now)).collect();
+            assert_eq!(c.open, parts[0].open, "{g:?}");
+            assert_eq!(c.close, parts.last().unwrap().close, "{g:?}");
+            assert_eq!(c.high, parts.iter().map(|c| c.high).max().unwrap(), "{g:?}");
+            assert_eq!(c.low, parts.iter().map(|c| c.low).min().unwrap(), "{g:?}");
+            assert_eq!(c.volume, parts.iter().map(|c| c.volume).sum::<Decimal>(), "{g:?}");
+        }
     }
 
     #[test]

@@ -36,6 +36,10 @@
 //!   error frame `{"type":"error","message":"…rate limit…"}` and not applied.
 //! - At most 8 new connections per second: the handshake of one over the limit gets HTTP 429.
 //! - Unknown channels or products get an error frame; the rest of the message is applied.
+//! - Optionally ([`WsConfig::max_products_per_message`], [`WsConfig::max_products_per_connection`],
+//!   both off by default since Coinbase documents neither): a message naming too many products,
+//!   or a subscription that would put too many on one connection's channel, is refused with an
+//!   error frame.
 //! - While the exchange is [down](super::SimHandle::set_down), connections are reset and new
 //!   ones refused.
 //!
@@ -43,7 +47,8 @@
 //!
 //! [`SimHandle::ws_fault`](super::SimHandle::ws_fault) with a [`WsFault`]: drop every open
 //! connection, skip sequence numbers, go silent for a while, or refuse the next subscribe
-//! messages.
+//! messages. [`SimHandle::ws_fault_on`](super::SimHandle::ws_fault_on) with a [`WsConnFault`]
+//! drops, or skips the sequence of, only the connections carrying one product.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -122,6 +127,13 @@ pub struct WsConfig {
     pub connection_limit: u32,
     /// Send a closed candle's final state with the first update after its close. Default on.
     pub finalize_candles: bool,
+    /// Most products one (un)subscribe message may name; a longer one is refused with an error
+    /// frame. Coinbase documents no such limit. Default `None` (no limit).
+    pub max_products_per_message: Option<usize>,
+    /// Most products one connection may subscribe to per channel; a subscribe that would go
+    /// over is refused with an error frame. Coinbase documents no such limit. Default `None`
+    /// (no limit).
+    pub max_products_per_connection: Option<usize>,
 }
 
 impl Default for WsConfig {
@@ -136,6 +148,8 @@ impl Default for WsConfig {
             message_limit: 8,
             connection_limit: 8,
             finalize_candles: true,
+            max_products_per_message: None,
+            max_products_per_connection: None,
         }
     }
 }
@@ -166,6 +180,20 @@ impl WsConfig {
     #[must_use]
     pub fn message_limit(mut self, n: u32) -> Self {
         self.message_limit = n;
+        self
+    }
+
+    /// Refuse (un)subscribe messages naming more than `n` products.
+    #[must_use]
+    pub fn max_products_per_message(mut self, n: usize) -> Self {
+        self.max_products_per_message = Some(n);
+        self
+    }
+
+    /// Refuse subscriptions that would put more than `n` products on one connection's channel.
+    #[must_use]
+    pub fn max_products_per_connection(mut self, n: usize) -> Self {
+        self.max_products_per_connection = Some(n);
         self
     }
 
@@ -217,6 +245,16 @@ pub enum WsFault {
     RefuseSubscriptions(u32),
 }
 
+/// A fault for the open connections that carry one product; [`SimHandle::ws_fault_on`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WsConnFault {
+    /// Reset the connection now (no close frame).
+    Drop,
+    /// Its next message skips this many sequence numbers.
+    SkipSequence(u64),
+}
+
 /// A snapshot of the WebSocket endpoint's counters; [`SimHandle::ws_stats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -254,11 +292,13 @@ impl WsStats {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum ConnFault {
     Drop,
     Skip(u64),
     Silence(Duration),
+    /// A fault for the connections subscribed to this product (on any channel).
+    On(ProductId, WsConnFault),
 }
 
 /// The endpoint's state inside the exchange's shared state.
@@ -359,6 +399,14 @@ impl SimHandle {
             }
         };
         let _ = ws.faults.send(conn);
+    }
+
+    /// Apply a [`WsConnFault`] now to every open connection subscribed to `product` (on any
+    /// channel), and to no other: what one connection of a client's several sees.
+    pub fn ws_fault_on(&self, product: &ProductId, fault: WsConnFault) {
+        let ws = &self.shared.ws;
+        lock(&ws.stats).faults += 1;
+        let _ = ws.faults.send(ConnFault::On(product.book_id(), fault));
     }
 
     /// A snapshot of the WebSocket endpoint's counters ([`reset_stats`](Self::reset_stats)
@@ -486,6 +534,21 @@ impl Conn {
                     return;
                 }
                 f = faults.recv() => match f {
+                    Ok(ConnFault::On(p, fault)) => {
+                        if !self.subs.values().any(|set| set.contains(&p)) {
+                            continue;
+                        }
+                        match fault {
+                            WsConnFault::Drop => {
+                                let _ = ws.get_ref().set_zero_linger();
+                                return;
+                            }
+                            WsConnFault::SkipSequence(n) => {
+                                self.skip = self.skip.saturating_add(n);
+                                continue;
+                            }
+                        }
+                    }
                     Ok(ConnFault::Drop) => {
                         let _ = ws.get_ref().set_zero_linger();
                         return;
@@ -619,16 +682,6 @@ impl Conn {
                 crate::error::truncate(&m.channel, 40)
             ))];
         };
-        {
-            let mut s = lock(&ws.stats);
-            if subscribe {
-                s.subscribe_messages += 1;
-            } else {
-                s.unsubscribe_messages += 1;
-            }
-            s.authenticated_messages += u64::from(m.jwt.is_some());
-        }
-        self.subscribed |= subscribe;
         let mut out = Vec::new();
         let mut products = Vec::new();
         for id in &m.product_ids {
@@ -643,6 +696,37 @@ impl Conn {
                 _ => out.push(Self::error(&format!("unknown product {:?}", crate::error::truncate(id, 40)))),
             }
         }
+        if let Some(max) = ws.cfg.max_products_per_message
+            && m.product_ids.len() > max
+        {
+            lock(&ws.stats).refused_messages += 1;
+            out.push(Self::error(&format!("too many products in one message: at most {max}")));
+            return out;
+        }
+        if let Some(max) = ws.cfg.max_products_per_connection
+            && subscribe
+            && ch != channel::HEARTBEATS
+        {
+            let set = self.subs.get(ch);
+            let new = products.iter().filter(|p| set.is_none_or(|s| !s.contains(*p))).count();
+            if set.map_or(0, BTreeSet::len) + new > max {
+                lock(&ws.stats).refused_messages += 1;
+                out.push(Self::error(&format!(
+                    "too many products on one connection: at most {max} per channel"
+                )));
+                return out;
+            }
+        }
+        {
+            let mut s = lock(&ws.stats);
+            if subscribe {
+                s.subscribe_messages += 1;
+            } else {
+                s.unsubscribe_messages += 1;
+            }
+            s.authenticated_messages += u64::from(m.jwt.is_some());
+        }
+        self.subscribed |= subscribe;
         let mut added = Vec::new();
         if ch == channel::HEARTBEATS {
             self.heartbeats = subscribe;
@@ -755,7 +839,7 @@ impl Conn {
                 _ => {
                     let day = Granularity::OneDay.bucket_start(now_utc).unix_timestamp();
                     let (low, high) = market
-                        .candle(spec, Granularity::OneDay, day, ms)
+                        .sampled_candle(spec, Granularity::OneDay, day, ms)
                         .map_or((price, price), |c| (c.low, c.high));
                     self.day.insert(p.clone(), (minute, low, high));
                     (low, high)

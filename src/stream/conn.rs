@@ -1,10 +1,13 @@
-//! The connection task: connect, subscribe (paced), read, feed the cache, watch the sequence
-//! and the silence, and reconnect with backoff.
+//! The connection tasks: a supervisor spreads the followed products over connections (at
+//! most [`StreamConfig::max_products_per_connection`](super::StreamConfig) books each); each
+//! connection connects (paced with the others), subscribes (chunked, within the one message
+//! budget all of them share), reads, feeds the cache, watches its own sequence and silence,
+//! and reconnects with backoff, marking stale and repairing only its own products.
 //!
-//! One task owns the connection. Subscriptions are reconciled against the acknowledged state:
-//! the exchange's `subscriptions` message lists everything the connection is subscribed to, so
-//! a refused or lost (un)subscribe is simply sent again after `subscribe_timeout`, and
-//! products followed or dropped at runtime need no special path.
+//! Subscriptions are reconciled against the acknowledged state: the exchange's
+//! `subscriptions` message lists everything the connection is subscribed to, so a refused or
+//! lost (un)subscribe is simply sent again after `subscribe_timeout`, and products followed or
+//! dropped at runtime need no special path.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -16,12 +19,13 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::{
     net::TcpStream,
     sync::watch,
+    task::JoinHandle,
     time::{Instant, MissedTickBehavior},
 };
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 
 use super::{
-    ProductState, Shared,
+    ConnState, ProductState, Shared,
     wire::{self, Body, Frame, SubscribeMessage, channel},
 };
 use crate::{
@@ -37,8 +41,113 @@ async fn until_true(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
-/// Run until `stop`: connect, serve a session, mark everything stale, back off, reconnect.
+/// One connection as the supervisor sees it.
+struct Slot {
+    /// The books it serves.
+    books: watch::Sender<BTreeSet<ProductId>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Run until `stop`: keep the followed products spread over connections, one task each.
 pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut desired_rx = shared.desired.subscribe();
+    let mut slots: BTreeMap<u32, Slot> = BTreeMap::new();
+    let mut next_id: u32 = 0;
+    loop {
+        desired_rx.mark_unchanged();
+        shared.prune().await;
+        rebalance(&shared, &mut slots, &mut next_id);
+        tokio::select! {
+            changed = desired_rx.changed() => if changed.is_err() { break },
+            () = until_true(&mut stop) => break,
+        }
+    }
+    for slot in slots.values() {
+        slot.stop.send_replace(true);
+    }
+    for slot in slots.into_values() {
+        let _ = slot.task.await;
+    }
+}
+
+/// Assign every followed book to a connection: books keep their connection, new ones fill
+/// the first connection with room (or a new one), connections left empty are stopped (one
+/// always stays, for heartbeats).
+fn rebalance(shared: &Arc<Shared>, slots: &mut BTreeMap<u32, Slot>, next_id: &mut u32) {
+    let cap = shared.cfg.max_products_per_connection.max(1);
+    let books: BTreeSet<ProductId> = shared.desired.borrow().iter().map(ProductId::book_id).collect();
+    let mut plan: BTreeMap<u32, BTreeSet<ProductId>> = slots
+        .iter()
+        .map(|(id, s)| (*id, s.books.borrow().iter().filter(|b| books.contains(*b)).cloned().collect()))
+        .collect();
+    let placed: BTreeSet<ProductId> = plan.values().flatten().cloned().collect();
+    for b in books.difference(&placed) {
+        let id = match plan.iter().find(|(_, set)| set.len() < cap) {
+            Some((id, _)) => *id,
+            None => {
+                let id = *next_id;
+                *next_id = next_id.wrapping_add(1);
+                plan.insert(id, BTreeSet::new());
+                id
+            }
+        };
+        plan.entry(id).or_default().insert(b.clone());
+    }
+    if plan.is_empty() {
+        plan.insert(*next_id, BTreeSet::new());
+        *next_id = next_id.wrapping_add(1);
+    }
+    if plan.values().any(|set| !set.is_empty()) {
+        plan.retain(|_, set| !set.is_empty());
+    } else {
+        let first = plan.keys().next().copied();
+        plan.retain(|id, _| Some(*id) == first);
+    }
+    // Stop the connections with nothing left to serve.
+    let gone: Vec<u32> = slots.keys().filter(|id| !plan.contains_key(*id)).copied().collect();
+    for id in gone {
+        if let Some(slot) = slots.remove(&id) {
+            slot.stop.send_replace(true);
+        }
+        lock(&shared.state).conns.remove(&id);
+        shared.refresh_connected();
+    }
+    for (id, set) in plan {
+        match slots.get(&id) {
+            Some(slot) => {
+                slot.books.send_if_modified(|cur| {
+                    if *cur == set {
+                        false
+                    } else {
+                        *cur = set.clone();
+                        true
+                    }
+                });
+                lock(&shared.state).conns.entry(id).or_default().books = set;
+            }
+            None => {
+                lock(&shared.state)
+                    .conns
+                    .insert(id, ConnState { books: set.clone(), ..ConnState::default() });
+                shared.refresh_connected();
+                let (books, books_rx) = watch::channel(set);
+                let (stop, stop_rx) = watch::channel(false);
+                let task = tokio::spawn(connection(Arc::clone(shared), id, books_rx, stop_rx));
+                slots.insert(id, Slot { books, stop, task });
+            }
+        }
+    }
+}
+
+/// One connection's loop until `stop`: connect, serve a session, mark its products stale,
+/// back off, reconnect.
+async fn connection(
+    shared: Arc<Shared>,
+    id: u32,
+    mut books: watch::Receiver<BTreeSet<ProductId>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut failures: u32 = 0;
     let mut first = true;
     loop {
@@ -46,7 +155,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             break;
         }
         let connected = tokio::select! {
-            r = connect(&shared) => r,
+            r = async { shared.open_slot().await; connect(&shared).await } => r,
             () = until_true(&mut stop) => break,
         };
         match connected {
@@ -56,21 +165,26 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     inc(&shared.counters.reconnects);
                 }
                 first = false;
-                shared.set_connected(true);
-                let end = Session::new(&shared).run(ws, &mut stop).await;
-                shared.set_connected(false);
-                shared.mark_all_stale().await;
+                shared.set_connected(id, true);
+                let own = books.borrow_and_update().clone();
+                let end = Session::new(&shared, id, own).run(ws, &mut stop, &mut books).await;
+                shared.set_connected(id, false);
+                shared.mark_stale(id).await;
                 if end.delivered {
                     failures = 0;
                 }
                 if end.stopped {
                     break;
                 }
-                tracing::debug!(reason = end.reason, "market stream disconnected; reconnecting");
+                tracing::debug!(
+                    connection = id,
+                    reason = end.reason,
+                    "market stream disconnected; reconnecting"
+                );
             }
             Err(e) => {
                 inc(&shared.counters.connect_failures);
-                tracing::debug!(error = %e, "market stream could not connect");
+                tracing::debug!(connection = id, error = %e, "market stream could not connect");
             }
         }
         failures = failures.saturating_add(1);
@@ -80,7 +194,9 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             () = until_true(&mut stop) => break,
         }
     }
-    shared.set_connected(false);
+    // A connection the supervisor retired is already gone from the stats; one stopped with the
+    // stream stays there, closed.
+    shared.set_connected(id, false);
 }
 
 /// The delay before reconnect attempt `n` (1-based): `min * 2^(n-1)` capped at `max`, then
@@ -110,8 +226,10 @@ struct End {
 }
 
 /// One connection's bookkeeping.
-struct Session<'a> {
-    shared: &'a Arc<Shared>,
+pub(super) struct Session {
+    shared: Arc<Shared>,
+    /// The connection's id.
+    id: u32,
     last_seq: Option<u64>,
     last_msg: Instant,
     /// Acknowledged subscriptions: channel to products.
@@ -122,21 +240,43 @@ struct Session<'a> {
     /// `(subscribe?, sent at)`.
     inflight: HashMap<(&'static str, ProductId), (bool, Instant)>,
     outbox: VecDeque<SubscribeMessage>,
-    /// Send times within the last second, for pacing.
-    sent: VecDeque<Instant>,
+    /// No message sent yet on this connection (counted in the shared budget's
+    /// `waiting_first` while true).
+    first_pending: bool,
     delivered: bool,
-    /// The followed products by the id the exchange's market-data channels use for their book
-    /// (a `-USDC` product's `-USD` twin, [`ProductId::book_id`]): what is subscribed, and where
-    /// pushed data goes. Rebuilt whenever the followed products change.
+    /// The books assigned to this connection.
+    own: BTreeSet<ProductId>,
+    /// This connection's followed products by the id the exchange's market-data channels use
+    /// for their book (a `-USDC` product's `-USD` twin, [`ProductId::book_id`]): what is
+    /// subscribed, and where pushed data goes. Rebuilt whenever the followed products or the
+    /// connection's books change.
     books: BTreeMap<ProductId, Vec<ProductId>>,
 }
 
 const WINDOW: Duration = Duration::from_secs(1);
 
-impl<'a> Session<'a> {
-    fn new(shared: &'a Arc<Shared>) -> Self {
+/// How often every cached series of a product is checked for derivation, besides at each
+/// five-minute close.
+const RESCAN: Duration = Duration::from_secs(5);
+
+/// How long a connection that has already subscribed waits for one that has not (polling).
+const YIELD_TO_FIRST: Duration = Duration::from_millis(20);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.first_pending {
+            let mut p = lock(&self.shared.pace);
+            p.waiting_first = p.waiting_first.saturating_sub(1);
+        }
+    }
+}
+
+impl Session {
+    fn new(shared: &Arc<Shared>, id: u32, own: BTreeSet<ProductId>) -> Self {
+        lock(&shared.pace).waiting_first += 1;
         Session {
-            shared,
+            shared: Arc::clone(shared),
+            id,
             last_seq: None,
             last_msg: Instant::now(),
             acked: BTreeMap::new(),
@@ -144,8 +284,9 @@ impl<'a> Session<'a> {
             heartbeats_sent: None,
             inflight: HashMap::new(),
             outbox: VecDeque::new(),
-            sent: VecDeque::new(),
+            first_pending: true,
             delivered: false,
+            own,
             books: BTreeMap::new(),
         }
     }
@@ -154,11 +295,16 @@ impl<'a> Session<'a> {
         End { stopped, delivered: self.delivered, reason }
     }
 
-    async fn run(mut self, mut ws: Ws, stop: &mut watch::Receiver<bool>) -> End {
+    async fn run(
+        mut self,
+        mut ws: Ws,
+        stop: &mut watch::Receiver<bool>,
+        own_rx: &mut watch::Receiver<BTreeSet<ProductId>>,
+    ) -> End {
         let mut desired_rx = self.shared.desired.subscribe();
         desired_rx.mark_unchanged();
+        own_rx.mark_unchanged();
         self.follow();
-        self.prune().await;
         self.reconcile(Instant::now());
         let mut housekeeping = tokio::time::interval_at(Instant::now() + WINDOW, WINDOW);
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -172,7 +318,7 @@ impl<'a> Session<'a> {
                 msg = ws.next() => match msg {
                     None => return self.end(false, "closed by the exchange"),
                     Some(Err(e)) => {
-                        tracing::debug!(error = %e, "market stream read failed");
+                        tracing::debug!(connection = self.id, error = %e, "market stream read failed");
                         return self.end(false, "read error");
                     }
                     Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
@@ -187,7 +333,17 @@ impl<'a> Session<'a> {
                     Some(Ok(_)) => self.last_msg = Instant::now(),
                 },
                 () = tokio::time::sleep_until(send_at.unwrap_or_else(Instant::now)), if send_at.is_some() => {
+                    // Take a slot of the shared budget; another connection may have taken the
+                    // one this wake-up was for.
+                    if !self.shared.take_send_slot(Instant::now(), self.first_pending) {
+                        continue;
+                    }
                     if let Some(mut m) = self.outbox.pop_front() {
+                        if self.first_pending {
+                            self.first_pending = false;
+                            let mut p = lock(&self.shared.pace);
+                            p.waiting_first = p.waiting_first.saturating_sub(1);
+                        }
                         let sign = self.shared.cfg.jwt_on_market_data || channel::needs_jwt(&m.channel);
                         m.jwt = self.shared.credentials.as_ref().filter(|_| sign).map(crate::Credentials::ws_jwt);
                         let subscribe = m.kind == "subscribe";
@@ -195,7 +351,6 @@ impl<'a> Session<'a> {
                             Ok(t) => t,
                             Err(_) => continue,
                         };
-                        self.sent.push_back(Instant::now());
                         if ws.send(Message::text(text)).await.is_err() {
                             return self.end(false, "write error");
                         }
@@ -209,7 +364,13 @@ impl<'a> Session<'a> {
                 changed = desired_rx.changed() => {
                     if changed.is_ok() {
                         self.follow();
-                        self.prune().await;
+                        self.reconcile(Instant::now());
+                    }
+                }
+                changed = own_rx.changed() => {
+                    if changed.is_ok() {
+                        self.own = own_rx.borrow_and_update().clone();
+                        self.follow();
                         self.reconcile(Instant::now());
                     }
                 }
@@ -217,6 +378,9 @@ impl<'a> Session<'a> {
                     let now = Instant::now();
                     if now.saturating_duration_since(self.last_msg) > self.shared.cfg.silence_timeout {
                         inc(&self.shared.counters.silences);
+                        if let Some(c) = lock(&self.shared.state).conns.get_mut(&self.id) {
+                            c.silences += 1;
+                        }
                         return self.end(false, "silent");
                     }
                     self.reconcile(now);
@@ -226,19 +390,13 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// When the next queued message may be sent (at most `messages_per_second` in any second).
+    /// When the next queued message may be sent (the shared budget of `messages_per_second`
+    /// in any second, connections that have not sent yet first).
     fn next_send_at(&mut self, now: Instant) -> Option<Instant> {
         if self.outbox.is_empty() {
             return None;
         }
-        while self.sent.front().is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW) {
-            self.sent.pop_front();
-        }
-        if self.sent.len() < self.shared.cfg.messages_per_second as usize {
-            Some(now)
-        } else {
-            self.sent.front().map(|t| *t + WINDOW)
-        }
+        Some(self.shared.next_send_slot(now, self.first_pending))
     }
 
     fn queue(&mut self, subscribe: bool, channel: &'static str, products: Vec<ProductId>, now: Instant) {
@@ -253,11 +411,14 @@ impl<'a> Session<'a> {
         });
     }
 
-    /// Group the followed products by book (see `books`).
+    /// Group this connection's followed products by book (see `books`).
     fn follow(&mut self) {
         let mut books: BTreeMap<ProductId, Vec<ProductId>> = BTreeMap::new();
         for p in self.shared.desired.borrow().iter() {
-            books.entry(p.book_id()).or_default().push(p.clone());
+            let book = p.book_id();
+            if self.own.contains(&book) {
+                books.entry(book).or_default().push(p.clone());
+            }
         }
         self.books = books;
     }
@@ -267,10 +428,11 @@ impl<'a> Session<'a> {
         self.books.get(&product.book_id()).cloned().unwrap_or_default()
     }
 
-    /// Queue whatever (un)subscriptions bring the connection to the followed products (by
-    /// book: the ids the exchange acknowledges).
+    /// Queue whatever (un)subscriptions bring the connection to its followed products (by
+    /// book: the ids the exchange acknowledges), at most `max_products_per_message` each.
     fn reconcile(&mut self, now: Instant) {
         let timeout = self.shared.cfg.subscribe_timeout;
+        let chunk = self.shared.cfg.max_products_per_message.max(1);
         if !self.heartbeats_acked
             && self.heartbeats_sent.is_none_or(|t| now.saturating_duration_since(t) >= timeout)
         {
@@ -289,38 +451,23 @@ impl<'a> Session<'a> {
                 desired.iter().filter(|p| !acked.contains(*p) && !pending(p)).cloned().collect();
             let unsubs: Vec<ProductId> =
                 acked.iter().filter(|p| !desired.contains(*p) && !pending(p)).cloned().collect();
-            if !subs.is_empty() {
-                self.queue(true, ch, subs, now);
+            for part in subs.chunks(chunk) {
+                self.queue(true, ch, part.to_vec(), now);
             }
-            if !unsubs.is_empty() {
-                self.queue(false, ch, unsubs, now);
+            for part in unsubs.chunks(chunk) {
+                self.queue(false, ch, part.to_vec(), now);
             }
         }
     }
 
-    /// Forget products no longer followed, marking what was pushed for them stale.
-    async fn prune(&mut self) {
-        let desired = self.shared.desired.borrow().clone();
-        let dropped: Vec<(ProductId, ProductState)> = {
-            let mut st = lock(&self.shared.state);
-            let gone: Vec<ProductId> =
-                st.products.keys().filter(|p| !desired.contains(*p)).cloned().collect();
-            gone.into_iter().filter_map(|p| st.products.remove(&p).map(|s| (p, s))).collect()
-        };
-        for (p, s) in dropped {
-            let derived: Vec<_> = s.derived.into_iter().collect();
-            self.shared.source.feed_mark_stale(&p, &derived).await;
-        }
-    }
-
-    /// Keep pushed tickers fresh while the connection is healthy.
+    /// Keep this connection's pushed tickers fresh while it is healthy.
     async fn touch_tickers(&mut self, now: Instant) {
         let hold = self.shared.cfg.ticker_hold;
         let due: Vec<(ProductId, Instant)> = {
             let st = lock(&self.shared.state);
             st.products
                 .iter()
-                .filter(|(_, s)| s.ticker_live)
+                .filter(|(p, s)| s.ticker_live && self.own.contains(&p.book_id()))
                 .filter_map(|(p, s)| s.ticker_at.map(|at| (p.clone(), at)))
                 .filter(|(_, at)| now.saturating_duration_since(*at) >= hold / 2)
                 .collect()
@@ -330,33 +477,44 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Decode and apply one frame, timing the work ([`StreamStats::busy_us`](super::StreamStats)).
     async fn on_text(&mut self, text: &str) {
-        let shared = Arc::clone(self.shared);
+        // Real time on purpose (the one exception to the crate's tokio-clock rule besides
+        // JWTs): this measures the feed's work, not the market's time, and tokio's paused
+        // clock would read zero.
+        let t0 = std::time::Instant::now();
+        self.apply_text(text).await;
+        let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.shared.counters.busy_ns.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn apply_text(&mut self, text: &str) {
+        let shared = Arc::clone(&self.shared);
         let c = &shared.counters;
         inc(&c.messages);
         self.last_msg = Instant::now();
-        let (channel, seq, at, body) = match wire::decode(text) {
+        let decoded = wire::decode(text);
+        let (channel, seq, at, body) = match decoded {
             Ok(Frame::Data { channel, seq, at, body }) => (channel, seq, at, body),
             Ok(Frame::Error(message)) => {
                 inc(&c.exchange_errors);
-                shared.count_channel("error");
-                tracing::warn!(%message, "market stream error frame");
+                shared.count_message(self.id, "error", None);
+                tracing::warn!(connection = self.id, %message, "market stream error frame");
                 return;
             }
             Err(e) => {
                 inc(&c.decode_errors);
-                tracing::debug!(error = %e, "undecodable market stream frame");
+                shared.count_message(self.id, "undecodable", None);
+                tracing::debug!(connection = self.id, error = %e, "undecodable market stream frame");
                 return;
             }
         };
-        shared.count_channel(&channel);
+        let gap = shared.count_message(self.id, &channel, seq.map(|s| (self.last_seq, s)));
         if let Some(seq) = seq {
-            if let Some(last) = self.last_seq
-                && seq != last.wrapping_add(1)
-            {
+            if gap {
                 inc(&c.sequence_gaps);
-                tracing::debug!(last, seq, "market stream sequence gap; marking data stale");
-                shared.mark_all_stale().await;
+                tracing::debug!(connection = self.id, last = ?self.last_seq, seq, "market stream sequence gap; marking its data stale");
+                shared.mark_stale(self.id).await;
             }
             self.last_seq = Some(seq);
         }
@@ -389,20 +547,29 @@ impl<'a> Session<'a> {
                     .flat_map(|(q, list)| self.targets(q).into_iter().map(move |p| (p, list)))
                     .collect();
                 for (p, list) in pushed {
-                    let (mark, known) = {
+                    let now = Instant::now();
+                    let (mark, known, scanned_at) = {
                         let st = lock(&shared.state);
                         let s = st.products.get(&p);
-                        (s.and_then(|s| s.mark), s.map(|s| s.derived.iter().copied().collect::<Vec<_>>()))
+                        (
+                            s.and_then(|s| s.mark),
+                            s.map(|s| s.derived.iter().copied().collect::<Vec<_>>()),
+                            s.and_then(|s| s.scanned_at),
+                        )
                     };
                     match shared.source.feed_candles(&p, list, at, mark, grace).await {
                         Merge::Merged(m) => {
                             inc(&c.candle_merges);
                             self.delivered = true;
-                            // Look for newly cached series to derive when a bucket closes (every
-                            // derived bucket closes with a five-minute one) or continuity was
-                            // just regained; in between, update only the series already derived.
+                            // Look for newly derivable series when a bucket closes (every derived
+                            // bucket closes with a five-minute one), when continuity was just
+                            // regained, and every `RESCAN` (a REST refresh may have just moved a
+                            // series into a bucket the stream covers from its start); in
+                            // between, update only the series already derived.
                             let rolled = mark.is_none_or(|old| old.bucket() != m.bucket());
-                            let only = if rolled { None } else { known.as_deref() };
+                            let rescan = rolled
+                                || scanned_at.is_none_or(|t| now.saturating_duration_since(t) >= RESCAN);
+                            let only = if rescan { None } else { known.as_deref() };
                             let skip = only.is_some_and(<[_]>::is_empty);
                             let derived = if shared.cfg.aggregate && !skip {
                                 shared.source.feed_derive(&p, grace, only).await
@@ -414,7 +581,10 @@ impl<'a> Session<'a> {
                             let mut st = lock(&shared.state);
                             let s = st.products.entry(p).or_default();
                             s.mark = Some(m);
-                            s.candle_at = Some(Instant::now());
+                            s.candle_at = Some(now);
+                            if rescan {
+                                s.scanned_at = Some(now);
+                            }
                             s.candles_live = true;
                             s.derived.extend(derived);
                         }
@@ -447,6 +617,9 @@ impl<'a> Session<'a> {
             let has = acked.get(*ch).is_some_and(|s| s.contains(p));
             has != *subscribe
         });
+        if let Some(c) = lock(&self.shared.state).conns.get_mut(&self.id) {
+            c.acknowledged = acked.iter().map(|(ch, set)| (ch.clone(), set.len() as u64)).collect();
+        }
     }
 }
 
@@ -494,10 +667,27 @@ fn spawn_repair(shared: &Arc<Shared>, product: ProductId) {
 }
 
 impl Shared {
-    fn set_connected(&self, connected: bool) {
+    /// Record connection `id` open or closed, and whether every connection is open.
+    fn set_connected(&self, id: u32, connected: bool) {
+        {
+            let mut st = lock(&self.state);
+            if let Some(c) = st.conns.get_mut(&id) {
+                if connected && !c.connected {
+                    c.connections += 1;
+                    c.last_seq = None;
+                }
+                c.connected = connected;
+            }
+        }
+        self.refresh_connected();
+    }
+
+    /// Start or stop the "every connection open" clock.
+    fn refresh_connected(&self) {
         let now = Instant::now();
         let mut st = lock(&self.state);
-        match (connected, st.connected_since) {
+        let all = !st.conns.is_empty() && st.conns.values().all(|c| c.connected);
+        match (all, st.connected_since) {
             (true, None) => st.connected_since = Some(now),
             (false, Some(since)) => {
                 st.connected_total = st.connected_total.saturating_add(now.saturating_duration_since(since));
@@ -507,17 +697,101 @@ impl Shared {
         }
     }
 
-    fn count_channel(&self, channel: &str) {
-        *lock(&self.state).by_channel.entry(channel.to_string()).or_default() += 1;
+    /// Count one message of connection `id` on `channel`; with `seq` = `(last, this)`,
+    /// whether it skipped sequence numbers (counted on the connection).
+    fn count_message(&self, id: u32, channel: &str, seq: Option<(Option<u64>, u64)>) -> bool {
+        let mut st = lock(&self.state);
+        match st.by_channel.get_mut(channel) {
+            Some(n) => *n += 1,
+            None => {
+                st.by_channel.insert(channel.to_string(), 1);
+            }
+        }
+        let gap = seq.is_some_and(|(last, this)| last.is_some_and(|l| this != l.wrapping_add(1)));
+        if let Some(c) = st.conns.get_mut(&id) {
+            c.messages += 1;
+            c.last_msg = Some(Instant::now());
+            if let Some((_, this)) = seq {
+                c.last_seq = Some(this);
+            }
+            c.sequence_gaps += u64::from(gap);
+        }
+        gap
     }
 
-    /// Continuity is lost (gap, silence, disconnect): every product's pushed data goes stale
-    /// until the stream delivers it again.
-    async fn mark_all_stale(&self) {
+    /// When a message may go out next under the shared budget (`first`: the connection has
+    /// sent nothing yet, and goes before those that have).
+    fn next_send_slot(&self, now: Instant, first: bool) -> Instant {
+        let mut p = lock(&self.pace);
+        while p.sent.front().is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW) {
+            p.sent.pop_front();
+        }
+        if !first && p.waiting_first > 0 {
+            return now + YIELD_TO_FIRST;
+        }
+        if p.sent.len() < self.cfg.messages_per_second as usize {
+            now
+        } else {
+            p.sent.front().map_or(now, |t| *t + WINDOW)
+        }
+    }
+
+    /// Take a slot of the shared budget now, if there is one.
+    fn take_send_slot(&self, now: Instant, first: bool) -> bool {
+        if self.next_send_slot(now, first) > now {
+            return false;
+        }
+        lock(&self.pace).sent.push_back(now);
+        true
+    }
+
+    /// Wait for a slot of the connection budget (`connections_per_second`).
+    async fn open_slot(&self) {
+        loop {
+            let now = Instant::now();
+            let wait = {
+                let mut w = lock(&self.opens);
+                while w.front().is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW) {
+                    w.pop_front();
+                }
+                if w.len() < self.cfg.connections_per_second as usize {
+                    w.push_back(now);
+                    None
+                } else {
+                    w.front().map(|t| *t + WINDOW)
+                }
+            };
+            match wait {
+                None => return,
+                Some(t) => tokio::time::sleep_until(t).await,
+            }
+        }
+    }
+
+    /// Forget products no longer followed, marking what was pushed for them stale.
+    async fn prune(&self) {
+        let desired = self.desired.borrow().clone();
+        let dropped: Vec<(ProductId, ProductState)> = {
+            let mut st = lock(&self.state);
+            let gone: Vec<ProductId> =
+                st.products.keys().filter(|p| !desired.contains(*p)).cloned().collect();
+            gone.into_iter().filter_map(|p| st.products.remove(&p).map(|s| (p, s))).collect()
+        };
+        for (p, s) in dropped {
+            let derived: Vec<_> = s.derived.into_iter().collect();
+            self.source.feed_mark_stale(&p, &derived).await;
+        }
+    }
+
+    /// Connection `id` lost continuity (gap, silence, disconnect): its products' pushed data
+    /// goes stale until it delivers them again. Other connections' products are untouched.
+    async fn mark_stale(&self, id: u32) {
         let list: Vec<(ProductId, Vec<crate::model::Granularity>)> = {
             let mut st = lock(&self.state);
+            let own = st.conns.get(&id).map(|c| c.books.clone()).unwrap_or_default();
             st.products
                 .iter_mut()
+                .filter(|(p, _)| own.contains(&p.book_id()))
                 .map(|(p, s)| {
                     s.ticker_live = false;
                     s.candles_live = false;
@@ -533,6 +807,46 @@ impl Shared {
         for (p, derived) in list {
             self.source.feed_mark_stale(&p, &derived).await;
         }
+    }
+}
+
+/// Not public API (for the criterion benches): applies frames to a source's cache exactly as
+/// one connection of a [`MarketStream`](super::MarketStream) does, with no socket.
+#[doc(hidden)]
+pub struct FeedBench {
+    session: Session,
+}
+
+impl std::fmt::Debug for FeedBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeedBench").field("books", &self.session.books.len()).finish_non_exhaustive()
+    }
+}
+
+impl FeedBench {
+    /// A connection serving every product of `builder`.
+    ///
+    /// # Errors
+    /// As [`StreamBuilder::start`](super::StreamBuilder::start).
+    pub fn new(builder: super::StreamBuilder) -> crate::error::Result<Self> {
+        let shared = builder.into_shared()?;
+        let books: BTreeSet<ProductId> = shared.desired.borrow().iter().map(ProductId::book_id).collect();
+        lock(&shared.state)
+            .conns
+            .insert(0, ConnState { books: books.clone(), connected: true, ..ConnState::default() });
+        let mut session = Session::new(&shared, 0, books);
+        session.follow();
+        Ok(FeedBench { session })
+    }
+
+    /// Decode one frame and apply it to the cache.
+    pub async fn apply(&mut self, text: &str) {
+        self.session.on_text(text).await;
+    }
+
+    /// The stream's counters.
+    pub fn stats(&self) -> super::StreamStats {
+        self.session.shared.stats()
     }
 }
 

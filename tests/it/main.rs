@@ -19,5 +19,6 @@ mod redis;
 mod secrets;
 mod sim;
 mod stream;
+mod stream_scale;
 mod support;
 mod wire;
