@@ -50,10 +50,11 @@
 //!   pattern per five-minute tick: ticker, one-hour candles of the last day, accounts, a balance
 //!   check) over 50 products, pointed at a `tickshare::proxy::Proxy` in front of the
 //!   simulated exchange; one warm-up hour, three measured. Beside it, on a second simulator,
-//!   the same 250 bots' reads go through one `CoordinatedSource` alone: the reference.
-//!   Goals: no 429 (simulator, clients, the proxy's own), no client error, every answer what
-//!   the exchange had (the ticker's price at its time and within the freshness TTL, every
-//!   closed candle), and upstream calls per hour at most the reference's. `proxy.*` holds the
+//!   the same 250 bots' reads go through one `CoordinatedSource` alone: the reference, which
+//!   fetches tickers as the proxy does (`TickerBatch::LastTradeAndBook`: a ticker carries the
+//!   last trade and the book). Goals: no 429 (simulator, clients, the proxy's own), no client
+//!   error, every answer what the exchange had (the ticker's price at its time and within the
+//!   freshness TTL, with a book; every closed candle), and upstream calls per hour at most the reference's. `proxy.*` holds the
 //!   scenario's own figures; `peak_rss_mib` is the whole process (simulators, proxy, 250
 //!   clients, the reference), an upper bound on the proxy's memory, and
 //!   `proxy.rss_growth_mib` what the resident set grew from just before the proxy started to
@@ -592,7 +593,10 @@ async fn naive_tick(src: &dyn MarketDataSource, p: &ProductId, sim: &SimHandle, 
     match src.ticker(p).await {
         Ok(t) => {
             c.answers += 1;
-            let right = now - t.time <= fresh && sim.price_at(p, t.time) == Some(t.price);
+            // The last trade's price, and the book, as Coinbase's ticker carries both (the
+            // proxy once answered an empty book).
+            let book = matches!((t.best_bid, t.best_ask), (Some(b), Some(a)) if b <= a);
+            let right = now - t.time <= fresh && sim.price_at(p, t.time) == Some(t.price) && book;
             c.mismatches += u64::from(!right);
         }
         Err(_) => c.errors += 1,
@@ -665,8 +669,15 @@ async fn run_proxy(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
     // The reference: the same reads through one coordinated source, on a simulator of its own
     // (same seed, same clock).
     let reference_sim = start_sim().await?;
+    // It fetches what the proxy must to answer a ticker (the last trades and the book, the
+    // proxy's default), so both serve the same data and their calls compare.
+    let reference_client = reference_sim
+        .client_builder()
+        .credentials(creds.clone())
+        .ticker_batch(tickshare::coinbase::TickerBatch::LastTradeAndBook)
+        .build()?;
     let reference =
-        CoordinatedSource::coinbase(reference_sim.client_builder().credentials(creds.clone()).build()?)
+        CoordinatedSource::coinbase(reference_client)
             .clock(reference_sim.clock())
             .build()?;
     let rss_before = rss_mib();

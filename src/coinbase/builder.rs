@@ -149,7 +149,8 @@ impl CoinbaseClientBuilder {
         self
     }
 
-    /// Most products per `best_bid_ask` request (default 100).
+    /// What a batched ticker read asks the exchange (default [`TickerBatch::LastTrade`]: the
+    /// last trades, one `products?product_ids=` call per chunk; see [`TickerBatch`]).
     pub fn ticker_batch(mut self, batch: TickerBatch) -> Self {
         self.ticker_batch = batch;
         self
