@@ -676,10 +676,7 @@ async fn run_proxy(s: &Scenario) -> Result<Outcome, Box<dyn Error>> {
         .credentials(creds.clone())
         .ticker_batch(tickshare::coinbase::TickerBatch::LastTradeAndBook)
         .build()?;
-    let reference =
-        CoordinatedSource::coinbase(reference_client)
-            .clock(reference_sim.clock())
-            .build()?;
+    let reference = CoordinatedSource::coinbase(reference_client).clock(reference_sim.clock()).build()?;
     let rss_before = rss_mib();
     let proxy = Proxy::builder(creds.clone())
         .upstream(sim.base_url())

@@ -146,6 +146,34 @@ impl<T> Fresh<T> {
     }
 }
 
+/// What a candle read knew about the last candles of its series, without the candles: the
+/// marks of a [`Fresh`] series. A strategy gets them in
+/// [`MarketView::marks`](crate::MarketView::marks), so it can tell an exact candle from a
+/// patched or provisional one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct CandleMarks {
+    /// The candle in progress at the end of the read, if the source tracks it
+    /// ([`Fresh::in_progress`]).
+    pub in_progress: Option<InProgress>,
+    /// A closed last candle that is not the exchange's final one yet ([`Fresh::provisional`]).
+    pub provisional: Option<Provisional>,
+}
+
+impl CandleMarks {
+    /// The marks of `read`.
+    pub fn of<T>(read: &Fresh<T>) -> Self {
+        CandleMarks { in_progress: read.in_progress, provisional: read.provisional }
+    }
+
+    /// Whether every candle is as the exchange answered: no provisional closed candle and no
+    /// patched candle in progress. A source that tracks neither (the marks' default) counts as
+    /// exact.
+    pub fn is_exact(&self) -> bool {
+        self.provisional.is_none() && self.in_progress.is_none_or(|p| p.fidelity == CandleFidelity::Exact)
+    }
+}
+
 /// Per-read options.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReadOptions {

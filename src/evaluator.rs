@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::{
     clock::Clock,
+    coordinated::CandleMarks,
     error::{Error, Result},
     flags::Route,
     model::{Balances, Candle, CandleRange, Granularity, ProductId, Ticker},
@@ -86,6 +87,8 @@ pub struct MarketSnapshot {
     pub tickers: HashMap<ProductId, Result<Ticker>>,
     /// Candle series by product and granularity, each as long as the longest lookback asked.
     pub candles: HashMap<(ProductId, Granularity), Result<Arc<Vec<Candle>>>>,
+    /// The marks of each series read (a series without an entry: nothing known).
+    pub candle_marks: HashMap<(ProductId, Granularity), CandleMarks>,
     /// Balances, or the error fetching accounts.
     pub balances: Result<Balances>,
 }
@@ -96,12 +99,14 @@ impl MarketSnapshot {
     pub async fn fetch(source: &dyn MarketDataSource, bots: &[&Bot], now: OffsetDateTime) -> Self {
         let plan = Plan::new(bots.iter().copied());
         let fetched = plan.fetch(source, now).await;
-        let candles =
-            plan.series.iter().zip(fetched.candles).map(|(s, c)| ((s.product.clone(), s.granularity), c));
+        let key = |s: &SeriesNeed<'_>| (s.product.clone(), s.granularity);
+        let candle_marks = plan.series.iter().zip(&fetched.marks).map(|(s, m)| (key(s), *m)).collect();
+        let candles = plan.series.iter().zip(fetched.candles).map(|(s, c)| (key(s), c));
         MarketSnapshot {
             taken_at: now,
             tickers: fetched.tickers,
             candles: candles.collect(),
+            candle_marks,
             balances: fetched.balances,
         }
     }
@@ -128,6 +133,11 @@ impl MarketSnapshot {
             candles: &candles[candles.len() - n..],
             balances,
             can_afford: balances.can_afford(bot.product.quote(), bot.order_size),
+            marks: self
+                .candle_marks
+                .get(&(bot.product.clone(), bot.granularity))
+                .copied()
+                .unwrap_or_default(),
         };
         Ok(bot.strategy.evaluate(&view))
     }
@@ -152,6 +162,8 @@ struct Plan<'a> {
 struct Fetched {
     tickers: HashMap<ProductId, Result<Ticker>>,
     candles: Vec<Result<Arc<Vec<Candle>>>>,
+    /// Each series' marks, in the order of `candles` (default for an error).
+    marks: Vec<CandleMarks>,
     balances: Result<Balances>,
 }
 
@@ -236,7 +248,10 @@ impl<'a> Plan<'a> {
         };
         let candles_fut = futures_util::future::join_all(self.series.iter().map(|s| async move {
             match CandleRange::lookback(s.granularity, s.lookback, now) {
-                Ok(range) => source.candles(s.product, s.granularity, range).await.map(Arc::new),
+                Ok(range) => source.candles_fresh(s.product, s.granularity, range).await.map(|f| {
+                    let marks = CandleMarks::of(&f);
+                    (Arc::new(f.value), marks)
+                }),
                 Err(e) => Err(e),
             }
         }));
@@ -249,18 +264,25 @@ impl<'a> Plan<'a> {
             let tickers = tickers_fut.await;
             (tickers, candles_fut.await)
         };
-        let ((tickers, candles), balances) = tokio::join!(market, accounts_fut);
-        Fetched { tickers, candles, balances }
+        let ((tickers, read), balances) = tokio::join!(market, accounts_fut);
+        let marks = read.iter().map(|r| r.as_ref().map(|(_, m)| *m).unwrap_or_default()).collect();
+        let candles = read.into_iter().map(|r| r.map(|(c, _)| c)).collect();
+        Fetched { tickers, candles, marks, balances }
     }
 }
 
 /// A series' data resolved once for all its bots: the ticker, the candles and the available
 /// balance of the quote currency, or the error every bot of the series gets (in the order
 /// [`MarketSnapshot::evaluate`] reports them: ticker, candles, balances).
-type Resolved<'f> = Result<(&'f Ticker, &'f [Candle], &'f Balances, Decimal)>;
+type Resolved<'f> = Result<(&'f Ticker, &'f [Candle], CandleMarks, &'f Balances, Decimal)>;
 
 impl Fetched {
-    fn resolve<'f>(&'f self, s: &SeriesNeed<'_>, candles: &'f Result<Arc<Vec<Candle>>>) -> Resolved<'f> {
+    fn resolve<'f>(
+        &'f self,
+        s: &SeriesNeed<'_>,
+        candles: &'f Result<Arc<Vec<Candle>>>,
+        marks: CandleMarks,
+    ) -> Resolved<'f> {
         let ticker = match self.tickers.get(s.product) {
             Some(Ok(t)) => t,
             Some(Err(e)) => return Err(e.clone()),
@@ -268,19 +290,20 @@ impl Fetched {
         };
         let candles = candles.as_ref().map_err(Clone::clone)?;
         let balances = self.balances.as_ref().map_err(Clone::clone)?;
-        Ok((ticker, candles, balances, balances.get(s.product.quote()).available))
+        Ok((ticker, candles, marks, balances, balances.get(s.product.quote()).available))
     }
 }
 
 /// Evaluate `bot` on its resolved series (the same decision as [`MarketSnapshot::evaluate`]).
 fn decide(bot: &Bot, resolved: &Resolved<'_>) -> Result<Decision> {
-    let &(ticker, candles, balances, available) = resolved.as_ref().map_err(Clone::clone)?;
+    let &(ticker, candles, marks, balances, available) = resolved.as_ref().map_err(Clone::clone)?;
     let n = (bot.lookback as usize).min(candles.len());
     let view = MarketView {
         ticker,
         candles: &candles[candles.len() - n..],
         balances,
         can_afford: !bot.order_size.is_sign_negative() && available >= bot.order_size,
+        marks,
     };
     Ok(bot.strategy.evaluate(&view))
 }
@@ -551,7 +574,13 @@ impl BatchEvaluator {
         let (fetched, legacy) = tokio::join!(snapshot_fut, legacy_fut);
         self.compare_shadow_decisions(bots, &routes_of, &legacy, now).await;
         let resolved: Vec<Resolved<'_>> = match &fetched {
-            Some(f) => plan.series.iter().zip(&f.candles).map(|(s, c)| f.resolve(s, c)).collect(),
+            Some(f) => plan
+                .series
+                .iter()
+                .zip(&f.candles)
+                .zip(&f.marks)
+                .map(|((s, c), m)| f.resolve(s, c, *m))
+                .collect(),
             None => Vec::new(),
         };
 
@@ -678,19 +707,22 @@ fn signal_name(s: Signal) -> &'static str {
 async fn legacy_evaluate(bot: &Bot, source: &dyn MarketDataSource, now: OffsetDateTime) -> Result<Decision> {
     let ticker = source.ticker(&bot.product).await;
     let candles = match CandleRange::lookback(bot.granularity, bot.lookback, now) {
-        Ok(range) => source.candles(&bot.product, bot.granularity, range).await,
+        Ok(range) => source.candles_fresh(&bot.product, bot.granularity, range).await,
         Err(e) => Err(e),
     };
     let accounts = source.accounts().await;
     let can_afford = source.validate_trade_balance(bot.product.quote(), bot.order_size).await;
-    let (ticker, candles, can_afford) = (ticker?, candles?, can_afford?);
+    let (ticker, read, can_afford) = (ticker?, candles?, can_afford?);
     let balances = Balances::from_accounts(&accounts?);
+    let marks = CandleMarks::of(&read);
+    let candles = read.value;
     let n = (bot.lookback as usize).min(candles.len());
     let view = MarketView {
         ticker: &ticker,
         candles: &candles[candles.len() - n..],
         balances: &balances,
         can_afford,
+        marks,
     };
     Ok(bot.strategy.evaluate(&view))
 }

@@ -123,7 +123,7 @@ pub use coinbase::{
     ClientStats, CoinbaseClient, CoinbaseClientBuilder, Credentials, MarketDataPath, TickerBatch,
 };
 pub use coordinated::{
-    AfterClose, BreakerConfig, BreakerState, BreakerStats, CandleFidelity, ClassBreakerStats,
+    AfterClose, BreakerConfig, BreakerState, BreakerStats, CandleFidelity, CandleMarks, ClassBreakerStats,
     CloseRefreshStats, CloseSettlement, CoordinatedBuilder, CoordinatedConfig, CoordinatedSource,
     CoordinatedStats, Fresh, InProgress, InProgressCandle, LatencyStats, Origin, Provisional, ReadOptions,
 };

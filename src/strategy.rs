@@ -10,7 +10,10 @@ use std::fmt;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Balances, Candle, Ticker};
+use crate::{
+    coordinated::CandleMarks,
+    model::{Balances, Candle, Ticker},
+};
 
 /// What a bot wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -58,6 +61,9 @@ pub struct MarketView<'a> {
     pub balances: &'a Balances,
     /// Whether the bot's order size is available in the quote currency.
     pub can_afford: bool,
+    /// How exact the last candles are: a patched candle in progress or a provisional closed
+    /// one is marked here (default: nothing known, as from a source that tracks neither).
+    pub marks: CandleMarks,
 }
 
 /// A trading strategy.
@@ -220,7 +226,7 @@ mod tests {
     }
 
     fn view<'a>(t: &'a Ticker, c: &'a [Candle], b: &'a Balances, afford: bool) -> MarketView<'a> {
-        MarketView { ticker: t, candles: c, balances: b, can_afford: afford }
+        MarketView { ticker: t, candles: c, balances: b, can_afford: afford, marks: CandleMarks::default() }
     }
 
     fn ticker() -> Ticker {

@@ -5,6 +5,17 @@ use std::collections::HashSet;
 use time::macros::datetime;
 
 use super::*;
+
+/// A mocked upstream's answer: fetched just now, nothing known about its candle in progress.
+fn fresh(value: Vec<Candle>) -> crate::Fresh<Vec<Candle>> {
+    crate::Fresh {
+        value,
+        origin: crate::Origin::Upstream,
+        age: std::time::Duration::ZERO,
+        in_progress: None,
+        provisional: None,
+    }
+}
 use crate::{Account, MockMarketDataSource, MovingAverageCrossover, RsiThreshold};
 
 fn pid(s: &str) -> ProductId {
@@ -69,7 +80,7 @@ async fn one_snapshot_per_tick() {
         assert_eq!(distinct.len(), ps.len(), "products are requested once each");
         Ok(ps.iter().map(ticker).collect())
     });
-    mock.expect_candles().times(7).returning(|_, g, r| Ok(series(r, g)));
+    mock.expect_candles_fresh().times(7).returning(|_, g, r| Ok(fresh(series(r, g))));
     mock.expect_accounts().times(1).returning(|| Ok(usd()));
     mock.expect_ticker().never();
     mock.expect_validate_trade_balance().never();
@@ -91,8 +102,8 @@ async fn one_bad_product_never_fails_the_others() {
     let g2 = good.clone();
     mock.expect_tickers().times(1).returning(move |_| Ok(vec![ticker(&g2)]));
     let b2 = bad.clone();
-    mock.expect_candles().times(2).returning(move |p, g, r| {
-        if *p == b2 { Err(Error::NotFound(p.to_string())) } else { Ok(series(r, g)) }
+    mock.expect_candles_fresh().times(2).returning(move |p, g, r| {
+        if *p == b2 { Err(Error::NotFound(p.to_string())) } else { Ok(fresh(series(r, g))) }
     });
     mock.expect_accounts().times(1).returning(|| Ok(usd()));
     let eval = BatchEvaluator::new(Arc::new(mock));
@@ -111,7 +122,7 @@ async fn accounts_failure_fails_bots_with_a_typed_error() {
     let p = pid("BTC-USD");
     let mut mock = MockMarketDataSource::new();
     mock.expect_tickers().returning(|ps| Ok(ps.iter().map(ticker).collect()));
-    mock.expect_candles().returning(|_, g, r| Ok(series(r, g)));
+    mock.expect_candles_fresh().returning(|_, g, r| Ok(fresh(series(r, g))));
     mock.expect_accounts().returning(|| Err(Error::Unauthorized("bad key".into())));
     let report = BatchEvaluator::new(Arc::new(mock)).evaluate_all(&bots(3, &[p])).await;
     assert!(report.results.iter().all(|r| matches!(r.outcome, Err(Error::Unauthorized(_)))));
@@ -127,6 +138,7 @@ fn snapshot_slices_each_bots_lookback() {
         candles: [((p.clone(), Granularity::OneHour), Ok(Arc::new(series(range, Granularity::OneHour))))]
             .into_iter()
             .collect(),
+        candle_marks: HashMap::new(),
         balances: Ok(Balances::from_accounts(&usd())),
     };
     let short = Bot::new("a", p.clone(), Arc::new(MovingAverageCrossover { fast: 2, slow: 3 })).lookback(3);
@@ -147,8 +159,8 @@ fn same(a: &Result<Decision>, b: &Result<Decision>) -> bool {
 fn market_mock() -> MockMarketDataSource {
     let mut mock = MockMarketDataSource::new();
     mock.expect_tickers().returning(|ps| Ok(ps.iter().filter(|p| p.base() != "NOPE").map(ticker).collect()));
-    mock.expect_candles().returning(|p, g, r| {
-        if p.base() == "NOPE" { Err(Error::NotFound(p.to_string())) } else { Ok(series(r, g)) }
+    mock.expect_candles_fresh().returning(|p, g, r| {
+        if p.base() == "NOPE" { Err(Error::NotFound(p.to_string())) } else { Ok(fresh(series(r, g))) }
     });
     mock.expect_accounts().returning(|| Ok(usd()));
     mock
@@ -204,7 +216,7 @@ async fn tick_decisions_match_snapshot_evaluate() {
 async fn mixed_routes_keep_the_bots_order() {
     let mut legacy = MockMarketDataSource::new();
     legacy.expect_ticker().returning(|p| Err(Error::NotFound(format!("legacy {p}"))));
-    legacy.expect_candles().returning(|_, g, r| Ok(series(r, g)));
+    legacy.expect_candles_fresh().returning(|_, g, r| Ok(fresh(series(r, g))));
     legacy.expect_accounts().returning(|| Ok(usd()));
     legacy.expect_validate_trade_balance().returning(|_, _| Ok(true));
     let migrated: std::collections::BTreeSet<String> = ["bot-1", "bot-2", "bot-5"].map(String::from).into();

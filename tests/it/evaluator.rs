@@ -415,3 +415,96 @@ async fn tick_reports_carry_the_seeds_read_hit_rate_and_availability() {
     assert_eq!(r.availability, 25.0 / 26.0);
     drop(sim);
 }
+
+/// A strategy that records what it was shown: the marks and the last candle's close.
+#[derive(Debug, Default)]
+struct Recorder(
+    std::sync::Mutex<Vec<(tickshare::CandleMarks, rust_decimal::Decimal, rust_decimal::Decimal)>>,
+);
+
+impl tickshare::Strategy for Recorder {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+
+    fn evaluate(&self, view: &tickshare::MarketView<'_>) -> tickshare::Decision {
+        let close = view.candles.last().map(|c| c.close).unwrap_or_default();
+        self.0.lock().unwrap().push((view.marks, close, view.ticker.price));
+        tickshare::Decision::hold("recorded")
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<(tickshare::CandleMarks, rust_decimal::Decimal, rust_decimal::Decimal)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+/// Issue 14: a strategy run by the evaluator sees how exact its last candles are — an exact
+/// candle in progress after a fetch, a patched one once a newer last trade moved it, and a
+/// provisional closed candle between a close and its refresh — on both paths.
+#[tokio::test(start_paused = true)]
+async fn strategies_see_how_exact_their_last_candles_are() {
+    use tickshare::{CandleFidelity, Granularity};
+    let clock = fixed_clock(); // 09:56:38
+    let sim = SimExchange::builder().products(2).clock(clock).start().await.unwrap();
+    let source = CoordinatedSource::coinbase(sim.client().unwrap()).clock(clock).build().unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let bots: Vec<Bot> = sim
+        .products()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Bot::new(format!("bot-{i}"), p, Arc::clone(&recorder) as Arc<dyn tickshare::Strategy>)
+                .granularity(Granularity::OneHour)
+                .lookback(24)
+        })
+        .collect();
+    let eval = BatchEvaluator::new(Arc::new(source.clone())).clock(clock);
+
+    // Fetched at the tick: exact as of now.
+    assert_eq!(eval.evaluate_all(&bots).await.errors().count(), 0);
+    for (m, _, _) in recorder.take() {
+        let p = m.in_progress.expect("a coordinated read tracks its candle in progress");
+        assert_eq!(p.fidelity, CandleFidelity::Exact);
+        assert_eq!(p.start, datetime!(2024-04-24 09:00 UTC));
+        assert!(m.provisional.is_none() && m.is_exact(), "{m:?}");
+    }
+
+    // A minute later the tick's fresh tickers move the cached candle: patched, and its close
+    // is the price the strategy was given.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(eval.evaluate_all(&bots).await.errors().count(), 0);
+    for (m, close, price) in recorder.take() {
+        let p = m.in_progress.unwrap();
+        assert_eq!(p.fidelity, CandleFidelity::Patched, "{m:?}");
+        assert!(!m.is_exact());
+        assert_eq!(close, price);
+    }
+
+    // Just after the 10:00 close, before the background refresh: the 09:00 candle is served
+    // as last known and marked provisional.
+    tokio::time::sleep_until(clock.instant_at(datetime!(2024-04-24 10:00:00.1 UTC))).await;
+    assert_eq!(eval.evaluate_all(&bots).await.errors().count(), 0);
+    for (m, _, _) in recorder.take() {
+        let p = m.provisional.expect("the just-closed candle is provisional");
+        assert_eq!(p.start, datetime!(2024-04-24 09:00 UTC));
+        assert!(!m.is_exact());
+    }
+
+    // Once the refresh has landed: exact again, now with the 10:00 candle in progress.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(eval.evaluate_all(&bots).await.errors().count(), 0);
+    for (m, _, _) in recorder.take() {
+        assert!(m.provisional.is_none(), "{m:?}");
+        assert_eq!(m.in_progress.unwrap().start, datetime!(2024-04-24 10:00 UTC));
+    }
+
+    // The legacy path: the exchange's own answer, exact as of the fetch.
+    let legacy = BatchEvaluator::new(Arc::new(DirectSource::new(sim.client().unwrap()))).clock(clock);
+    assert_eq!(legacy.evaluate_all(&bots).await.errors().count(), 0);
+    for (m, _, _) in recorder.take() {
+        assert!(m.is_exact(), "{m:?}");
+        assert!(m.provisional.is_none());
+    }
+}
