@@ -6,11 +6,11 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use tickshare::{
-    BatchEvaluator, Bot, Candle, CandleRange, Clock, CoordinatedSource, Granularity, MarketDataSource,
-    MarketStream, MovingAverageCrossover, Origin, ProductId, ReadOptions,
+    BatchEvaluator, Bot, CandleRange, Clock, CoordinatedSource, Granularity, MarketDataSource, MarketStream,
+    MovingAverageCrossover, Origin, ProductId, ReadOptions,
     sim::{Endpoint, SimExchange, SimStats, WsConfig, WsDialect, WsFault},
 };
-use time::{OffsetDateTime, macros::datetime};
+use time::macros::datetime;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -36,26 +36,7 @@ fn market_calls(s: &SimStats) -> u64 {
     .sum()
 }
 
-fn candle_calls(s: &SimStats) -> u64 {
-    s.calls(Endpoint::MarketCandles) + s.calls(Endpoint::Candles)
-}
-
-/// Wait (on tokio's clock, in 10 ms steps) until `f` holds; fail after `limit`.
-async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn sleep_until_utc(clock: Clock, t: OffsetDateTime) {
-    tokio::time::sleep_until(clock.instant_at(t)).await;
-}
-
-fn closed(candles: &[Candle], now: OffsetDateTime, g: Granularity) -> Vec<Candle> {
-    candles.iter().filter(|c| g.is_closed(c.start, now)).copied().collect()
-}
+use support::{candle_calls, closed, sleep_until_utc, until};
 
 /// Evaluate `bots` `n` times, five minutes apart, without an error; `steady`: each tick makes
 /// exactly one upstream call (accounts).

@@ -7,35 +7,16 @@
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use tickshare::{
-    BatchEvaluator, Bot, Candle, CandleFidelity, CandleRange, Clock, CoordinatedSource, Granularity,
+    BatchEvaluator, Bot, CandleFidelity, CandleRange, Clock, CoordinatedSource, Granularity,
     InProgressCandle, MarketDataSource, MarketStream, MovingAverageCrossover, Origin, ProductId, ReadOptions,
     RsiThreshold, Strategy,
     sim::{Endpoint, SimExchange, SimHandle, SimStats, WsConfig, WsConnFault},
 };
-use time::{OffsetDateTime, macros::datetime};
-use tokio::time::Instant;
+use time::macros::datetime;
 
 use crate::support;
 
-fn candle_calls(s: &SimStats) -> u64 {
-    s.calls(Endpoint::MarketCandles) + s.calls(Endpoint::Candles)
-}
-
-async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn sleep_until_utc(clock: Clock, t: OffsetDateTime) {
-    tokio::time::sleep_until(clock.instant_at(t)).await;
-}
-
-fn closed(candles: &[Candle], now: OffsetDateTime, g: Granularity) -> Vec<Candle> {
-    candles.iter().filter(|c| g.is_closed(c.start, now)).copied().collect()
-}
+use support::{candle_calls, closed, sleep_until_utc, until};
 
 /// Every product's cached one-hour series against a REST fetch now: closed candles equal, and
 /// the candle in progress equal to what REST answered at the instant it is as of.

@@ -63,3 +63,32 @@ pub(crate) async fn get(client: &reqwest::Client, url: &str, jwt: Option<&str>) 
         body: resp.bytes().await.expect("body").to_vec(),
     }
 }
+
+/// Candle calls, public and private.
+pub(crate) fn candle_calls(s: &tickshare::sim::SimStats) -> u64 {
+    use tickshare::sim::Endpoint;
+    s.calls(Endpoint::MarketCandles) + s.calls(Endpoint::Candles)
+}
+
+/// Wait (on tokio's clock, in 10 ms steps) until `f` holds; fail after `limit`.
+pub(crate) async fn until(what: &str, limit: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let t0 = tokio::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Sleep on tokio's clock until `clock` reads `t`.
+pub(crate) async fn sleep_until_utc(clock: Clock, t: time::OffsetDateTime) {
+    tokio::time::sleep_until(clock.instant_at(t)).await;
+}
+
+/// The candles of `candles` closed at `now`.
+pub(crate) fn closed(
+    candles: &[tickshare::Candle],
+    now: time::OffsetDateTime,
+    g: tickshare::Granularity,
+) -> Vec<tickshare::Candle> {
+    candles.iter().filter(|c| g.is_closed(c.start, now)).copied().collect()
+}
