@@ -436,10 +436,7 @@ impl SimHandle {
         granularity: Granularity,
         t: OffsetDateTime,
     ) -> Option<Candle> {
-        let m = &self.shared.market;
-        let start = granularity.bucket_start(t).unix_timestamp();
-        let now_ms = unix_ms(self.shared.clock.now_utc());
-        m.candle(m.get(product.as_str())?, granularity, start, now_ms)
+        self.candle_seen_at(product, granularity, t, self.shared.clock.now_utc())
     }
 
     /// The candle of `product` at `granularity` containing `t`, as the exchange reported it at
@@ -451,9 +448,20 @@ impl SimHandle {
         granularity: Granularity,
         t: OffsetDateTime,
     ) -> Option<Candle> {
+        self.candle_seen_at(product, granularity, t, t)
+    }
+
+    /// The candle containing `t` as the exchange reported it at `seen`.
+    fn candle_seen_at(
+        &self,
+        product: &ProductId,
+        granularity: Granularity,
+        t: OffsetDateTime,
+        seen: OffsetDateTime,
+    ) -> Option<Candle> {
         let m = &self.shared.market;
         let start = granularity.bucket_start(t).unix_timestamp();
-        m.candle(m.get(product.as_str())?, granularity, start, unix_ms(t))
+        m.candle(m.get(product.as_str())?, granularity, start, unix_ms(seen))
     }
 
     /// A snapshot of the counters.
