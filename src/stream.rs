@@ -405,7 +405,7 @@ impl StreamBuilder {
                 conns: BTreeMap::new(),
             }),
             pace: Mutex::new(Pace::default()),
-            opens: Mutex::new(VecDeque::new()),
+            opens: Mutex::new(Window::default()),
             baseline,
         });
         Ok(shared)
@@ -606,16 +606,36 @@ struct Shared {
     /// [`StreamConfig::messages_per_second`].
     pace: Mutex<Pace>,
     /// Connection attempts in the last second ([`StreamConfig::connections_per_second`]).
-    opens: Mutex<VecDeque<Instant>>,
+    opens: Mutex<Window>,
     /// REST market-data calls of the source before the stream started.
     baseline: u64,
+}
+
+/// The times of the events of the last second, for an "at most N in any second" budget.
+#[derive(Debug, Default)]
+struct Window(VecDeque<Instant>);
+
+impl Window {
+    /// When the next event may happen at `now`, with at most `limit` in any second.
+    fn next_at(&mut self, now: Instant, limit: usize) -> Instant {
+        let second = Duration::from_secs(1);
+        while self.0.front().is_some_and(|t| now.saturating_duration_since(*t) >= second) {
+            self.0.pop_front();
+        }
+        if self.0.len() < limit { now } else { self.0.front().map_or(now, |t| *t + second) }
+    }
+
+    /// Count an event at `now`.
+    fn record(&mut self, now: Instant) {
+        self.0.push_back(now);
+    }
 }
 
 /// The shared message budget.
 #[derive(Debug, Default)]
 struct Pace {
     /// Send times within the last second.
-    sent: VecDeque<Instant>,
+    sent: Window,
     /// Connections that are open and have not sent their first message yet: they go first, so
     /// a connection opened behind a backlog still subscribes within Coinbase's 5 s.
     waiting_first: usize,

@@ -264,10 +264,7 @@ const YIELD_TO_FIRST: Duration = Duration::from_millis(20);
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if self.first_pending {
-            let mut p = lock(&self.shared.pace);
-            p.waiting_first = p.waiting_first.saturating_sub(1);
-        }
+        self.first_sent();
     }
 }
 
@@ -339,11 +336,7 @@ impl Session {
                         continue;
                     }
                     if let Some(mut m) = self.outbox.pop_front() {
-                        if self.first_pending {
-                            self.first_pending = false;
-                            let mut p = lock(&self.shared.pace);
-                            p.waiting_first = p.waiting_first.saturating_sub(1);
-                        }
+                        self.first_sent();
                         let sign = self.shared.cfg.jwt_on_market_data || channel::needs_jwt(&m.channel);
                         m.jwt = self.shared.credentials.as_ref().filter(|_| sign).map(crate::Credentials::ws_jwt);
                         let subscribe = m.kind == "subscribe";
@@ -392,6 +385,14 @@ impl Session {
 
     /// When the next queued message may be sent (the shared budget of `messages_per_second`
     /// in any second, connections that have not sent yet first).
+    /// This connection no longer waits for its first message (sent it, or is gone).
+    fn first_sent(&mut self) {
+        if std::mem::take(&mut self.first_pending) {
+            let mut p = lock(&self.shared.pace);
+            p.waiting_first = p.waiting_first.saturating_sub(1);
+        }
+    }
+
     fn next_send_at(&mut self, now: Instant) -> Option<Instant> {
         if self.outbox.is_empty() {
             return None;
@@ -723,17 +724,11 @@ impl Shared {
     /// sent nothing yet, and goes before those that have).
     fn next_send_slot(&self, now: Instant, first: bool) -> Instant {
         let mut p = lock(&self.pace);
-        while p.sent.front().is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW) {
-            p.sent.pop_front();
-        }
+        let at = p.sent.next_at(now, self.cfg.messages_per_second as usize);
         if !first && p.waiting_first > 0 {
             return now + YIELD_TO_FIRST;
         }
-        if p.sent.len() < self.cfg.messages_per_second as usize {
-            now
-        } else {
-            p.sent.front().map_or(now, |t| *t + WINDOW)
-        }
+        at
     }
 
     /// Take a slot of the shared budget now, if there is one.
@@ -741,7 +736,7 @@ impl Shared {
         if self.next_send_slot(now, first) > now {
             return false;
         }
-        lock(&self.pace).sent.push_back(now);
+        lock(&self.pace).sent.record(now);
         true
     }
 
@@ -751,14 +746,12 @@ impl Shared {
             let now = Instant::now();
             let wait = {
                 let mut w = lock(&self.opens);
-                while w.front().is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW) {
-                    w.pop_front();
-                }
-                if w.len() < self.cfg.connections_per_second as usize {
-                    w.push_back(now);
+                let at = w.next_at(now, self.cfg.connections_per_second as usize);
+                if at <= now {
+                    w.record(now);
                     None
                 } else {
-                    w.front().map(|t| *t + WINDOW)
+                    Some(at)
                 }
             };
             match wait {
