@@ -3,7 +3,17 @@
 //!
 //! ```text
 //! cargo run --release --example proxy_load --features proxy -- [--connections 1000] [--secs 10] [--rate 20000]
-//!     [--proxy-threads 1] [--load-threads 1] [--shared-runtime]
+//!     [--proxy-threads 1] [--load-threads 1] [--shared-runtime] [--target ADDR]
+//! ```
+//!
+//! `--target ADDR` drives a proxy that runs in another process (e.g. `examples/proxy.rs --sim`
+//! with `TICKSHARE_PROXY_TOKEN` set to the token below, or to `--token`), so that proxy and load
+//! generator can be pinned to a core each with `taskset`:
+//!
+//! ```text
+//! TICKSHARE_PROXY_TOKEN=load-test-token-0123456789 TOKIO_WORKER_THREADS=1 \
+//!     taskset -c 0 target/release/examples/proxy --sim --listen 127.0.0.1:8787 --serve-secs 30 &
+//! taskset -c 1 target/release/examples/proxy_load --target 127.0.0.1:8787 --rate 20000
 //! ```
 //!
 //! The load generator runs in the same process as the proxy (and the simulated exchange behind
@@ -29,13 +39,14 @@ const TOKEN: &str = "load-test-token-0123456789";
 /// Send requests back to back until `until`; latencies in microseconds.
 async fn connection(
     addr: std::net::SocketAddr,
+    token: std::sync::Arc<str>,
     until: Instant,
     pace: Option<Duration>,
 ) -> std::io::Result<Vec<u32>> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let req = format!(
-        "GET /api/v3/brokerage/market/products/BTC-USD/ticker?limit=1 HTTP/1.1\r\nHost: {addr}\r\nX-Tickshare-Token: {TOKEN}\r\n\r\n"
+        "GET /api/v3/brokerage/market/products/BTC-USD/ticker?limit=1 HTTP/1.1\r\nHost: {addr}\r\nX-Tickshare-Token: {token}\r\n\r\n"
     );
     let mut buf = vec![0u8; 8192];
     let mut lat = Vec::new();
@@ -116,10 +127,22 @@ struct Args {
     shared: bool,
     proxy_threads: usize,
     load_threads: usize,
+    /// A proxy in another process to drive, instead of one started here.
+    target: Option<std::net::SocketAddr>,
+    token: String,
 }
 
 fn parse_args() -> Result<Args, Box<dyn Error>> {
-    let mut a = Args { conns: 1000, secs: 10, rate: None, shared: false, proxy_threads: 1, load_threads: 1 };
+    let mut a = Args {
+        conns: 1000,
+        secs: 10,
+        rate: None,
+        shared: false,
+        proxy_threads: 1,
+        load_threads: 1,
+        target: None,
+        token: TOKEN.to_string(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -132,6 +155,8 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             "--shared-runtime" => a.shared = true,
             "--proxy-threads" => a.proxy_threads = value()?.parse::<usize>()?.max(1),
             "--load-threads" => a.load_threads = value()?.parse::<usize>()?.max(1),
+            "--target" => a.target = Some(value()?.parse()?),
+            "--token" => a.token = value()?,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -152,27 +177,37 @@ fn main() -> Result<(), Box<dyn Error>> {
     } else {
         (runtime("proxy-rt", a.proxy_threads)?, Some(runtime("load-gen", a.load_threads)?))
     };
-    let (sim, proxy) = proxy_rt.block_on(async {
-        let sim = SimExchange::builder().start().await?;
-        let proxy = Proxy::builder(Credentials::generate("organizations/load/apiKeys/proxy"))
-            .upstream(sim.base_url())
-            .listen("127.0.0.1:0".parse()?)
-            .local_token(TOKEN)
-            .start()
-            .await?;
-        Ok::<_, Box<dyn Error>>((sim, proxy))
-    })?;
-    let addr = proxy.addr();
+    // The proxy under test: one started here in front of a simulated exchange, or `--target`.
+    let local = match a.target {
+        Some(_) => None,
+        None => Some(proxy_rt.block_on(async {
+            let sim = SimExchange::builder().start().await?;
+            let proxy = Proxy::builder(Credentials::generate("organizations/load/apiKeys/proxy"))
+                .upstream(sim.base_url())
+                .listen("127.0.0.1:0".parse()?)
+                .local_token(a.token.clone())
+                .start()
+                .await?;
+            Ok::<_, Box<dyn Error>>((sim, proxy))
+        })?),
+    };
+    let addr = match (&local, a.target) {
+        (Some((_, proxy)), _) => proxy.addr(),
+        (None, Some(t)) => t,
+        (None, None) => return Err("no proxy to drive".into()),
+    };
+    let token: std::sync::Arc<str> = a.token.as_str().into();
     let load = load_rt.as_ref().unwrap_or(&proxy_rt);
     let (conns, secs) = (a.conns, a.secs);
     let pace = a.rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
     let cpu_before = cpu_by_thread_name();
     let (lat, failed, took) = load.block_on(async move {
         // Warm the cache, then measure.
-        connection(addr, Instant::now() + Duration::from_millis(5), None).await?;
+        connection(addr, token.clone(), Instant::now() + Duration::from_millis(5), None).await?;
         let until = Instant::now() + Duration::from_secs(secs);
         let started = Instant::now();
-        let tasks: Vec<_> = (0..conns).map(|_| tokio::spawn(connection(addr, until, pace))).collect();
+        let tasks: Vec<_> =
+            (0..conns).map(|_| tokio::spawn(connection(addr, token.clone(), until, pace))).collect();
         let mut lat: Vec<u32> = Vec::new();
         let mut failed = 0;
         for t in tasks {
@@ -192,8 +227,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut lat = lat;
     lat.sort_unstable();
     let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0) as f64 / 1000.0;
-    let s = proxy.stats();
-    let setup = if a.shared {
+    let setup = if let Some(t) = a.target {
+        format!("proxy at {t} in another process, load generator runtime {} worker(s)", a.load_threads)
+    } else if a.shared {
         "one runtime, 2 workers, for proxy and load generator".to_string()
     } else {
         format!(
@@ -219,13 +255,16 @@ fn main() -> Result<(), Box<dyn Error>> {
         .map(|(name, d)| format!("{name} {:.0} % of a core", d / took * 100.0))
         .collect();
     println!("cpu by thread      {}", used.join(", "));
-    println!(
-        "upstream calls     {} (cache hit rate {:.5}); exchange saw {} requests, {} x 429",
-        s.coordinated.upstream_calls,
-        s.coordinated.hit_rate,
-        sim.stats().total_calls,
-        sim.stats().rate_limited_429
-    );
-    proxy_rt.block_on(proxy.shutdown());
+    if let Some((sim, proxy)) = local {
+        let s = proxy.stats();
+        println!(
+            "upstream calls     {} (cache hit rate {:.5}); exchange saw {} requests, {} x 429",
+            s.coordinated.upstream_calls,
+            s.coordinated.hit_rate,
+            sim.stats().total_calls,
+            sim.stats().rate_limited_429
+        );
+        proxy_rt.block_on(proxy.shutdown());
+    }
     Ok(())
 }
