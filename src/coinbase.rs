@@ -54,6 +54,11 @@ pub const MAX_CANDLES_PER_REQUEST: u32 = 350;
 /// §1.1). The default of [`CoinbaseClientBuilder::candle_max_buckets`].
 pub const OBSERVED_MAX_CANDLES_PER_REQUEST: u32 = 300;
 
+/// The largest `limit` of one market-trades (`ticker`) request this crate sends: the
+/// documentation lists no maximum, ccxt caps `fetchTrades` at 1,000 (COINBASE.md §7, an
+/// unverified fact), and so does the simulated exchange.
+pub const MAX_TRADES_PER_REQUEST: u32 = 1000;
+
 /// The REST endpoints the client calls, for per-endpoint counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -525,6 +530,32 @@ impl CoinbaseClient {
         let ticker = wire::decode_ticker(product, &body)?;
         validate::ticker_at(&ticker, self.inner.clock.now_utc())?;
         Ok(ticker)
+    }
+
+    /// `GET .../products/{id}/ticker?limit={limit}`: the product's most recent trades and its
+    /// book, every trade checked ([`wire::decode_recent_trades`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a `limit` of 0 or over [`MAX_TRADES_PER_REQUEST`];
+    /// [`Error::NotFound`] for an unknown product; [`Error::Decode`] for an answer with more
+    /// trades than asked, about another product, with a duplicate trade id or impossible
+    /// values, or a trade more than a day ahead of this client's clock; transport and
+    /// rate-limit errors.
+    ///
+    /// # Cancel safety
+    /// As [`market_trades`](Self::market_trades).
+    pub async fn recent_trades(&self, product: &ProductId, limit: u32) -> Result<crate::RecentTrades> {
+        if limit == 0 || limit > MAX_TRADES_PER_REQUEST {
+            return Err(Error::InvalidInput(format!(
+                "limit must be between 1 and {MAX_TRADES_PER_REQUEST}, not {limit}"
+            )));
+        }
+        let (class, path) = self.md_route(Endpoint::Ticker, &format!("/products/{product}/ticker"));
+        let body = self.get(Endpoint::Ticker, class, &path, &[("limit", limit.to_string())]).await?;
+        let trades = wire::decode_recent_trades(product, limit, &body)?;
+        let now = self.inner.clock.now_utc();
+        trades.trades.iter().try_for_each(|t| validate::not_ahead(t.time, now, "trades[].time"))?;
+        Ok(trades)
     }
 
     /// `GET /best_bid_ask` for `products`, chunked; tickers priced at the bid/ask mid.

@@ -10,7 +10,7 @@
 mod batch;
 mod breaker;
 mod cache;
-mod coalesce;
+pub(crate) mod coalesce;
 mod config;
 #[cfg(feature = "stream")]
 pub(crate) mod feed;

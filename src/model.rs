@@ -204,6 +204,60 @@ impl Ticker {
     }
 }
 
+/// A product's most recent trades and its best bid and ask, as
+/// `GET .../products/{id}/ticker?limit=N` answers them
+/// ([`CoinbaseClient::recent_trades`](crate::CoinbaseClient::recent_trades)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentTrades {
+    /// The product asked for.
+    pub product: ProductId,
+    /// Most recent first; at most the `limit` asked for, each trade id once.
+    pub trades: Vec<MarketTrade>,
+    /// The best bid, if the book has one.
+    pub best_bid: Option<Decimal>,
+    /// The best ask, if the book has one.
+    pub best_ask: Option<Decimal>,
+}
+
+/// One trade of [`RecentTrades`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarketTrade {
+    /// The exchange's trade id (not empty).
+    pub trade_id: String,
+    /// Price, positive.
+    pub price: Decimal,
+    /// Size, zero or more.
+    pub size: Decimal,
+    /// When it traded.
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// The taker's side.
+    pub side: TradeSide,
+}
+
+/// The taker side of a [`MarketTrade`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TradeSide {
+    /// `"BUY"`.
+    Buy,
+    /// `"SELL"`.
+    Sell,
+    /// Anything else the exchange said (`""`, `"UNKNOWN_ORDER_SIDE"`).
+    Unknown,
+}
+
+impl TradeSide {
+    /// Coinbase's spelling: `"BUY"`, `"SELL"`, or `""` for [`Unknown`](Self::Unknown).
+    pub fn as_wire(self) -> &'static str {
+        match self {
+            TradeSide::Buy => "BUY",
+            TradeSide::Sell => "SELL",
+            TradeSide::Unknown => "",
+        }
+    }
+}
+
 /// The mean of a bid and an ask, without overflowing at the edges of `Decimal`'s range (the
 /// exchange's numbers are input: `bid + ask` alone panics there).
 pub(crate) fn mid_price(bid: Decimal, ask: Decimal) -> Decimal {

@@ -26,7 +26,8 @@
 //!
 //! | path | answered from | notes |
 //! |---|---|---|
-//! | `GET [/market]/products/{id}/ticker?limit=1` | [`CoordinatedSource::ticker_with`] (batched: last trades and book, [`ProxyBuilder::ticker_batch`]) | one trade (price = the last trade, time, product) and `best_bid`/`best_ask`; `trade_id`, `size`, `side` are `""`. `limit` > 1 asks for a trade history the cache does not keep: passed through. |
+//! | `GET [/market]/products/{id}/ticker?limit=1` | [`CoordinatedSource::ticker_with`] (batched: last trades and book, [`ProxyBuilder::ticker_batch`]), or with [`TickerAnswer::Trades`] the trades cache | batched: one trade (price = the last trade, time, product) and `best_bid`/`best_ask`; `trade_id`, `size`, `side` are `""`. Trades: the exchange's answer, every field |
+//! | `GET [/market]/products/{id}/ticker?limit=N`, 1 < N ≤ 1,000 | the trades cache: one fetch per product and ticker TTL for the largest `limit` asked recently, coalesced, every trade checked ([`CoinbaseClient::recent_trades`]) | the first N trades of it, most recent first; `limit` over 1,000 is passed through |
 //! | `GET [/market]/products/{id}/candles?start=&end=&granularity=[&limit=]` | [`CoordinatedSource::candles_with`] | inclusive bounds, newest first, as Coinbase; a window over 350 buckets is 400 |
 //! | `GET /best_bid_ask[?product_ids=..]` | [`CoordinatedSource::tickers_with`] | one level per side, `size` `""`; no ids means every listed product |
 //! | `GET [/market]/products[?product_ids=..&product_type=&limit=&offset=]` | the product list, cached for `products_ttl` | |
@@ -71,6 +72,7 @@ mod auth;
 mod forward;
 mod routes;
 mod server;
+mod trades;
 
 use std::{
     collections::BTreeMap,
@@ -95,6 +97,25 @@ use crate::{
     error::{Error, Result},
 };
 
+/// How the proxy answers `GET [/market]/products/{id}/ticker?limit=1`
+/// ([`ProxyBuilder::ticker_answer`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TickerAnswer {
+    /// From the coordinated source's tickers: requests for every product within the batch
+    /// window merge into one batch ([`ProxyBuilder::ticker_batch`], two calls per chunk by
+    /// default), whatever the number of products. The one trade carries the last trade's
+    /// price and time, the product and the book; its `trade_id`, `size` and `side` are `""`,
+    /// because the batched calls do not carry them. Default: the cheapest answer for a fleet
+    /// that reads prices (ccxt's `fetch_ticker` reads `price`, `time`, `best_bid`, `best_ask`).
+    #[default]
+    Batched,
+    /// From the trades cache: the exchange's own answer, every field, one call per product
+    /// per ticker TTL (concurrent clients still share it). For clients that read the last
+    /// trade's size, id or side.
+    Trades,
+}
+
 /// Builder of a [`Proxy`].
 #[must_use]
 pub struct ProxyBuilder {
@@ -112,6 +133,7 @@ pub struct ProxyBuilder {
     coordinated: Option<CoordinatedConfig>,
     products_ttl: Duration,
     ticker_batch: TickerBatch,
+    ticker_answer: TickerAnswer,
     clock: Clock,
     #[cfg(feature = "redis")]
     shared_tier: Option<(String, SharedTierConfig)>,
@@ -221,6 +243,14 @@ impl ProxyBuilder {
         self
     }
 
+    /// How a one-trade ticker request (`.../ticker?limit=1`, ccxt's `fetch_ticker`) is
+    /// answered (default [`TickerAnswer::Batched`]). Requests for more trades are always
+    /// answered from the trades cache.
+    pub fn ticker_answer(mut self, answer: TickerAnswer) -> Self {
+        self.ticker_answer = answer;
+        self
+    }
+
     /// The clock (default [`Clock::system`]); give it the simulated exchange's in tests.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
@@ -314,7 +344,8 @@ impl ProxyBuilder {
         if let Some(tier) = tier {
             gate = forward::Gate::Shared(tier);
         }
-        let forwarder = forward::Forwarder::new(&self.upstream, self.credentials.clone(), gate)?;
+        let forwarder = Arc::new(forward::Forwarder::new(&self.upstream, self.credentials.clone(), gate)?);
+        let trades = trades::TradesCache::new(source.config().ticker_ttl, source.config().max_stale);
         let listener = bind(self.listen, self.max_connections)?;
         let addr = listener.local_addr().map_err(|e| Error::Transport(e.to_string()))?;
         let shared = Arc::new(Shared {
@@ -331,6 +362,8 @@ impl ProxyBuilder {
                 header_read_timeout: self.header_read_timeout,
             },
             products: routes::ProductsCache::new(self.products_ttl),
+            trades,
+            ticker_answer: self.ticker_answer,
             time: routes::TimeOffset::default(),
             clock: self.clock,
             counters: ProxyCounters::default(),
@@ -360,10 +393,12 @@ fn bind(addr: SocketAddr, max_connections: usize) -> Result<tokio::net::TcpListe
 struct Shared {
     source: CoordinatedSource,
     client: CoinbaseClient,
-    forwarder: forward::Forwarder,
+    forwarder: Arc<forward::Forwarder>,
     auth: auth::Auth,
     limits: server::Limits,
     products: routes::ProductsCache,
+    trades: trades::TradesCache,
+    ticker_answer: TickerAnswer,
     time: routes::TimeOffset,
     clock: Clock,
     counters: ProxyCounters,
@@ -382,6 +417,7 @@ struct ProxyCounters {
     passthrough_retries: AtomicU64,
     accounts_invalidations: AtomicU64,
     products_upstream: AtomicU64,
+    trades_upstream: AtomicU64,
     time_upstream: AtomicU64,
 }
 
@@ -408,6 +444,8 @@ pub struct ProxyStats {
     pub accounts_invalidations: u64,
     /// Product-list fetches from the upstream.
     pub products_upstream: u64,
+    /// Recent-trades fetches from the upstream (the ticker route's trades cache).
+    pub trades_upstream: u64,
     /// Server-time fetches from the upstream.
     pub time_upstream: u64,
     /// The coordinated source's stats.
@@ -432,6 +470,7 @@ impl Shared {
             passthrough_retries: get(&c.passthrough_retries),
             accounts_invalidations: get(&c.accounts_invalidations),
             products_upstream: get(&c.products_upstream),
+            trades_upstream: get(&c.trades_upstream),
             time_upstream: get(&c.time_upstream),
             coordinated: self.source.stats(),
         }
@@ -471,6 +510,7 @@ impl Proxy {
             coordinated: None,
             products_ttl: Duration::from_secs(60),
             ticker_batch: TickerBatch::LastTradeAndBook,
+            ticker_answer: TickerAnswer::Batched,
             clock: Clock::system(),
             #[cfg(feature = "redis")]
             shared_tier: None,

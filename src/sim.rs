@@ -197,7 +197,7 @@ pub const DEFAULT_ACCOUNTS_LIMIT: u32 = 49;
 pub const MAX_ACCOUNTS_LIMIT: u32 = 250;
 
 /// The most trades one ticker answer holds; a larger `limit` is clamped.
-pub const MAX_TRADES: u32 = 1000;
+pub const MAX_TRADES: u32 = crate::coinbase::MAX_TRADES_PER_REQUEST;
 
 /// The body of an HTML 429 (see [`SimBuilder::html_429`]), like the page Coinbase's edge sends.
 pub const HTML_429_BODY: &str = "<html> <head> <title>Coinbase</title> </head> <body> <h1>429 Too Many Requests</h1> <p>You have been rate limited.</p> </body> </html>";

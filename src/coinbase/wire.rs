@@ -42,9 +42,13 @@
 //! | products as tickers ([`decode_product_tickers_for`]) | an entry for a product not asked for | ignored without being decoded, even if malformed | dropped |
 //! | products as tickers | `price` of an asked product | positive; `""` is "no last trade" | zero, negative or malformed: the chunk is rejected, naming the product; `""`: dropped (left out, as an unknown product) |
 //! | products as tickers | a product twice | identical prices collapse; different ones cannot both be right | conflicting: rejected |
+//! | recent trades ([`decode_recent_trades`]) | count | at most the `limit` asked for | more: rejected |
+//! | recent trades | each trade | `trade_id` not empty; `price` positive; `size` zero or more; `time` from 2009 on and at most a day ahead (*client*); `product_id` as for the ticker | rejected |
+//! | recent trades | a `trade_id` twice | identical trades collapse; different ones cannot both be right | conflicting: rejected |
+//! | recent trades | order | most recent first | re-sorted (stable), not rejected |
 //!
-//! Fields the model does not carry (sizes, trade ids, sides, `name`, ...) are neither parsed
-//! nor checked. Nothing is ever "kept but flagged": the model has no place for a flag that a
+//! Fields the model does not carry (a ticker's trade sizes, ids and sides, `name`, ...) are
+//! neither parsed nor checked. Nothing is ever "kept but flagged": the model has no place for a flag that a
 //! bot would be sure to read, so a value is either checked and served or not served at all.
 
 use rust_decimal::Decimal;
@@ -54,7 +58,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use super::validate;
 use crate::{
     error::{Error, Result},
-    model::{Account, Candle, PriceKind, ProductId, Ticker, mid_price},
+    model::{Account, Candle, MarketTrade, PriceKind, ProductId, RecentTrades, Ticker, TradeSide, mid_price},
 };
 
 /// `GET /market/products/{id}/ticker` and `GET /products/{id}/ticker`.
@@ -410,6 +414,91 @@ pub fn decode_ticker(product: &ProductId, body: &[u8]) -> Result<Ticker> {
         },
     };
     Ok(Ticker { product: product.clone(), price, best_bid, best_ask, time, price_kind })
+}
+
+/// Decode a market-trades body for `product` asked with `limit`: every trade, most recent
+/// first, each checked (see the [module documentation](self)).
+///
+/// # Errors
+/// [`Error::Decode`] for a malformed body, more trades than `limit`, a trade of another
+/// product, an empty trade id, a price that is not positive, a negative size, a trade before
+/// 2009, two different trades with one id, or a crossed book.
+pub fn decode_recent_trades(product: &ProductId, limit: u32, body: &[u8]) -> Result<RecentTrades> {
+    let w: MarketTrades = parse_json(body, "ticker")?;
+    if w.trades.len() > limit as usize {
+        return Err(Error::decode(format_args!(
+            "ticker for {product} has {} trades, more than the {limit} asked for",
+            w.trades.len()
+        )));
+    }
+    let best_bid =
+        parse_opt_decimal(&w.best_bid, "best_bid")?.map(|b| validate::price(b, "best_bid")).transpose()?;
+    let best_ask =
+        parse_opt_decimal(&w.best_ask, "best_ask")?.map(|a| validate::price(a, "best_ask")).transpose()?;
+    validate::book(best_bid, best_ask, "ticker")?;
+    let mut trades: Vec<MarketTrade> = Vec::with_capacity(w.trades.len());
+    for t in &w.trades {
+        if !t.product_id.is_empty() && !validate::same_market(product, &t.product_id) {
+            return Err(Error::decode(format_args!(
+                "ticker for {product} carries a trade of another product ({:?})",
+                crate::error::truncate(&t.product_id, 40)
+            )));
+        }
+        if t.trade_id.trim().is_empty() {
+            return Err(Error::decode(format_args!("ticker for {product} has a trade without trade_id")));
+        }
+        let trade = MarketTrade {
+            trade_id: t.trade_id.trim().to_string(),
+            price: validate::price(parse_decimal(&t.price, "trades[].price")?, "trades[].price")?,
+            size: validate::amount(parse_decimal(&t.size, "trades[].size")?, "trades[].size")?,
+            time: validate::not_before_earliest(parse_time(&t.time, "trades[].time")?, "trades[].time")?,
+            side: match t.side.trim() {
+                s if s.eq_ignore_ascii_case("BUY") => TradeSide::Buy,
+                s if s.eq_ignore_ascii_case("SELL") => TradeSide::Sell,
+                _ => TradeSide::Unknown,
+            },
+        };
+        match trades.iter().find(|seen| seen.trade_id == trade.trade_id) {
+            Some(seen) if *seen == trade => {}
+            Some(_) => {
+                return Err(Error::decode(format_args!(
+                    "ticker for {product} has two different trades with id {:?}",
+                    crate::error::truncate(&trade.trade_id, 40)
+                )));
+            }
+            None => trades.push(trade),
+        }
+    }
+    // Most recent first, as Coinbase sends them; a stable sort keeps the order of equal times.
+    trades.sort_by_key(|t| std::cmp::Reverse(t.time));
+    Ok(RecentTrades { product: product.clone(), trades, best_bid, best_ask })
+}
+
+impl From<&RecentTrades> for MarketTrades {
+    /// The wire body of `r`, as Coinbase would send it (`bid`/`ask` of each trade `""`, as in
+    /// real data).
+    fn from(r: &RecentTrades) -> Self {
+        let dec = |d: Option<Decimal>| d.map(|d| d.to_string()).unwrap_or_default();
+        MarketTrades {
+            trades: r
+                .trades
+                .iter()
+                .map(|t| Trade {
+                    trade_id: t.trade_id.clone(),
+                    product_id: r.product.to_string(),
+                    price: t.price.to_string(),
+                    size: t.size.to_string(),
+                    time: format_time(t.time),
+                    side: t.side.as_wire().to_string(),
+                    bid: Some(String::new()),
+                    ask: Some(String::new()),
+                    exchange: None,
+                })
+                .collect(),
+            best_bid: dec(r.best_bid),
+            best_ask: dec(r.best_ask),
+        }
+    }
 }
 
 /// Decode a candles body, oldest first, de-duplicated by start time.
@@ -884,5 +973,54 @@ mod tests {
         let t = decode_ticker(&"BTC-USD".parse().unwrap(), body).unwrap();
         assert_eq!((t.best_bid, t.best_ask), (None, None));
         assert_eq!(t.price, Decimal::TEN);
+    }
+
+    /// The recent-trades decoder: every trade checked, no more than asked, no id twice.
+    #[test]
+    fn recent_trades_are_checked_trade_by_trade() {
+        let btc: ProductId = "BTC-USD".parse().unwrap();
+        let trade = |id: &str, price: &str, size: &str, time: &str| {
+            format!(
+                r#"{{"trade_id":"{id}","product_id":"BTC-USD","price":"{price}","size":"{size}","time":"{time}","side":"SELL","bid":"","ask":""}}"#
+            )
+        };
+        let body = |trades: &[String]| {
+            format!(r#"{{"trades":[{}],"best_bid":"99.5","best_ask":"100.5"}}"#, trades.join(","))
+        };
+        let (t1, t2) = ("2024-04-24T09:56:38.063595Z", "2024-04-24T09:56:39.000001Z");
+        // Out of order on the wire: served most recent first; an identical repeat collapses.
+        let ok = body(&[
+            trade("1", "100", "0.5", t1),
+            trade("2", "101.25", "0", t2),
+            trade("1", "100", "0.5", t1),
+        ]);
+        let got = decode_recent_trades(&btc, 3, ok.as_bytes()).unwrap();
+        assert_eq!(got.trades.iter().map(|t| t.trade_id.as_str()).collect::<Vec<_>>(), ["2", "1"]);
+        assert_eq!(got.trades[0].price, Decimal::new(10125, 2));
+        assert_eq!(got.trades[0].side, TradeSide::Sell);
+        assert_eq!((got.best_bid, got.best_ask), (Some(Decimal::new(995, 1)), Some(Decimal::new(1005, 1))));
+        // Back on the wire: the exchange's strings.
+        let wire = MarketTrades::from(&got);
+        assert_eq!(wire.trades[0].price, "101.25");
+        assert_eq!(wire.trades[1].time, t1);
+        assert_eq!(wire.trades[1].side, "SELL");
+        let bad = |b: String, limit: u32| {
+            let e = decode_recent_trades(&btc, limit, b.as_bytes());
+            assert!(matches!(e, Err(Error::Decode(_))), "{b}: {e:?}");
+        };
+        bad(body(&[trade("1", "100", "1", t1), trade("2", "100", "1", t2)]), 1); // more than asked
+        bad(body(&[trade("1", "100", "1", t1), trade("1", "100", "2", t1)]), 5); // one id, two trades
+        bad(body(&[trade("", "100", "1", t1)]), 5);
+        bad(body(&[trade("1", "0", "1", t1)]), 5);
+        bad(body(&[trade("1", "100", "-1", t1)]), 5);
+        bad(body(&[trade("1", "100", "", t1)]), 5);
+        bad(body(&[trade("1", "100", "1", "2001-01-01T00:00:00Z")]), 5);
+        bad(body(&[trade("1", "100", "1", t1).replace("BTC-USD", "ETH-USD")]), 5);
+        bad(body(&[trade("1", "100", "1", t1)]).replace("99.5", "101"), 5); // crossed book
+        bad(r#"{"best_bid":"1"}"#.to_string(), 5);
+        // The alias market answers for its pair; an empty list is a valid empty answer.
+        let alias = body(&[trade("1", "100", "1", t1).replace("BTC-USD", "BTC-USDC")]);
+        assert_eq!(decode_recent_trades(&btc, 1, alias.as_bytes()).unwrap().trades.len(), 1);
+        assert!(decode_recent_trades(&btc, 1, body(&[]).as_bytes()).unwrap().trades.is_empty());
     }
 }

@@ -91,6 +91,28 @@ impl Forwarder {
         }
     }
 
+    /// Run `call`, a request of the proxy's own client (the trades, product list and time
+    /// fetches), under the shared tier's admission when the proxy has one: that client is then
+    /// built without a limiter, and every request on the key must still draw from the one
+    /// budget. Otherwise the client's own limiter admits it and this adds nothing.
+    pub(super) async fn gated<T>(
+        &self,
+        class: EndpointClass,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        #[cfg(feature = "redis")]
+        if let Gate::Shared(tier) = &self.gate {
+            let path = tier.admit(class).await?;
+            let out = call.await;
+            let recorded: Result<()> = out.as_ref().map(|_| ()).map_err(Clone::clone);
+            tier.record(path, class, &recorded).await;
+            return out;
+        }
+        #[cfg(not(feature = "redis"))]
+        let _ = class;
+        call.await
+    }
+
     /// Forward one request. `retries` counts the retries made.
     pub(super) async fn send(
         &self,

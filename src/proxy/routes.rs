@@ -5,10 +5,10 @@ use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::{sync::Mutex, time::Instant};
 
-use super::Shared;
+use super::{Shared, TickerAnswer};
 use crate::{
     coinbase::{
-        API_PREFIX, MAX_CANDLES_PER_REQUEST,
+        API_PREFIX, MAX_CANDLES_PER_REQUEST, MAX_TRADES_PER_REQUEST,
         wire::{
             Accounts, BestBidAsk, Candles, Level, MarketTrades, Money, PriceBook, Product, Products,
             ServerTime, Trade, WireAccount, WireCandle, format_time,
@@ -16,6 +16,7 @@ use crate::{
     },
     coordinated::ReadOptions,
     error::Error,
+    limiter::EndpointClass,
     model::{Account, CandleRange, Granularity, ProductId, Ticker, from_unix},
     util::inc,
 };
@@ -175,7 +176,7 @@ impl ProductsCache {
             return Ok(Arc::clone(list));
         }
         inc(&shared.counters.products_upstream);
-        match shared.client.products().await {
+        match shared.forwarder.gated(shared.client.market_data_class(), shared.client.products()).await {
             Ok(list) => {
                 let list = Arc::new(list);
                 *slot = Some((Instant::now(), Arc::clone(&list)));
@@ -205,7 +206,7 @@ impl TimeOffset {
             (Some((_, off)), _) => off,
             (None, old) => {
                 inc(&shared.counters.time_upstream);
-                match shared.client.server_time().await {
+                match shared.forwarder.gated(EndpointClass::Public, shared.client.server_time()).await {
                     Ok(t) => {
                         let off = t - shared.clock.now_utc();
                         *slot = Some((Instant::now(), off));
@@ -233,13 +234,14 @@ fn dec(d: Option<rust_decimal::Decimal>) -> String {
 /// Answer a cached route (`None`: pass it through after all).
 pub(super) async fn answer(route: &Route, query: &Query, shared: &Shared) -> Option<Reply> {
     let result = match route {
-        Route::Ticker(p) => {
-            // A trade history is not cached: pass a request for more than one trade through.
-            if matches!(query.int::<u32>("limit"), Ok(Some(l)) if l > 1) {
-                return None;
+        Route::Ticker(p) => match query.int::<u32>("limit") {
+            // More trades than one request may ask for: the exchange answers that.
+            Ok(Some(l)) if l > MAX_TRADES_PER_REQUEST => return None,
+            Ok(Some(l)) if l > 1 || shared.ticker_answer == TickerAnswer::Trades => {
+                recent_trades(p, l, shared).await
             }
-            ticker(p, query, shared).await
-        }
+            _ => ticker(p, query, shared).await,
+        },
         Route::Candles(p) => candles(p, query, shared).await,
         Route::BestBidAsk => best_bid_ask(query, shared).await,
         Route::Products { private } => products(*private, query, shared).await,
@@ -266,6 +268,26 @@ fn trades_of(t: &Ticker) -> MarketTrades {
     MarketTrades { trades: vec![trade], best_bid: dec(t.best_bid), best_ask: dec(t.best_ask) }
 }
 
+/// A ticker request answered with the exchange's own trades, from the trades cache.
+async fn recent_trades(p: &str, limit: u32, shared: &Shared) -> Result<Reply, Reply> {
+    let id = product(p)?;
+    if limit == 0 {
+        return Err(Reply::bad_request("limit must be at least 1"));
+    }
+    let served = shared
+        .trades
+        .get(&shared.client, &shared.forwarder, &id, limit)
+        .await
+        .map_err(|e| Reply::from_error(&e))?;
+    if served.fetched {
+        inc(&shared.counters.trades_upstream);
+    }
+    let mut body = MarketTrades::from(&*served.trades);
+    body.trades.truncate(limit as usize);
+    Ok(Reply::json(200, &body))
+}
+
+/// A one-trade ticker request answered from the coordinated source's batched tickers.
 async fn ticker(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
     let id = product(p)?;
     q.required_int::<u32>("limit")?;

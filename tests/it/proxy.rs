@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use tickshare::{
     CandleRange, CoinbaseClient, CoordinatedSource, Credentials, Granularity, MarketDataSource, ProductId,
-    proxy::Proxy,
+    proxy::{Proxy, TickerAnswer},
     sim::{SimExchange, SimHandle},
 };
 
@@ -348,6 +348,88 @@ async fn books_are_served_not_emptied() {
         assert_eq!(t["best_bid"].as_str().unwrap().parse().ok(), truth.best_bid, "{t}");
         assert_eq!(t["best_ask"].as_str().unwrap().parse().ok(), truth.best_ask, "{t}");
     }
+    proxy.shutdown().await;
+}
+
+/// A request for trades (`fetch_trades`, or any ticker with [`TickerAnswer::Trades`]) gets the
+/// exchange's own answer, every field of every trade, from one fetch per product for every
+/// client; a smaller `limit` is a prefix of the cached answer.
+#[tokio::test(start_paused = true)]
+async fn trades_are_the_exchanges_own_and_fetched_once_for_every_client() {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = sim(&creds).await;
+    let proxy = Proxy::builder(creds.clone())
+        .upstream(upstream.base_url())
+        .listen("127.0.0.1:0".parse().unwrap())
+        .local_token(TOKEN)
+        .header_read_timeout(None)
+        .clock(upstream.clock())
+        .ticker_answer(TickerAnswer::Trades)
+        .start()
+        .await
+        .unwrap();
+    let (api, c) = (format!("{}/api/v3/brokerage", proxy.base_url()), http());
+    let ticker = |limit: u32| format!("{api}/market/products/ETH-USD/ticker?limit={limit}");
+    // The exchange's answer at this instant (the paused clock stands still meanwhile).
+    let truth = get(&c, &format!("{}/market/products/ETH-USD/ticker?limit=20", upstream.api_url()), None)
+        .await
+        .json();
+    assert_eq!(truth["trades"].as_array().unwrap().len(), 20);
+    let before = upstream.stats().total_calls;
+    let url = ticker(20);
+    let answers = futures_util::future::join_all((0..30).map(|_| get(&c, &url, Some(TOKEN)))).await;
+    for a in &answers {
+        assert_eq!(a.status, 200);
+        assert_eq!(a.json(), truth, "the exchange's answer, field by field");
+    }
+    assert_eq!(upstream.stats().total_calls - before, 1, "thirty clients, one fetch");
+    // Fewer trades: the first ones of the cached answer, no call.
+    for limit in [1, 5] {
+        let got = get(&c, &ticker(limit), Some(TOKEN)).await.json();
+        let trades = got["trades"].as_array().unwrap();
+        assert_eq!(trades.as_slice(), &truth["trades"].as_array().unwrap()[..limit as usize]);
+        assert!(
+            !trades[0]["trade_id"].as_str().unwrap().is_empty()
+                && !trades[0]["size"].as_str().unwrap().is_empty()
+        );
+        assert_eq!(got["best_bid"], truth["best_bid"]);
+    }
+    assert_eq!(upstream.stats().total_calls - before, 1);
+    assert_eq!(proxy.stats().trades_upstream, 1);
+    // Unknown products are remembered; bad limits are refused here.
+    let nope = format!("{api}/market/products/NOPE-USD/ticker?limit=3");
+    assert_eq!(get(&c, &nope, Some(TOKEN)).await.status, 404);
+    assert_eq!(get(&c, &nope, Some(TOKEN)).await.status, 404);
+    assert_eq!(upstream.stats().total_calls - before, 2);
+    assert_eq!(get(&c, &ticker(0), Some(TOKEN)).await.status, 400);
+    // After the ticker TTL, one refresh for everyone, at the largest limit asked recently.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let one = get(&c, &ticker(1), Some(TOKEN)).await.json();
+    assert_eq!(upstream.stats().total_calls - before, 3);
+    let twenty = get(&c, &ticker(20), Some(TOKEN)).await.json();
+    assert_eq!(upstream.stats().total_calls - before, 3, "the refresh fetched twenty");
+    assert_eq!(twenty["trades"][0], one["trades"][0]);
+    assert_ne!(twenty["trades"][0], truth["trades"][0], "a new last trade after 6 s");
+    proxy.shutdown().await;
+}
+
+/// With the default [`TickerAnswer::Batched`], a one-trade ticker joins the batch and a longer
+/// history goes to the trades cache: neither is passed through.
+#[tokio::test(start_paused = true)]
+async fn a_trade_history_is_cached_beside_the_batched_ticker() {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = sim(&creds).await;
+    let proxy = proxy(&creds, &upstream).await;
+    let (api, c) = (format!("{}/api/v3/brokerage", proxy.base_url()), http());
+    let one = get(&c, &format!("{api}/market/products/BTC-USD/ticker?limit=1"), Some(TOKEN)).await.json();
+    assert_eq!(one["trades"][0]["trade_id"], "", "the batch carries no trade id");
+    for _ in 0..3 {
+        let t = get(&c, &format!("{api}/market/products/BTC-USD/ticker?limit=50"), Some(TOKEN)).await.json();
+        assert_eq!(t["trades"].as_array().unwrap().len(), 50);
+    }
+    let s = proxy.stats();
+    assert_eq!((s.trades_upstream, s.requests_by_route["passthrough"]), (1, 0));
+    assert_eq!(calls(&upstream).get("ticker"), Some(&1), "{:?}", calls(&upstream));
     proxy.shutdown().await;
 }
 
