@@ -237,6 +237,7 @@ pub(super) async fn answer(route: &Route, query: &Query, shared: &Shared) -> Opt
         Route::Ticker(p) => match query.int::<u32>("limit") {
             // More trades than one request may ask for: the exchange answers that.
             Ok(Some(l)) if l > MAX_TRADES_PER_REQUEST => return None,
+            Ok(Some(0)) => Err(Reply::bad_request("limit must be at least 1")),
             Ok(Some(l)) if l > 1 || shared.ticker_answer == TickerAnswer::Trades => {
                 recent_trades(p, l, shared).await
             }
@@ -271,9 +272,6 @@ fn trades_of(t: &Ticker) -> MarketTrades {
 /// A ticker request answered with the exchange's own trades, from the trades cache.
 async fn recent_trades(p: &str, limit: u32, shared: &Shared) -> Result<Reply, Reply> {
     let id = product(p)?;
-    if limit == 0 {
-        return Err(Reply::bad_request("limit must be at least 1"));
-    }
     let served = shared
         .trades
         .get(&shared.client, &shared.forwarder, &id, limit)

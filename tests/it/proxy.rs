@@ -423,6 +423,8 @@ async fn a_trade_history_is_cached_beside_the_batched_ticker() {
     let (api, c) = (format!("{}/api/v3/brokerage", proxy.base_url()), http());
     let one = get(&c, &format!("{api}/market/products/BTC-USD/ticker?limit=1"), Some(TOKEN)).await.json();
     assert_eq!(one["trades"][0]["trade_id"], "", "the batch carries no trade id");
+    let zero = format!("{api}/market/products/BTC-USD/ticker?limit=0");
+    assert_eq!(get(&c, &zero, Some(TOKEN)).await.status, 400, "as under TickerAnswer::Trades");
     for _ in 0..3 {
         let t = get(&c, &format!("{api}/market/products/BTC-USD/ticker?limit=50"), Some(TOKEN)).await.json();
         assert_eq!(t["trades"].as_array().unwrap().len(), 50);
