@@ -3,8 +3,16 @@
 //!
 //! ```text
 //! cargo run --release --example proxy_load --features proxy -- [--connections 1000] [--secs 10] [--rate 20000]
-//!     [--proxy-threads 1] [--load-threads 1] [--shared-runtime] [--target ADDR]
+//!     [--proxy-threads 1] [--load-threads 1] [--shared-runtime] [--target ADDR] [--baseline] [--pin]
 //! ```
+//!
+//! `--pin` (Linux, util-linux `taskset`) pins the proxy runtime's threads to CPU 0 and the load generator's to CPU 1,
+//! the same split as two `taskset` processes, without leaving the process.
+//!
+//! `--baseline` drives, instead of the proxy, a minimal hyper server on the proxy's runtime that
+//! answers every request with the bytes the proxy answered once (same size, same headers): the
+//! floor this machine puts under the same load, to compare with a proxy run right before or after
+//! (ratios in one sitting, since the machines here are noisy).
 //!
 //! `--target ADDR` drives a proxy that runs in another process (e.g. `examples/proxy.rs --sim`
 //! with `TICKSHARE_PROXY_TOKEN` set to the token below, or to `--token`), so that proxy and load
@@ -90,6 +98,45 @@ async fn connection(
     Ok(lat)
 }
 
+/// The body of one ticker answer from the proxy.
+async fn fetch_once(addr: std::net::SocketAddr, token: &str) -> Result<Vec<u8>, Box<dyn Error>> {
+    let mut s = TcpStream::connect(addr).await?;
+    let req = format!(
+        "GET /api/v3/brokerage/market/products/BTC-USD/ticker?limit=1 HTTP/1.1\r\nHost: {addr}\r\nX-Tickshare-Token: {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).await?;
+    let head_end = all.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no response head")?;
+    Ok(all.split_off(head_end + 4))
+}
+
+/// A minimal hyper HTTP/1.1 server answering every request with `body`: the floor under the load.
+async fn baseline_server(body: Vec<u8>) -> Result<std::net::SocketAddr, Box<dyn Error>> {
+    use hyper::{Response, body::Bytes, header, server::conn::http1, service::service_fn};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let body = Bytes::from(body);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_req| {
+                    let mut resp = Response::new(http_body_util::Full::new(body.clone()));
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
 /// A pseudo-random fraction in [0, 1) without another dependency.
 fn fastrand_offset() -> f64 {
     use std::hash::{BuildHasher, Hasher};
@@ -130,6 +177,10 @@ struct Args {
     /// A proxy in another process to drive, instead of one started here.
     target: Option<std::net::SocketAddr>,
     token: String,
+    /// Drive a minimal hyper server with the proxy's answer instead of the proxy.
+    baseline: bool,
+    /// Pin the proxy runtime to CPU 0 and the load generator to CPU 1.
+    pin: bool,
 }
 
 fn parse_args() -> Result<Args, Box<dyn Error>> {
@@ -142,6 +193,8 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
         load_threads: 1,
         target: None,
         token: TOKEN.to_string(),
+        baseline: false,
+        pin: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -157,14 +210,40 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             "--load-threads" => a.load_threads = value()?.parse::<usize>()?.max(1),
             "--target" => a.target = Some(value()?.parse()?),
             "--token" => a.token = value()?,
+            "--baseline" => a.baseline = true,
+            "--pin" => a.pin = true,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
     Ok(a)
 }
 
-fn runtime(name: &str, threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name(name).enable_all().build()
+fn runtime(name: &str, threads: usize, cpu: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(threads).thread_name(name).enable_all();
+    if let Some(cpu) = cpu {
+        b.on_thread_start(move || pin_current_thread(cpu));
+    }
+    b.build()
+}
+
+/// Pin the calling thread to one CPU with util-linux `taskset` (Linux; the crate forbids
+/// `unsafe`, so no `sched_setaffinity` here).
+fn pin_current_thread(cpu: usize) {
+    // `/proc/thread-self` links to `<pid>/task/<tid>`.
+    let tid = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().map(|t| t.to_string_lossy().into_owned()));
+    let pinned = tid.is_some_and(|tid| {
+        std::process::Command::new("taskset")
+            .args(["-p", "-c", &cpu.to_string(), &tid])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !pinned {
+        eprintln!("could not pin a thread to CPU {cpu} (needs Linux and taskset)");
+    }
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -172,10 +251,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     // The proxy (and the simulated exchange behind it) on one runtime, the load generator on
     // another, each with its own worker threads, so that the CPU each uses can be told apart;
     // `--shared-runtime` puts both on one runtime of two workers.
+    let (proxy_cpu, load_cpu) = if a.pin { (Some(0), Some(1)) } else { (None, None) };
     let (proxy_rt, load_rt) = if a.shared {
-        (runtime("shared-rt", 2)?, None)
+        (runtime("shared-rt", 2, None)?, None)
     } else {
-        (runtime("proxy-rt", a.proxy_threads)?, Some(runtime("load-gen", a.load_threads)?))
+        (
+            runtime("proxy-rt", a.proxy_threads, proxy_cpu)?,
+            Some(runtime("load-gen", a.load_threads, load_cpu)?),
+        )
     };
     // The proxy under test: one started here in front of a simulated exchange, or `--target`.
     let local = match a.target {
@@ -197,6 +280,12 @@ fn main() -> Result<(), Box<dyn Error>> {
         (None, None) => return Err("no proxy to drive".into()),
     };
     let token: std::sync::Arc<str> = a.token.as_str().into();
+    let addr = if a.baseline {
+        let body = proxy_rt.block_on(fetch_once(addr, &token))?;
+        proxy_rt.block_on(baseline_server(body))?
+    } else {
+        addr
+    };
     let load = load_rt.as_ref().unwrap_or(&proxy_rt);
     let (conns, secs) = (a.conns, a.secs);
     let pace = a.rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
@@ -227,14 +316,23 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut lat = lat;
     lat.sort_unstable();
     let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0) as f64 / 1000.0;
-    let setup = if let Some(t) = a.target {
+    let setup = if a.baseline {
+        format!(
+            "BASELINE: minimal hyper server with the proxy's answer, runtime {} worker(s), load generator {} worker(s){}",
+            a.proxy_threads,
+            a.load_threads,
+            if a.pin { ", pinned to CPU 0 and 1" } else { "" }
+        )
+    } else if let Some(t) = a.target {
         format!("proxy at {t} in another process, load generator runtime {} worker(s)", a.load_threads)
     } else if a.shared {
         "one runtime, 2 workers, for proxy and load generator".to_string()
     } else {
         format!(
-            "proxy runtime {} worker(s), load generator runtime {} worker(s)",
-            a.proxy_threads, a.load_threads
+            "proxy runtime {} worker(s), load generator runtime {} worker(s){}",
+            a.proxy_threads,
+            a.load_threads,
+            if a.pin { ", pinned to CPU 0 and 1" } else { "" }
         )
     };
     println!("setup              {setup}");
@@ -255,7 +353,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .map(|(name, d)| format!("{name} {:.0} % of a core", d / took * 100.0))
         .collect();
     println!("cpu by thread      {}", used.join(", "));
-    if let Some((sim, proxy)) = local {
+    if let (Some((sim, proxy)), false) = (local, a.baseline) {
         let s = proxy.stats();
         println!(
             "upstream calls     {} (cache hit rate {:.5}); exchange saw {} requests, {} x 429",

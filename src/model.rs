@@ -89,8 +89,11 @@ impl ProductId {
 pub const USDC_OWN_MARKETS: [&str; 2] = ["USDT-USDC", "EURC-USDC"];
 
 fn validate_product_id(id: &str) -> Result<()> {
-    let shown = crate::error::truncate(&id.escape_debug().to_string(), 48);
-    let fail = |why: &str| Err(Error::InvalidInput(format!("product id \"{shown}\" {why}")));
+    // The id as the message shows it, made only on failure (this runs on every proxy request).
+    let fail = |why: &str| {
+        let shown = crate::error::truncate(&id.escape_debug().to_string(), 48);
+        Err(Error::InvalidInput(format!("product id \"{shown}\" {why}")))
+    };
     if id.is_empty() {
         return fail("is empty; expected BASE-QUOTE such as BTC-USD");
     }

@@ -49,6 +49,10 @@ impl Reply {
 
 /// Decode `%XX` escapes and `+`; invalid escapes stay as they are, invalid UTF-8 is replaced.
 pub(crate) fn percent_decode(s: &str) -> String {
+    // Most queries have nothing to decode: copy them as they are.
+    if !s.contains(['%', '+']) {
+        return s.to_string();
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -1,6 +1,6 @@
 //! The paths answered from the cache, in Coinbase's JSON (the wire structs).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use time::OffsetDateTime;
 use tokio::{sync::Mutex, time::Instant};
@@ -18,7 +18,7 @@ use crate::{
     error::Error,
     limiter::EndpointClass,
     model::{Account, CandleRange, Granularity, ProductId, Ticker, from_unix},
-    util::inc,
+    util::{inc, lock},
 };
 
 /// A cached route, or pass-through.
@@ -67,8 +67,16 @@ impl Route {
         let Some(rest) = path.strip_prefix(API_PREFIX) else {
             return Route::Passthrough;
         };
-        let segments: Vec<&str> = rest.trim_matches('/').split('/').collect();
-        let s = match segments.as_slice() {
+        // At most five segments matter (`market/products/{id}/candles`); more is pass-through.
+        let mut parts = [""; 5];
+        let mut n = 0;
+        for part in rest.trim_matches('/').split('/') {
+            let Some(slot) = parts.get_mut(n) else { return Route::Passthrough };
+            *slot = part;
+            n += 1;
+        }
+        let segments = &parts[..n];
+        let s = match segments {
             ["market", tail @ ..] => tail,
             tail => tail,
         };
@@ -291,7 +299,39 @@ async fn ticker(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
     q.required_int::<u32>("limit")?;
     let t =
         shared.source.ticker_with(&id, ReadOptions::default()).await.map_err(|e| Reply::from_error(&e))?;
-    Ok(Reply::json(200, &trades_of(&t.value)))
+    Ok(shared.ticker_bodies.reply(&t.value))
+}
+
+/// The last one-trade ticker body answered for each product, with the ticker it was made from:
+/// while the cached ticker stays the same, a request costs a comparison and a copy instead of a
+/// serialization (two thirds of the proxy's own work per cached ticker request, measured with
+/// callgrind). Bounded: at most [`TickerBodies::MAX`] products, then it starts over.
+#[derive(Debug, Default)]
+pub(super) struct TickerBodies(std::sync::Mutex<HashMap<ProductId, MadeFrom>>);
+
+/// A body and the ticker it was made from.
+type MadeFrom = (Ticker, Arc<[u8]>);
+
+impl TickerBodies {
+    /// Products remembered at most (only products the source answered for get here).
+    const MAX: usize = 4096;
+
+    fn reply(&self, t: &Ticker) -> Reply {
+        if let Some((seen, body)) = lock(&self.0).get(&t.product)
+            && seen == t
+        {
+            return Reply { status: 200, content_type: "application/json", body: body.to_vec() };
+        }
+        let r = Reply::json(200, &trades_of(t));
+        if r.status == 200 {
+            let mut memo = lock(&self.0);
+            if memo.len() >= Self::MAX && !memo.contains_key(&t.product) {
+                memo.clear();
+            }
+            memo.insert(t.product.clone(), (t.clone(), Arc::from(r.body.as_slice())));
+        }
+        r
+    }
 }
 
 async fn candles(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
@@ -489,6 +529,32 @@ mod tests {
         assert_eq!(p("/orders"), Route::Passthrough);
         assert_eq!(p("/accounts/abc"), Route::Passthrough);
         assert_eq!(Route::of("/v2/currencies"), Route::Passthrough);
+        // Longer than any cached path: pass-through, not a truncated match.
+        assert_eq!(p("/market/products/BTC-USD/candles/x/y"), Route::Passthrough);
+        assert_eq!(p("/products/BTC-USD/ticker/extra"), Route::Passthrough);
+    }
+
+    #[test]
+    fn ticker_bodies_follow_the_ticker() {
+        let bodies = TickerBodies::default();
+        let t = |price: i64| Ticker {
+            product: "BTC-USD".parse().unwrap(),
+            price: rust_decimal::Decimal::new(price, 0),
+            best_bid: Some(rust_decimal::Decimal::new(price - 1, 0)),
+            best_ask: None,
+            time: OffsetDateTime::UNIX_EPOCH,
+            price_kind: crate::model::PriceKind::LastTrade,
+        };
+        let fresh = |t: &Ticker| Reply::json(200, &trades_of(t));
+        let (a, b) = (t(100), t(101));
+        assert_eq!(bodies.reply(&a), fresh(&a));
+        // The remembered body, while the ticker is the same one.
+        assert_eq!(bodies.reply(&a), fresh(&a));
+        // A new ticker is a new body, never the remembered one.
+        assert_eq!(bodies.reply(&b), fresh(&b));
+        assert_ne!(bodies.reply(&b).body, fresh(&a).body);
+        let moved = Ticker { time: OffsetDateTime::UNIX_EPOCH + time::Duration::SECOND, ..b.clone() };
+        assert_eq!(bodies.reply(&moved), fresh(&moved));
     }
 
     #[test]
