@@ -350,7 +350,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         .iter()
         .map(|(name, after)| (name, after - cpu_before.get(name).copied().unwrap_or(0.0)))
         .filter(|(_, d)| *d > 0.0)
-        .map(|(name, d)| format!("{name} {:.0} % of a core", d / took * 100.0))
+        .map(|(name, d)| {
+            // CPU time per request: the figure to compare with a `--baseline` run.
+            let per = d / lat.len().max(1) as f64 * 1e6;
+            format!("{name} {:.0} % of a core ({per:.1} µs per request)", d / took * 100.0)
+        })
         .collect();
     println!("cpu by thread      {}", used.join(", "));
     if let (Some((sim, proxy)), false) = (local, a.baseline) {

@@ -100,17 +100,28 @@ fn validate_product_id(id: &str) -> Result<()> {
     if id.len() > MAX_PRODUCT_ID_LEN {
         return fail(&format!("is longer than {MAX_PRODUCT_ID_LEN} bytes"));
     }
-    if id.chars().any(char::is_whitespace) {
+    // One pass over the characters (this runs on every proxy request); the first failing rule
+    // in this order names the error.
+    let (mut space, mut lower, mut other) = (false, false, false);
+    for c in id.chars() {
+        if c.is_whitespace() {
+            space = true;
+        } else if c.is_ascii_lowercase() {
+            lower = true;
+        } else if !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '-') {
+            other = true;
+        }
+    }
+    if space {
         return fail("contains whitespace");
     }
-    if id.chars().any(|c| c.is_ascii_lowercase()) {
+    if lower {
         return fail("must be upper-case, e.g. BTC-USD");
     }
-    if !id.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '-') {
+    if other {
         return fail("may contain only A-Z, 0-9 and '-'");
     }
-    let segments = id.split('-').count();
-    if segments < 2 || id.split('-').any(str::is_empty) {
+    if !id.contains('-') || id.starts_with('-') || id.ends_with('-') || id.contains("--") {
         return fail("is not of the form BASE-QUOTE, e.g. BTC-USD");
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! The paths answered from the cache, in Coinbase's JSON (the wire structs).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::HashMap, sync::Arc, time::Duration};
 
 use time::OffsetDateTime;
 use tokio::{sync::Mutex, time::Instant};
@@ -21,21 +21,21 @@ use crate::{
     util::{inc, lock},
 };
 
-/// A cached route, or pass-through.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Route {
-    Ticker(String),
-    Candles(String),
+/// A cached route, or pass-through (product ids borrowed from the request path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route<'a> {
+    Ticker(&'a str),
+    Candles(&'a str),
     BestBidAsk,
     Products { private: bool },
-    Product(String),
+    Product(&'a str),
     Accounts,
     Time,
     Passthrough,
     Operator,
 }
 
-impl Route {
+impl Route<'_> {
     pub(super) const NAMES: [&'static str; 9] = [
         "ticker",
         "candles",
@@ -63,7 +63,7 @@ impl Route {
     }
 
     /// The route of a GET to `path` (a non-GET is always passed through).
-    pub(super) fn of(path: &str) -> Route {
+    pub(super) fn of(path: &str) -> Route<'_> {
         let Some(rest) = path.strip_prefix(API_PREFIX) else {
             return Route::Passthrough;
         };
@@ -86,9 +86,9 @@ impl Route {
             ["best_bid_ask"] if !public => Route::BestBidAsk,
             ["accounts"] if !public => Route::Accounts,
             ["products"] => Route::Products { private: !public },
-            ["products", p] => Route::Product((*p).to_string()),
-            ["products", p, "ticker"] => Route::Ticker((*p).to_string()),
-            ["products", p, "candles"] => Route::Candles((*p).to_string()),
+            ["products", p] => Route::Product(p),
+            ["products", p, "ticker"] => Route::Ticker(p),
+            ["products", p, "candles"] => Route::Candles(p),
             _ => Route::Passthrough,
         }
     }
@@ -121,30 +121,36 @@ impl Reply {
     }
 }
 
-/// A parsed query string: repeated keys kept in order, percent-decoded.
+/// A parsed query string: repeated keys kept in order, percent-decoded (borrowed from the
+/// request when there is nothing to decode, the common case).
 #[derive(Debug, Default)]
-pub(super) struct Query(Vec<(String, String)>);
+pub(super) struct Query<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
 
-impl Query {
-    pub(super) fn parse(query: Option<&str>) -> Query {
+/// `s` percent-decoded, borrowed when it has no escape.
+fn decoded(s: &str) -> Cow<'_, str> {
+    if s.contains(['%', '+']) { Cow::Owned(percent_decode(s)) } else { Cow::Borrowed(s) }
+}
+
+impl<'a> Query<'a> {
+    pub(super) fn parse(query: Option<&'a str>) -> Query<'a> {
         let pairs = query
             .unwrap_or("")
             .split('&')
             .filter(|p| !p.is_empty())
             .map(|p| {
                 let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (percent_decode(k), percent_decode(v))
+                (decoded(k), decoded(v))
             })
             .collect();
         Query(pairs)
     }
 
-    fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
+    fn all<'k>(&'k self, key: &'k str) -> impl Iterator<Item = &'k str> + 'k {
+        self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_ref())
     }
 
     pub(super) fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_ref())
     }
 
     fn int<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, Reply> {
@@ -240,7 +246,7 @@ fn dec(d: Option<rust_decimal::Decimal>) -> String {
 }
 
 /// Answer a cached route (`None`: pass it through after all).
-pub(super) async fn answer(route: &Route, query: &Query, shared: &Shared) -> Option<Reply> {
+pub(super) async fn answer(route: Route<'_>, query: &Query<'_>, shared: &Shared) -> Option<Reply> {
     let result = match route {
         Route::Ticker(p) => match query.int::<u32>("limit") {
             // More trades than one request may ask for: the exchange answers that.
@@ -253,7 +259,7 @@ pub(super) async fn answer(route: &Route, query: &Query, shared: &Shared) -> Opt
         },
         Route::Candles(p) => candles(p, query, shared).await,
         Route::BestBidAsk => best_bid_ask(query, shared).await,
-        Route::Products { private } => products(*private, query, shared).await,
+        Route::Products { private } => products(private, query, shared).await,
         Route::Product(p) => one_product(p, shared).await,
         Route::Accounts => accounts(query, shared).await,
         Route::Time => time_now(shared).await,
@@ -294,7 +300,7 @@ async fn recent_trades(p: &str, limit: u32, shared: &Shared) -> Result<Reply, Re
 }
 
 /// A one-trade ticker request answered from the coordinated source's batched tickers.
-async fn ticker(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+async fn ticker(p: &str, q: &Query<'_>, shared: &Shared) -> Result<Reply, Reply> {
     let id = product(p)?;
     q.required_int::<u32>("limit")?;
     let t =
@@ -334,7 +340,7 @@ impl TickerBodies {
     }
 }
 
-async fn candles(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+async fn candles(p: &str, q: &Query<'_>, shared: &Shared) -> Result<Reply, Reply> {
     let id = product(p)?;
     let start: i64 = q.required_int("start")?;
     let end: i64 = q.required_int("end")?;
@@ -393,7 +399,7 @@ async fn candles(p: &str, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
     Ok(Reply::json(200, &Candles { candles }))
 }
 
-async fn best_bid_ask(q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+async fn best_bid_ask(q: &Query<'_>, shared: &Shared) -> Result<Reply, Reply> {
     let mut ids: Vec<ProductId> = q.all("product_ids").filter_map(|p| ProductId::new(p).ok()).collect();
     if q.all("product_ids").next().is_none() {
         let list = shared.products.get(shared).await.map_err(|e| Reply::from_error(&e))?;
@@ -421,7 +427,7 @@ async fn best_bid_ask(q: &Query, shared: &Shared) -> Result<Reply, Reply> {
     Ok(Reply::json(200, &BestBidAsk { pricebooks }))
 }
 
-async fn products(private: bool, q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+async fn products(private: bool, q: &Query<'_>, shared: &Shared) -> Result<Reply, Reply> {
     let list = shared.products.get(shared).await.map_err(|e| Reply::from_error(&e))?;
     let wanted: Vec<&str> = q.all("product_ids").collect();
     let kind = q.get("product_type").map(str::to_ascii_uppercase);
@@ -473,7 +479,7 @@ fn wire_account(a: &Account) -> WireAccount {
     }
 }
 
-async fn accounts(q: &Query, shared: &Shared) -> Result<Reply, Reply> {
+async fn accounts(q: &Query<'_>, shared: &Shared) -> Result<Reply, Reply> {
     let limit = match q.int::<usize>("limit")? {
         None | Some(0) => 49,
         Some(l) => l.min(250),
@@ -515,13 +521,14 @@ mod tests {
 
     #[test]
     fn routing_table() {
-        let p = |s: &str| Route::of(&format!("{API_PREFIX}{s}"));
-        assert_eq!(p("/market/products/BTC-USD/ticker"), Route::Ticker("BTC-USD".into()));
-        assert_eq!(p("/products/BTC-USD/ticker"), Route::Ticker("BTC-USD".into()));
-        assert_eq!(p("/products/BTC-USD/candles"), Route::Candles("BTC-USD".into()));
+        // Leaked: a route borrows its path, and these few test strings may live forever.
+        let p = |s: &str| Route::of(String::leak(format!("{API_PREFIX}{s}")));
+        assert_eq!(p("/market/products/BTC-USD/ticker"), Route::Ticker("BTC-USD"));
+        assert_eq!(p("/products/BTC-USD/ticker"), Route::Ticker("BTC-USD"));
+        assert_eq!(p("/products/BTC-USD/candles"), Route::Candles("BTC-USD"));
         assert_eq!(p("/products"), Route::Products { private: true });
         assert_eq!(p("/market/products"), Route::Products { private: false });
-        assert_eq!(p("/products/ETH-USD"), Route::Product("ETH-USD".into()));
+        assert_eq!(p("/products/ETH-USD"), Route::Product("ETH-USD"));
         assert_eq!(p("/accounts"), Route::Accounts);
         assert_eq!(p("/market/accounts"), Route::Passthrough);
         assert_eq!(p("/time"), Route::Time);
@@ -563,5 +570,8 @@ mod tests {
         assert_eq!(q.all("product_ids").collect::<Vec<_>>(), ["BTC-USD", "ETH-USD"]);
         assert_eq!(q.get("x"), Some("%zz"));
         assert_eq!(q.get("y"), Some("%4"));
+        let q = Query::parse(Some("limit=1&a=b+c&&k"));
+        assert_eq!((q.get("limit"), q.get("a"), q.get("k")), (Some("1"), Some("b c"), Some("")));
+        assert!(matches!(q.0[0].1, Cow::Borrowed(_)), "nothing to decode, nothing copied");
     }
 }

