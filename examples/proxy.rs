@@ -16,7 +16,9 @@
 //! `cargo run --example sim_exchange`) or any look-alike. `--sim` starts a simulated exchange
 //! in-process instead (it accepts any well-formed JWT), and `--allow-remote` permits a
 //! non-loopback `--listen` (a local token is then required). `--serve-secs N` stops after N
-//! seconds, for scripted runs.
+//! seconds, for scripted runs. `--per-connection-rate N[:BURST]` sets each connection's request
+//! budget (default 500/s, burst 1,000; a load test with few connections needs more, or it
+//! measures the proxy's own 429s).
 
 use std::{error::Error, net::SocketAddr, time::Duration};
 
@@ -29,6 +31,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let mut allow_remote = false;
     let mut serve_secs: Option<u64> = None;
     let mut sim = false;
+    let mut per_connection: Option<(u32, u32)> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -37,6 +40,17 @@ async fn main() -> Result<(), Box<dyn Error>> {
             "--allow-remote" => allow_remote = true,
             "--sim" => sim = true,
             "--serve-secs" => serve_secs = Some(it.next().ok_or("--serve-secs needs a value")?.parse()?),
+            "--per-connection-rate" => {
+                let v = it.next().ok_or("--per-connection-rate needs N or N:BURST")?;
+                let (rate, burst) = match v.split_once(':') {
+                    Some((r, b)) => (r.parse()?, b.parse()?),
+                    None => {
+                        let r: u32 = v.parse()?;
+                        (r, r.saturating_mul(2))
+                    }
+                };
+                per_connection = Some((rate, burst));
+            }
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -68,6 +82,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let mut builder = Proxy::builder(credentials).listen(listen).allow_remote(allow_remote);
     if let Some(u) = upstream {
         builder = builder.upstream(u);
+    }
+    if let Some((rate, burst)) = per_connection {
+        builder = builder.per_connection_rate(rate, burst);
     }
     if let Ok(token) = std::env::var("TICKSHARE_PROXY_TOKEN") {
         builder = builder.local_token(token);

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue},
+    header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER},
     server::conn::http1,
     service::service_fn,
 };
@@ -53,16 +53,19 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn take(&mut self, limits: &Limits) -> bool {
+    /// Take a token, or say in how many whole seconds (at least 1) the next one arrives.
+    fn take(&mut self, limits: &Limits) -> Result<(), u64> {
         let now = Instant::now();
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(limits.rate);
+        let rate = f64::from(limits.rate);
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * rate;
         self.tokens = (self.tokens + refill).min(f64::from(limits.burst));
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
+            Ok(())
         } else {
-            false
+            // `rate` >= 1 (the builder refuses 0), so this is at most one second.
+            Err(((1.0 - self.tokens) / rate).ceil().max(1.0) as u64)
         }
     }
 }
@@ -154,13 +157,13 @@ async fn respond(
         inc(&c.by_route[Route::Operator.index()]);
         return Ok(reply(healthz(&shared)));
     }
-    if !lock(&bucket).take(&shared.limits) {
+    if let Err(wait_secs) = lock(&bucket).take(&shared.limits) {
         inc(&c.limited);
-        return Ok(reply(Reply::error(
-            429,
-            "RATE_LIMIT_EXCEEDED",
-            "proxy: too many requests on this connection",
-        )));
+        let mut resp =
+            reply(Reply::error(429, "RATE_LIMIT_EXCEEDED", "proxy: too many requests on this connection"));
+        // When this connection's next token arrives, for clients that honour it.
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait_secs));
+        return Ok(resp);
     }
     let method = &parts.method;
     if !shared.auth.check(&parts.headers, method.as_str(), path) {

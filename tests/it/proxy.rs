@@ -211,6 +211,51 @@ async fn unauthenticated_clients_get_401_and_nothing_is_forwarded() {
     assert!(matches!(remote, Err(tickshare::Error::Config(_))));
 }
 
+/// Real time: the per-connection bucket refills with the clock.
+#[tokio::test]
+async fn a_connection_over_its_budget_gets_the_proxys_429_and_costs_nothing_upstream() {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = sim(&creds).await;
+    let proxy = Proxy::builder(creds.clone())
+        .upstream(upstream.base_url())
+        .listen("127.0.0.1:0".parse().unwrap())
+        .local_token(TOKEN)
+        .per_connection_rate(1, 5)
+        .clock(upstream.clock())
+        .start()
+        .await
+        .unwrap();
+    let url = format!("{}/api/v3/brokerage/market/products/BTC-USD/ticker?limit=1", proxy.base_url());
+    // One client, requests one after another: one keep-alive connection.
+    let greedy = http();
+    let t0 = std::time::Instant::now();
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        got.push(get(&greedy, &url, Some(TOKEN)).await);
+    }
+    let elapsed = t0.elapsed().as_secs();
+    let calls_then = upstream.stats().total_calls;
+    // The burst, then refusals (give back one token per whole second the loop took).
+    assert!(
+        got[..5].iter().all(|g| g.status == 200),
+        "{:?}",
+        got.iter().map(|g| g.status).collect::<Vec<_>>()
+    );
+    let refused: Vec<_> = got.iter().filter(|g| g.status == 429).collect();
+    assert!(refused.len() as u64 + elapsed + 1 >= 15, "{} refused in {elapsed} s", refused.len());
+    for r in &refused {
+        assert_eq!(r.json()["error"], "RATE_LIMIT_EXCEEDED");
+        assert_eq!(r.header("retry-after"), Some("1"), "the next token is at most a second away");
+    }
+    assert_eq!(proxy.stats().limited, refused.len() as u64);
+    // Another connection has a budget of its own; the refused requests cost nothing upstream.
+    let polite = http();
+    assert_eq!(get(&polite, &url, Some(TOKEN)).await.status, 200);
+    assert_eq!(upstream.stats().total_calls, calls_then);
+    assert_eq!(upstream.stats().rate_limited_429, 0);
+    proxy.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn bodies_are_coinbase_shaped_and_metrics_are_scraped() {
     let creds = Credentials::generate("organizations/t/apiKeys/proxy");
