@@ -9,6 +9,9 @@ const LEEWAY_SECS: u64 = 5;
 /// The header a client may carry a local token in (ccxt's `headers` option can set it).
 pub(super) const TOKEN_HEADER: &str = "x-tickshare-token";
 
+/// [`TOKEN_HEADER`] as a header name, built once (a lookup by `&str` parses it every request).
+static TOKEN_HEADER_NAME: hyper::header::HeaderName = hyper::header::HeaderName::from_static(TOKEN_HEADER);
+
 pub(super) struct Auth {
     key: VerifyingKey,
     tokens: Vec<String>,
@@ -21,7 +24,7 @@ impl Auth {
 
     /// Whether the request may be served. `path` is without query (what a JWT's `uri` names).
     pub(super) fn check(&self, headers: &HeaderMap, method: &str, path: &str) -> bool {
-        if let Some(t) = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok())
+        if let Some(t) = headers.get(&TOKEN_HEADER_NAME).and_then(|v| v.to_str().ok())
             && self.is_token(t.trim())
         {
             return true;
