@@ -17,8 +17,8 @@
 //! in-process instead (it accepts any well-formed JWT), and `--allow-remote` permits a
 //! non-loopback `--listen` (a local token is then required). `--serve-secs N` stops after N
 //! seconds, for scripted runs. `--per-connection-rate N[:BURST]` sets each connection's request
-//! budget (default 500/s, burst 1,000; a load test with few connections needs more, or it
-//! measures the proxy's own 429s).
+//! budget (default 10,000/s, burst 20,000; a load test that drives one or two connections
+//! faster than that measures the proxy's own 429s).
 
 use std::{error::Error, net::SocketAddr, time::Duration};
 

@@ -4,7 +4,11 @@
 //! ```text
 //! cargo run --release --example proxy_load --features proxy -- [--connections 1000] [--secs 10] [--rate 20000]
 //!     [--proxy-threads 1] [--load-threads 1] [--shared-runtime] [--target ADDR] [--baseline] [--pin]
+//!     [--per-connection-rate N]
 //! ```
+//!
+//! `--per-connection-rate N` sets the in-process proxy's budget per connection (burst 2 N); with
+//! one or two connections back to back, the default budget is what such a run measures.
 //!
 //! `--pin` (Linux, util-linux `taskset`) pins the proxy runtime's threads to CPU 0 and the load generator's to CPU 1,
 //! the same split as two `taskset` processes, without leaving the process.
@@ -181,6 +185,8 @@ struct Args {
     baseline: bool,
     /// Pin the proxy runtime to CPU 0 and the load generator to CPU 1.
     pin: bool,
+    /// The in-process proxy's per-connection budget (requests/s; burst twice that).
+    per_connection: Option<u32>,
 }
 
 fn parse_args() -> Result<Args, Box<dyn Error>> {
@@ -195,6 +201,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
         token: TOKEN.to_string(),
         baseline: false,
         pin: false,
+        per_connection: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -212,6 +219,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             "--token" => a.token = value()?,
             "--baseline" => a.baseline = true,
             "--pin" => a.pin = true,
+            "--per-connection-rate" => a.per_connection = Some(value()?.parse()?),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -265,12 +273,14 @@ fn main() -> Result<(), Box<dyn Error>> {
         Some(_) => None,
         None => Some(proxy_rt.block_on(async {
             let sim = SimExchange::builder().start().await?;
-            let proxy = Proxy::builder(Credentials::generate("organizations/load/apiKeys/proxy"))
+            let mut builder = Proxy::builder(Credentials::generate("organizations/load/apiKeys/proxy"))
                 .upstream(sim.base_url())
                 .listen("127.0.0.1:0".parse()?)
-                .local_token(a.token.clone())
-                .start()
-                .await?;
+                .local_token(a.token.clone());
+            if let Some(r) = a.per_connection {
+                builder = builder.per_connection_rate(r, r.saturating_mul(2));
+            }
+            let proxy = builder.start().await?;
             Ok::<_, Box<dyn Error>>((sim, proxy))
         })?),
     };
