@@ -38,6 +38,14 @@ async fn proxy(creds: &Credentials, sim: &SimHandle) -> Proxy {
         .unwrap()
 }
 
+/// A simulator and the default test proxy in front of it, on one generated key.
+async fn started() -> (Credentials, SimExchange, Proxy) {
+    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
+    let upstream = sim(&creds).await;
+    let proxy = proxy(&creds, &upstream).await;
+    (creds, upstream, proxy)
+}
+
 /// One bot of the legacy pattern: its own client (own limiter), pointed at `base`.
 fn bot(base: &str, creds: &Credentials, sim: &SimHandle) -> CoinbaseClient {
     CoinbaseClient::builder().base_url(base).credentials(creds.clone()).clock(sim.clock()).build().unwrap()
@@ -129,9 +137,7 @@ async fn twenty_five_legacy_clients_through_the_proxy_cost_what_the_coordinated_
 
 #[tokio::test(start_paused = true)]
 async fn an_order_passes_through_once_and_the_next_balance_read_is_fresh() {
-    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
-    let upstream = sim(&creds).await;
-    let proxy = proxy(&creds, &upstream).await;
+    let (creds, upstream, proxy) = started().await;
     let b = bot(&proxy.base_url(), &creds, &upstream);
     let before = b.accounts().await.unwrap();
     assert_eq!(upstream.stats().calls_by_endpoint["accounts"], 1);
@@ -169,9 +175,7 @@ async fn an_order_passes_through_once_and_the_next_balance_read_is_fresh() {
 
 #[tokio::test(start_paused = true)]
 async fn unauthenticated_clients_get_401_and_nothing_is_forwarded() {
-    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
-    let upstream = sim(&creds).await;
-    let proxy = proxy(&creds, &upstream).await;
+    let (creds, upstream, proxy) = started().await;
     let base = proxy.base_url();
     let c = http();
     let other = Credentials::generate("organizations/x/apiKeys/other");
@@ -258,9 +262,7 @@ async fn a_connection_over_its_budget_gets_the_proxys_429_and_costs_nothing_upst
 
 #[tokio::test(start_paused = true)]
 async fn bodies_are_coinbase_shaped_and_metrics_are_scraped() {
-    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
-    let upstream = sim(&creds).await;
-    let proxy = proxy(&creds, &upstream).await;
+    let (_, upstream, proxy) = started().await;
     let (base, c) = (proxy.base_url(), http());
     let api = format!("{base}/api/v3/brokerage");
     let ids = "product_ids=BTC-USD&product_ids=ETH-USD";
@@ -369,9 +371,7 @@ async fn books_are_served_not_emptied() {
     // The proxy answers in Coinbase's shapes, which carry the book: `best_bid_ask` and a
     // ticker's `best_bid`/`best_ask` must be the exchange's, not empty (they were, once the
     // batched ticker read became the last trades only).
-    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
-    let upstream = sim(&creds).await;
-    let proxy = proxy(&creds, &upstream).await;
+    let (creds, upstream, proxy) = started().await;
     let (api, c) = (format!("{}/api/v3/brokerage", proxy.base_url()), http());
     let direct = bot(upstream.base_url(), &creds, &upstream);
     let books = get(&c, &format!("{api}/best_bid_ask?product_ids=BTC-USD&product_ids=ETH-USD"), Some(TOKEN))
@@ -462,9 +462,7 @@ async fn trades_are_the_exchanges_own_and_fetched_once_for_every_client() {
 /// history goes to the trades cache: neither is passed through.
 #[tokio::test(start_paused = true)]
 async fn a_trade_history_is_cached_beside_the_batched_ticker() {
-    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
-    let upstream = sim(&creds).await;
-    let proxy = proxy(&creds, &upstream).await;
+    let (_, upstream, proxy) = started().await;
     let (api, c) = (format!("{}/api/v3/brokerage", proxy.base_url()), http());
     let one = get(&c, &format!("{api}/market/products/BTC-USD/ticker?limit=1"), Some(TOKEN)).await.json();
     assert_eq!(one["trades"][0]["trade_id"], "", "the batch carries no trade id");
@@ -527,9 +525,7 @@ async fn the_proxy_never_serves_a_just_closed_candle_as_final() {
 /// a paused clock turns into a connect timeout).
 #[tokio::test(start_paused = true)]
 async fn three_hundred_clients_connecting_at_once_are_all_accepted() {
-    let creds = Credentials::generate("organizations/t/apiKeys/proxy");
-    let upstream = sim(&creds).await;
-    let proxy = proxy(&creds, &upstream).await;
+    let (_, _upstream, proxy) = started().await;
     let addr = proxy.addr();
     // All connects leave in one poll, before the accept loop runs again.
     let connects =
