@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use tickshare::{
     CandleRange, CoinbaseClient, CoordinatedSource, Credentials, Granularity, MarketDataSource, ProductId,
-    proxy::{Proxy, TickerAnswer},
+    proxy::{Proxy, ProxyBuilder, TickerAnswer},
     sim::{SimExchange, SimHandle},
 };
 
@@ -27,15 +27,22 @@ async fn sim(creds: &Credentials) -> SimExchange {
 }
 
 async fn proxy(creds: &Credentials, sim: &SimHandle) -> Proxy {
-    Proxy::builder(creds.clone())
+    proxy_with(creds, sim, |b| b).await
+}
+
+/// The test proxy in front of `sim`, with `f` applied to its builder.
+async fn proxy_with(
+    creds: &Credentials,
+    sim: &SimHandle,
+    f: impl FnOnce(ProxyBuilder) -> ProxyBuilder,
+) -> Proxy {
+    let b = Proxy::builder(creds.clone())
         .upstream(sim.base_url())
         .listen("127.0.0.1:0".parse().unwrap())
         .local_token(TOKEN)
         .header_read_timeout(None)
-        .clock(sim.clock())
-        .start()
-        .await
-        .unwrap()
+        .clock(sim.clock());
+    f(b).start().await.unwrap()
 }
 
 /// A simulator and the default test proxy in front of it, on one generated key.
@@ -220,15 +227,7 @@ async fn unauthenticated_clients_get_401_and_nothing_is_forwarded() {
 async fn a_connection_over_its_budget_gets_the_proxys_429_and_costs_nothing_upstream() {
     let creds = Credentials::generate("organizations/t/apiKeys/proxy");
     let upstream = sim(&creds).await;
-    let proxy = Proxy::builder(creds.clone())
-        .upstream(upstream.base_url())
-        .listen("127.0.0.1:0".parse().unwrap())
-        .local_token(TOKEN)
-        .per_connection_rate(1, 5)
-        .clock(upstream.clock())
-        .start()
-        .await
-        .unwrap();
+    let proxy = proxy_with(&creds, &upstream, |b| b.per_connection_rate(1, 5)).await;
     let url = format!("{}/api/v3/brokerage/market/products/BTC-USD/ticker?limit=1", proxy.base_url());
     // One client, requests one after another: one keep-alive connection.
     let greedy = http();
@@ -403,16 +402,7 @@ async fn books_are_served_not_emptied() {
 async fn trades_are_the_exchanges_own_and_fetched_once_for_every_client() {
     let creds = Credentials::generate("organizations/t/apiKeys/proxy");
     let upstream = sim(&creds).await;
-    let proxy = Proxy::builder(creds.clone())
-        .upstream(upstream.base_url())
-        .listen("127.0.0.1:0".parse().unwrap())
-        .local_token(TOKEN)
-        .header_read_timeout(None)
-        .clock(upstream.clock())
-        .ticker_answer(TickerAnswer::Trades)
-        .start()
-        .await
-        .unwrap();
+    let proxy = proxy_with(&creds, &upstream, |b| b.ticker_answer(TickerAnswer::Trades)).await;
     let (api, c) = (format!("{}/api/v3/brokerage", proxy.base_url()), http());
     let ticker = |limit: u32| format!("{api}/market/products/ETH-USD/ticker?limit={limit}");
     // The exchange's answer at this instant (the paused clock stands still meanwhile).
