@@ -49,9 +49,13 @@ impl Reply {
 
 /// Decode `%XX` escapes and `+`; invalid escapes stay as they are, invalid UTF-8 is replaced.
 pub(crate) fn percent_decode(s: &str) -> String {
-    // Most queries have nothing to decode: copy them as they are.
+    percent_decoded(s).into_owned()
+}
+
+/// [`percent_decode`], borrowing `s` when it has nothing to decode (most query values).
+pub(crate) fn percent_decoded(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.contains(['%', '+']) {
-        return s.to_string();
+        return std::borrow::Cow::Borrowed(s);
     }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -72,5 +76,5 @@ pub(crate) fn percent_decode(s: &str) -> String {
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }

@@ -94,7 +94,7 @@ impl Route<'_> {
     }
 }
 
-pub(super) use crate::coinbase::reply::{Reply, percent_decode};
+pub(super) use crate::coinbase::reply::{Reply, percent_decoded};
 
 /// The message of the 404 for an unknown or malformed product id, as Coinbase words it.
 const PRODUCT_NOT_FOUND: &str = "ProductID is invalid";
@@ -126,11 +126,6 @@ impl Reply {
 #[derive(Debug, Default)]
 pub(super) struct Query<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
 
-/// `s` percent-decoded, borrowed when it has no escape.
-fn decoded(s: &str) -> Cow<'_, str> {
-    if s.contains(['%', '+']) { Cow::Owned(percent_decode(s)) } else { Cow::Borrowed(s) }
-}
-
 impl<'a> Query<'a> {
     pub(super) fn parse(query: Option<&'a str>) -> Query<'a> {
         let pairs = query
@@ -139,7 +134,7 @@ impl<'a> Query<'a> {
             .filter(|p| !p.is_empty())
             .map(|p| {
                 let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (decoded(k), decoded(v))
+                (percent_decoded(k), percent_decoded(v))
             })
             .collect();
         Query(pairs)
