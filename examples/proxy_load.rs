@@ -10,8 +10,8 @@
 //! `--per-connection-rate N` sets the in-process proxy's budget per connection (burst 2 N); with
 //! one or two connections back to back, the default budget is what such a run measures.
 //!
-//! `--pin` (Linux, util-linux `taskset`) pins the proxy runtime's threads to CPU 0 and the load generator's to CPU 1,
-//! the same split as two `taskset` processes, without leaving the process.
+//! `--pin` (Linux, util-linux `taskset`) pins the proxy runtime's threads to CPU 0 and the load
+//! generator's to CPU 1: the same split as two `taskset` processes, in one process.
 //!
 //! `--baseline` drives, instead of the proxy, a minimal hyper server on the proxy's runtime that
 //! answers every request with the bytes the proxy answered once (same size, same headers): the
@@ -326,12 +326,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut lat = lat;
     lat.sort_unstable();
     let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0) as f64 / 1000.0;
+    let pinned = if a.pin { ", pinned to CPU 0 and 1" } else { "" };
     let setup = if a.baseline {
         format!(
-            "BASELINE: minimal hyper server with the proxy's answer, runtime {} worker(s), load generator {} worker(s){}",
-            a.proxy_threads,
-            a.load_threads,
-            if a.pin { ", pinned to CPU 0 and 1" } else { "" }
+            "BASELINE: minimal hyper server with the proxy's answer, runtime {} worker(s), load generator {} worker(s){pinned}",
+            a.proxy_threads, a.load_threads
         )
     } else if let Some(t) = a.target {
         format!("proxy at {t} in another process, load generator runtime {} worker(s)", a.load_threads)
@@ -339,10 +338,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         "one runtime, 2 workers, for proxy and load generator".to_string()
     } else {
         format!(
-            "proxy runtime {} worker(s), load generator runtime {} worker(s){}",
-            a.proxy_threads,
-            a.load_threads,
-            if a.pin { ", pinned to CPU 0 and 1" } else { "" }
+            "proxy runtime {} worker(s), load generator runtime {} worker(s){pinned}",
+            a.proxy_threads, a.load_threads
         )
     };
     println!("setup              {setup}");

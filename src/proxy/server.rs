@@ -53,19 +53,16 @@ struct Bucket {
 }
 
 impl Bucket {
-    /// Take a token, or say in how many whole seconds (at least 1) the next one arrives.
-    fn take(&mut self, limits: &Limits) -> Result<(), u64> {
+    fn take(&mut self, limits: &Limits) -> bool {
         let now = Instant::now();
-        let rate = f64::from(limits.rate);
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * rate;
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(limits.rate);
         self.tokens = (self.tokens + refill).min(f64::from(limits.burst));
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            Ok(())
+            true
         } else {
-            // `rate` >= 1 (the builder refuses 0), so this is at most one second.
-            Err(((1.0 - self.tokens) / rate).ceil().max(1.0) as u64)
+            false
         }
     }
 }
@@ -157,12 +154,13 @@ async fn respond(
         inc(&c.by_route[Route::Operator.index()]);
         return Ok(reply(healthz(&shared)));
     }
-    if let Err(wait_secs) = lock(&bucket).take(&shared.limits) {
+    if !lock(&bucket).take(&shared.limits) {
         inc(&c.limited);
         let mut resp =
             reply(Reply::error(429, "RATE_LIMIT_EXCEEDED", "proxy: too many requests on this connection"));
-        // When this connection's next token arrives, for clients that honour it.
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait_secs));
+        // When this connection's next token arrives, for clients that honour it: the builder
+        // refuses a rate under 1/s, so always within a second.
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return Ok(resp);
     }
     let method = &parts.method;
