@@ -68,12 +68,18 @@ impl Route<'_> {
             return Route::Passthrough;
         };
         // At most five segments matter (`market/products/{id}/candles`); more is pass-through.
+        // Split on the byte '/' (always a char boundary): `str::split` with a char pattern
+        // costs more than the rest of the routing on these short paths.
+        let rest = rest.trim_matches('/');
         let mut parts = [""; 5];
         let mut n = 0;
-        for part in rest.trim_matches('/').split('/') {
+        let mut start = 0;
+        for end in rest.bytes().enumerate().filter_map(|(i, b)| (b == b'/').then_some(i)).chain([rest.len()])
+        {
             let Some(slot) = parts.get_mut(n) else { return Route::Passthrough };
-            *slot = part;
+            *slot = rest.get(start..end).unwrap_or_default();
             n += 1;
+            start = end + 1;
         }
         let segments = &parts[..n];
         let s = match segments {
@@ -248,16 +254,16 @@ pub(super) async fn answer(route: Route<'_>, query: &Query<'_>, shared: &Shared)
             Ok(Some(l)) if l > MAX_TRADES_PER_REQUEST => return None,
             Ok(Some(0)) => Err(Reply::bad_request("limit must be at least 1")),
             Ok(Some(l)) if l > 1 || shared.ticker_answer == TickerAnswer::Trades => {
-                recent_trades(p, l, shared).await
+                Box::pin(recent_trades(p, l, shared)).await
             }
-            _ => ticker(p, query, shared).await,
+            limit => ticker(p, limit, shared).await,
         },
-        Route::Candles(p) => candles(p, query, shared).await,
-        Route::BestBidAsk => best_bid_ask(query, shared).await,
-        Route::Products { private } => products(private, query, shared).await,
-        Route::Product(p) => one_product(p, shared).await,
-        Route::Accounts => accounts(query, shared).await,
-        Route::Time => time_now(shared).await,
+        Route::Candles(p) => Box::pin(candles(p, query, shared)).await,
+        Route::BestBidAsk => Box::pin(best_bid_ask(query, shared)).await,
+        Route::Products { private } => Box::pin(products(private, query, shared)).await,
+        Route::Product(p) => Box::pin(one_product(p, shared)).await,
+        Route::Accounts => Box::pin(accounts(query, shared)).await,
+        Route::Time => Box::pin(time_now(shared)).await,
         Route::Passthrough | Route::Operator => return None,
     };
     Some(result.unwrap_or_else(|r| r))
@@ -295,9 +301,10 @@ async fn recent_trades(p: &str, limit: u32, shared: &Shared) -> Result<Reply, Re
 }
 
 /// A one-trade ticker request answered from the coordinated source's batched tickers.
-async fn ticker(p: &str, q: &Query<'_>, shared: &Shared) -> Result<Reply, Reply> {
+/// `limit` as [`answer`] parsed it (required, as upstream; checked after the product).
+async fn ticker(p: &str, limit: Result<Option<u32>, Reply>, shared: &Shared) -> Result<Reply, Reply> {
     let id = product(p)?;
-    q.required_int::<u32>("limit")?;
+    limit?.ok_or_else(|| Reply::bad_request("limit is required"))?;
     let t =
         shared.source.ticker_with(&id, ReadOptions::default()).await.map_err(|e| Reply::from_error(&e))?;
     Ok(shared.ticker_bodies.reply(&t.value))
@@ -534,6 +541,12 @@ mod tests {
         // Longer than any cached path: pass-through, not a truncated match.
         assert_eq!(p("/market/products/BTC-USD/candles/x/y"), Route::Passthrough);
         assert_eq!(p("/products/BTC-USD/ticker/extra"), Route::Passthrough);
+        // Slashes: trimmed at the ends, an empty segment inside (an empty product id).
+        assert_eq!(p("/products/BTC-USD/ticker/"), Route::Ticker("BTC-USD"));
+        assert_eq!(p("//products/BTC-USD//"), Route::Product("BTC-USD"));
+        assert_eq!(p("/products//ticker"), Route::Ticker(""));
+        assert_eq!(Route::of(API_PREFIX), Route::Passthrough);
+        assert_eq!(p("/products/BTC-USDé/ticker"), Route::Ticker("BTC-USDé"));
     }
 
     #[test]

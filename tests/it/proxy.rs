@@ -458,6 +458,12 @@ async fn a_trade_history_is_cached_beside_the_batched_ticker() {
     assert_eq!(one["trades"][0]["trade_id"], "", "the batch carries no trade id");
     let zero = format!("{api}/market/products/BTC-USD/ticker?limit=0");
     assert_eq!(get(&c, &zero, Some(TOKEN)).await.status, 400, "as under TickerAnswer::Trades");
+    // `limit` is required and an integer, as upstream; a malformed product id is named first.
+    for (query, status) in [("BTC-USD/ticker", 400), ("BTC-USD/ticker?limit=x", 400), ("btc_usd/ticker", 404)]
+    {
+        let r = get(&c, &format!("{api}/market/products/{query}"), Some(TOKEN)).await;
+        assert_eq!(r.status, status, "{query}: {}", String::from_utf8_lossy(&r.body));
+    }
     for _ in 0..3 {
         let t = get(&c, &format!("{api}/market/products/BTC-USD/ticker?limit=50"), Some(TOKEN)).await.json();
         assert_eq!(t["trades"].as_array().unwrap().len(), 50);
@@ -535,4 +541,31 @@ async fn three_hundred_clients_connecting_at_once_are_all_accepted() {
     }
     assert_eq!(answered, 300);
     assert_eq!(proxy.stats().connections, 300);
+}
+
+/// Shutting down closes idle keep-alive connections at once (each hears of the stop), rather
+/// than waiting out the 5 s drain; on the paused clock a missed signal shows as 5 s passed.
+#[tokio::test(start_paused = true)]
+async fn shutdown_closes_open_connections_without_waiting_out_the_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_, _upstream, proxy) = started().await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+        let req = format!(
+            "GET /api/v3/brokerage/market/products/BTC-USD/ticker?limit=1 HTTP/1.1\r\nHost: x\r\nX-Tickshare-Token: {TOKEN}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+        open.push(s);
+    }
+    let before = tokio::time::Instant::now();
+    proxy.shutdown().await;
+    assert!(before.elapsed() < Duration::from_secs(1), "took {:?}", before.elapsed());
+    for mut s in open {
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).await.unwrap(), 0, "the proxy closed the connection");
+    }
 }
