@@ -354,15 +354,20 @@ impl CoordinatedSource {
         // A hit needs no negative-cache lookup (the most expensive part of a hit before):
         // remembering a product as unknown drops its cached data (`remember_unknown`).
         let cached = inner.tickers.get(product).await;
-        if let Some(e) = &cached
-            && let Some(hit) =
-                inner.serve_cached(e, now, opts, || self.spawn_ticker_refresh(product.clone(), now))
-        {
+        let hit = cached.as_ref().and_then(|e| {
+            let hit = inner.serve_cached(e, now, opts, || self.spawn_ticker_refresh(product.clone(), now))?;
             if inner.expires_soon(e, now) {
                 self.spawn_ticker_refresh(product.clone(), now);
             }
-            return Ok(hit.map(|t| t.clone()));
-        }
+            Some(hit.map(|_| ()))
+        });
+        // The cache handed out a copy of the entry: a hit moves its value out rather than
+        // cloning it again (each clone is a count on the product id's `Arc`, a cache line that
+        // every worker serving that product writes).
+        let cached = match (hit, cached) {
+            (Some(hit), Some(e)) => return Ok(hit.map(|()| e.value)),
+            (_, cached) => cached,
+        };
         inner.check_negative(product).await?;
         inc(&inner.counters.cache_misses);
         // `now` was read before the cache: a flight that ended between that read and this join

@@ -1,6 +1,6 @@
 //! The paths answered from the cache, in Coinbase's JSON (the wire structs).
 
-use std::{borrow::Cow, collections::HashMap, sync::Arc, time::Duration};
+use std::{borrow::Cow, cell::RefCell, collections::HashMap, sync::Arc, time::Duration};
 
 use time::OffsetDateTime;
 use tokio::{sync::Mutex, time::Instant};
@@ -18,7 +18,7 @@ use crate::{
     error::Error,
     limiter::EndpointClass,
     model::{Account, CandleRange, Granularity, ProductId, Ticker, from_unix},
-    util::{inc, lock},
+    util::inc,
 };
 
 /// A cached route, or pass-through (product ids borrowed from the request path).
@@ -307,36 +307,45 @@ async fn ticker(p: &str, limit: Result<Option<u32>, Reply>, shared: &Shared) -> 
     limit?.ok_or_else(|| Reply::bad_request("limit is required"))?;
     let t =
         shared.source.ticker_with(&id, ReadOptions::default()).await.map_err(|e| Reply::from_error(&e))?;
-    Ok(shared.ticker_bodies.reply(&t.value))
+    Ok(TickerBodies::reply(&t.value))
 }
 
 /// The last one-trade ticker body answered for each product, with the ticker it was made from:
 /// while the cached ticker stays the same, a request costs a comparison and a copy instead of a
 /// serialization (two thirds of the proxy's own work per cached ticker request, measured with
-/// callgrind). Bounded: at most [`TickerBodies::MAX`] products, then it starts over.
-#[derive(Debug, Default)]
-pub(super) struct TickerBodies(std::sync::Mutex<HashMap<ProductId, MadeFrom>>);
+/// callgrind). Bounded: at most [`TickerBodies::MAX`] products per thread, then it starts over.
+///
+/// One memo per thread, not one behind a lock: a lock is a cache line that every worker writes
+/// on every request. A body is a function of its ticker alone, so a memo shared by all the
+/// proxies a thread serves is as right as one per proxy.
+pub(super) struct TickerBodies;
 
 /// A body and the ticker it was made from.
-type MadeFrom = (Ticker, Arc<[u8]>);
+type MadeFrom = (Ticker, Box<[u8]>);
+
+thread_local! {
+    static TICKER_BODIES: RefCell<HashMap<ProductId, MadeFrom>> = RefCell::new(HashMap::new());
+}
 
 impl TickerBodies {
-    /// Products remembered at most (only products the source answered for get here).
+    /// Products remembered at most, per thread (only products the source answered for).
     const MAX: usize = 4096;
 
-    fn reply(&self, t: &Ticker) -> Reply {
-        if let Some((seen, body)) = lock(&self.0).get(&t.product)
-            && seen == t
-        {
-            return Reply { status: 200, content_type: "application/json", body: body.to_vec() };
+    fn reply(t: &Ticker) -> Reply {
+        let seen = TICKER_BODIES.with_borrow(|memo| {
+            memo.get(&t.product).filter(|(seen, _)| seen == t).map(|(_, body)| body.to_vec())
+        });
+        if let Some(body) = seen {
+            return Reply { status: 200, content_type: "application/json", body };
         }
         let r = Reply::json(200, &trades_of(t));
         if r.status == 200 {
-            let mut memo = lock(&self.0);
-            if memo.len() >= Self::MAX && !memo.contains_key(&t.product) {
-                memo.clear();
-            }
-            memo.insert(t.product.clone(), (t.clone(), Arc::from(r.body.as_slice())));
+            TICKER_BODIES.with_borrow_mut(|memo| {
+                if memo.len() >= Self::MAX && !memo.contains_key(&t.product) {
+                    memo.clear();
+                }
+                memo.insert(t.product.clone(), (t.clone(), r.body.clone().into_boxed_slice()));
+            });
         }
         r
     }
@@ -551,7 +560,6 @@ mod tests {
 
     #[test]
     fn ticker_bodies_follow_the_ticker() {
-        let bodies = TickerBodies::default();
         let t = |price: i64| Ticker {
             product: "BTC-USD".parse().unwrap(),
             price: rust_decimal::Decimal::new(price, 0),
@@ -562,14 +570,14 @@ mod tests {
         };
         let fresh = |t: &Ticker| Reply::json(200, &trades_of(t));
         let (a, b) = (t(100), t(101));
-        assert_eq!(bodies.reply(&a), fresh(&a));
+        assert_eq!(TickerBodies::reply(&a), fresh(&a));
         // The remembered body, while the ticker is the same one.
-        assert_eq!(bodies.reply(&a), fresh(&a));
+        assert_eq!(TickerBodies::reply(&a), fresh(&a));
         // A new ticker is a new body, never the remembered one.
-        assert_eq!(bodies.reply(&b), fresh(&b));
-        assert_ne!(bodies.reply(&b).body, fresh(&a).body);
+        assert_eq!(TickerBodies::reply(&b), fresh(&b));
+        assert_ne!(TickerBodies::reply(&b).body, fresh(&a).body);
         let moved = Ticker { time: OffsetDateTime::UNIX_EPOCH + time::Duration::SECOND, ..b.clone() };
-        assert_eq!(bodies.reply(&moved), fresh(&moved));
+        assert_eq!(TickerBodies::reply(&moved), fresh(&moved));
     }
 
     #[test]
