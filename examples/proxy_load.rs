@@ -4,7 +4,18 @@
 //! ```text
 //! cargo run --release --example proxy_load --features proxy -- [--connections 1000] [--secs 10] [--rate 20000]
 //!     [--proxy-threads 1] [--load-threads 1] [--shared-runtime] [--target ADDR] [--baseline] [--pin]
-//!     [--per-connection-rate N]
+//!     [--per-connection-rate N] [--serve-only [--listen ADDR]]
+//! ```
+//!
+//! `--serve-only` starts the proxy (or, with `--baseline`, the bare hyper server) on `--listen`
+//! (default `127.0.0.1:8787`) for `--secs` seconds and generates no load, so that a load
+//! generator of your own drives it (wrk, wrk2, …; the local token is below, or `--token`); at
+//! the end it prints the requests served and the server's CPU time per request:
+//!
+//! ```text
+//! cargo run --release --example proxy_load --features proxy -- --serve-only --secs 60 [--baseline] &
+//! wrk2 -t2 -c1000 -d20s -R20000 --latency -H 'X-Tickshare-Token: load-test-token-0123456789' \
+//!     'http://127.0.0.1:8787/api/v3/brokerage/market/products/BTC-USD/ticker?limit=1'
 //! ```
 //!
 //! `--per-connection-rate N` sets the in-process proxy's budget per connection (burst 2 N); with
@@ -115,18 +126,25 @@ async fn fetch_once(addr: std::net::SocketAddr, token: &str) -> Result<Vec<u8>, 
     Ok(all.split_off(head_end + 4))
 }
 
-/// A minimal hyper HTTP/1.1 server answering every request with `body`: the floor under the load.
-async fn baseline_server(body: Vec<u8>) -> Result<std::net::SocketAddr, Box<dyn Error>> {
+/// A minimal hyper HTTP/1.1 server answering every request with `body`: the floor under the
+/// load. `served` counts its answers.
+async fn baseline_server(
+    body: Vec<u8>,
+    listen: std::net::SocketAddr,
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<std::net::SocketAddr, Box<dyn Error>> {
     use hyper::{Response, body::Bytes, header, server::conn::http1, service::service_fn};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let body = Bytes::from(body);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
             let body = body.clone();
+            let served = served.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |_req| {
+                    served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let mut resp = Response::new(http_body_util::Full::new(body.clone()));
                     resp.headers_mut()
                         .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
@@ -187,6 +205,10 @@ struct Args {
     pin: bool,
     /// The in-process proxy's per-connection budget (requests/s; burst twice that).
     per_connection: Option<u32>,
+    /// Serve for `secs` without generating load (for an outside load generator).
+    serve_only: bool,
+    /// Where the server under test listens (`--serve-only`'s default 127.0.0.1:8787).
+    listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_args() -> Result<Args, Box<dyn Error>> {
@@ -202,6 +224,8 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
         baseline: false,
         pin: false,
         per_connection: None,
+        serve_only: false,
+        listen: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -220,6 +244,8 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             "--baseline" => a.baseline = true,
             "--pin" => a.pin = true,
             "--per-connection-rate" => a.per_connection = Some(value()?.parse()?),
+            "--serve-only" => a.serve_only = true,
+            "--listen" => a.listen = Some(value()?.parse()?),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -254,6 +280,33 @@ fn pin_current_thread(cpu: usize) {
     }
 }
 
+/// `--serve-only`: serve `addr` for `--secs` without load of our own, then print what was
+/// served and the server's CPU time per request.
+fn serve_only(
+    a: &Args,
+    addr: std::net::SocketAddr,
+    rt: &tokio::runtime::Runtime,
+    proxy: Option<&Proxy>,
+    baseline_served: &std::sync::atomic::AtomicU64,
+) -> Result<(), Box<dyn Error>> {
+    let served = || match (a.baseline, proxy) {
+        (false, Some(p)) => p.stats().requests_by_route.values().sum::<u64>(),
+        _ => baseline_served.load(std::sync::atomic::Ordering::Relaxed),
+    };
+    let what = if a.baseline { "bare hyper server (BASELINE)" } else { "proxy" };
+    println!("{what} on http://{addr} for {} s; local token {}", a.secs, a.token);
+    let (cpu_before, served_before) = (cpu_by_thread_name(), served());
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(a.secs)).await });
+    let n = served() - served_before;
+    let cpu: f64 = cpu_by_thread_name()
+        .iter()
+        .map(|(name, after)| after - cpu_before.get(name).copied().unwrap_or(0.0))
+        .sum();
+    println!("served             {n} requests");
+    println!("server cpu         {cpu:.2} s ({:.1} µs per request)", cpu / n.max(1) as f64 * 1e6);
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn Error>> {
     let a = parse_args()?;
     // The proxy (and the simulated exchange behind it) on one runtime, the load generator on
@@ -268,6 +321,11 @@ fn main() -> Result<(), Box<dyn Error>> {
             Some(runtime("load-gen", a.load_threads, load_cpu)?),
         )
     };
+    // Under `--serve-only` the server under test listens where an outside load generator can
+    // find it; the proxy itself only when it is that server (not under `--baseline`).
+    let listen =
+        a.listen.unwrap_or(if a.serve_only { "127.0.0.1:8787".parse()? } else { "127.0.0.1:0".parse()? });
+    let proxy_listen = if a.baseline { "127.0.0.1:0".parse()? } else { listen };
     // The proxy under test: one started here in front of a simulated exchange, or `--target`.
     let local = match a.target {
         Some(_) => None,
@@ -275,7 +333,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             let sim = SimExchange::builder().start().await?;
             let mut builder = Proxy::builder(Credentials::generate("organizations/load/apiKeys/proxy"))
                 .upstream(sim.base_url())
-                .listen("127.0.0.1:0".parse()?)
+                .listen(proxy_listen)
                 .local_token(a.token.clone());
             if let Some(r) = a.per_connection {
                 builder = builder.per_connection_rate(r, r.saturating_mul(2));
@@ -290,12 +348,16 @@ fn main() -> Result<(), Box<dyn Error>> {
         (None, None) => return Err("no proxy to drive".into()),
     };
     let token: std::sync::Arc<str> = a.token.as_str().into();
+    let baseline_served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let addr = if a.baseline {
         let body = proxy_rt.block_on(fetch_once(addr, &token))?;
-        proxy_rt.block_on(baseline_server(body))?
+        proxy_rt.block_on(baseline_server(body, listen, baseline_served.clone()))?
     } else {
         addr
     };
+    if a.serve_only {
+        return serve_only(&a, addr, &proxy_rt, local.as_ref().map(|(_, p)| p), &baseline_served);
+    }
     let load = load_rt.as_ref().unwrap_or(&proxy_rt);
     let (conns, secs) = (a.conns, a.secs);
     let pace = a.rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
