@@ -206,7 +206,10 @@ struct Inner {
     clock: Clock,
     limiting: Limiting,
     retry: RetryPolicy,
-    tickers: moka::future::Cache<ProductId, Entry<Ticker>>,
+    /// moka's sync cache, not its future one: a ticker hit is the proxy's hot path, and the
+    /// future cache's `get` is an 848-byte future (its housekeeping inline) for a lookup that
+    /// never waits. Housekeeping still runs on the caller, under a lock held for microseconds.
+    tickers: moka::sync::Cache<ProductId, Entry<Ticker>>,
     series: moka::future::Cache<(ProductId, Granularity), SeriesEntry>,
     negative: moka::future::Cache<ProductId, Instant>,
     /// One slot; a std mutex is enough because it is never held across an await.
@@ -353,7 +356,7 @@ impl CoordinatedSource {
         let now = Instant::now();
         // A hit needs no negative-cache lookup (the most expensive part of a hit before):
         // remembering a product as unknown drops its cached data (`remember_unknown`).
-        let cached = inner.tickers.get(product).await;
+        let cached = inner.tickers.get(product);
         let hit = cached.as_ref().and_then(|e| {
             let hit = inner.serve_cached(e, now, opts, || self.spawn_ticker_refresh(product.clone(), now))?;
             if inner.expires_soon(e, now) {
@@ -368,6 +371,20 @@ impl CoordinatedSource {
             (Some(hit), Some(e)) => return Ok(hit.map(|()| e.value)),
             (_, cached) => cached,
         };
+        // Boxed: every hit would otherwise carry the miss path's future (negative cache,
+        // flight, deadline) in its own (see `tests::a_cache_hit_future_stays_small`).
+        Box::pin(self.ticker_miss(product, now, opts, cached)).await
+    }
+
+    /// `ticker_with` after a miss (or an entry too old for `opts`) at `now`.
+    async fn ticker_miss(
+        &self,
+        product: &ProductId,
+        now: Instant,
+        opts: ReadOptions,
+        cached: Option<Entry<Ticker>>,
+    ) -> Result<Fresh<Ticker>> {
+        let inner = &self.inner;
         inner.check_negative(product).await?;
         inc(&inner.counters.cache_misses);
         // `now` was read before the cache: a flight that ended between that read and this join
@@ -506,7 +523,7 @@ impl CoordinatedSource {
                     }
                     None => wait.await,
                 }
-                inner.tickers.get(product).await.map(|e| e.value)
+                inner.tickers.get(product).map(|e| e.value)
             }
             InProgressCandle::Exact | InProgressCandle::ClosedOnly => None,
         };

@@ -367,7 +367,7 @@ impl CoordinatedBuilder {
         let memory_bound = cfg.max_stale.max(cfg.negative_ttl) + Duration::from_secs(60);
         let series_bound = Duration::from_secs(86_400 * 2) + cfg.max_stale;
         let inner = Inner {
-            tickers: moka::future::Cache::builder()
+            tickers: moka::sync::Cache::builder()
                 .max_capacity(cfg.cache_capacity)
                 .time_to_live(memory_bound)
                 .build(),

@@ -82,7 +82,7 @@ impl CoordinatedSource {
         let now = Instant::now();
         let until = later(now, hold.max(self.inner.cfg.ticker_ttl));
         self.inner.patch_live(&ticker).await;
-        self.inner.tickers.insert(ticker.product.clone(), Entry::new(ticker, now, until)).await;
+        self.inner.tickers.insert(ticker.product.clone(), Entry::new(ticker, now, until));
         now
     }
 
@@ -97,10 +97,10 @@ impl CoordinatedSource {
         hold: Duration,
     ) -> bool {
         let now = Instant::now();
-        match self.inner.tickers.get(product).await {
+        match self.inner.tickers.get(product) {
             Some(e) if e.fetched_at == pushed_at => {
                 let until = later(now, hold.max(self.inner.cfg.ticker_ttl)).max(e.fresh_until);
-                self.inner.tickers.insert(product.clone(), Entry::new(e.value, e.fetched_at, until)).await;
+                self.inner.tickers.insert(product.clone(), Entry::new(e.value, e.fetched_at, until));
                 true
             }
             _ => false,
@@ -223,10 +223,10 @@ impl CoordinatedSource {
     pub(crate) async fn feed_mark_stale(&self, product: &ProductId, derived: &[Granularity]) {
         let inner = &self.inner;
         let now = Instant::now();
-        if let Some(e) = inner.tickers.get(product).await
+        if let Some(e) = inner.tickers.get(product)
             && e.fresh_until > now
         {
-            inner.tickers.insert(product.clone(), Entry::new(e.value, e.fetched_at, now)).await;
+            inner.tickers.insert(product.clone(), Entry::new(e.value, e.fetched_at, now));
         }
         for g in std::iter::once(PUSHED).chain(derived.iter().copied()) {
             let key = (product.clone(), g);

@@ -67,7 +67,7 @@ impl Inner {
     /// a cache hit without consulting the negative cache, so no hit may outlive this.
     pub(super) async fn remember_unknown(&self, product: &ProductId) {
         self.negative.insert(product.clone(), Instant::now() + self.cfg.negative_ttl).await;
-        self.tickers.invalidate(product).await;
+        self.tickers.invalidate(product);
         for g in Granularity::ALL {
             self.series.invalidate(&(product.clone(), g)).await;
         }
@@ -88,7 +88,7 @@ impl Inner {
         // `fetched_at` is taken just before its insert, which may land after our read began,
         // so a value that is simply fresh for this read (the policy and `max_age`) counts too;
         // without that, 1,000 concurrent cold reads on a running clock made two upstream calls.
-        if let Some(e) = this.tickers.get(&product).await
+        if let Some(e) = this.tickers.get(&product)
             && (e.fetched_at >= missed_at || e.is_fresh(Instant::now(), max_age))
         {
             return Ok(e);
@@ -99,7 +99,7 @@ impl Inner {
             return match r {
                 Ok(t) => {
                     let e = this.ticker_entry(t, Instant::now());
-                    this.tickers.insert(product, e.clone()).await;
+                    this.tickers.insert(product, e.clone());
                     this.patch_live(&e.value).await;
                     Ok(e)
                 }
@@ -138,7 +138,7 @@ impl Inner {
         match this.call(Op::Ticker, class, || this.upstream.ticker(product)).await {
             Ok(t) if &t.product == product => {
                 let e = this.ticker_entry(t, now);
-                this.tickers.insert(product.clone(), e.clone()).await;
+                this.tickers.insert(product.clone(), e.clone());
                 Ok(e)
             }
             Ok(t) => Err(Error::decode(format!("asked for {product}, the upstream answered {}", t.product))),
@@ -180,7 +180,7 @@ impl Inner {
                     let reply = match by.remove(&p) {
                         Some(t) => {
                             let e = this.ticker_entry(t, now);
-                            this.tickers.insert(p, e.clone()).await;
+                            this.tickers.insert(p, e.clone());
                             this.patch_live(&e.value).await;
                             Ok(e)
                         }
