@@ -46,3 +46,10 @@ pub(crate) mod duration_ms {
         u64::deserialize(d).map(Duration::from_millis)
     }
 }
+
+/// The size of the future `f` returns, without calling it (tests that bound a hot path's
+/// future, which its caller stores and moves once per call).
+#[cfg(test)]
+pub(crate) fn returned_size<A, B, F: std::future::Future>(_: impl Fn(A, B) -> F) -> usize {
+    std::mem::size_of::<F>()
+}

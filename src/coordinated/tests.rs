@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use time::{OffsetDateTime, macros::datetime};
 
 use super::*;
-use crate::{EndpointClass, MockMarketDataSource};
+use crate::{EndpointClass, MockMarketDataSource, util::returned_size};
 
 fn pid(s: &str) -> ProductId {
     s.parse().unwrap()
@@ -636,11 +636,6 @@ async fn after_close_wait_keeps_the_read_driven_refresh() {
         assert_eq!((r.origin, r.provisional), (Origin::Upstream, None));
         assert_eq!(src.stats().close_refresh, CloseRefreshStats::default());
     }
-}
-
-/// The size of the future `f` returns, without calling it.
-fn returned_size<A, B, F: Future>(_: impl Fn(A, B) -> F) -> usize {
-    std::mem::size_of::<F>()
 }
 
 /// A ticker hit's future is what a caller (the proxy: once per request, into memory that a

@@ -320,11 +320,7 @@ fn metrics_reply(shared: &Shared) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The size of the future `f` returns, without calling it.
-    fn returned_size<A, B, F: std::future::Future>(_: impl Fn(A, B) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use crate::util::returned_size;
 
     #[test]
     fn the_per_request_future_stays_small() {
