@@ -78,11 +78,13 @@ pub enum Endpoint {
     Accounts,
     /// Server time (`/time`).
     Time,
+    /// One product's order book (`.../product_book`).
+    ProductBook,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 7] = [
+    pub const ALL: [Endpoint; 8] = [
         Endpoint::Ticker,
         Endpoint::Candles,
         Endpoint::BestBidAsk,
@@ -90,6 +92,7 @@ impl Endpoint {
         Endpoint::Product,
         Endpoint::Accounts,
         Endpoint::Time,
+        Endpoint::ProductBook,
     ];
 
     /// A stable snake_case name (`"best_bid_ask"`).
@@ -102,6 +105,7 @@ impl Endpoint {
             Endpoint::Product => "product",
             Endpoint::Accounts => "accounts",
             Endpoint::Time => "time",
+            Endpoint::ProductBook => "product_book",
         }
     }
 
@@ -116,7 +120,8 @@ impl Endpoint {
             | Endpoint::BestBidAsk
             | Endpoint::Products
             | Endpoint::Product
-            | Endpoint::Time => Priority::Normal,
+            | Endpoint::Time
+            | Endpoint::ProductBook => Priority::Normal,
         }
     }
 
@@ -556,6 +561,34 @@ impl CoinbaseClient {
         let now = self.inner.clock.now_utc();
         trades.trades.iter().try_for_each(|t| validate::not_ahead(t.time, now, "trades[].time"))?;
         Ok(trades)
+    }
+
+    /// `GET .../product_book?product_id={id}[&limit={limit}]`: the product's order book, at
+    /// most `limit` levels a side (`None`: as many as the exchange gives by default), every
+    /// level checked ([`wire::decode_order_book`]). The path follows [`MarketDataPath`] as the
+    /// other market-data reads do.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a `limit` of 0; [`Error::NotFound`] for an unknown product;
+    /// [`Error::Decode`] for a book of another product, with more levels than asked, a side
+    /// out of order or with a price twice, impossible values, or a time more than a day ahead
+    /// of this client's clock; transport and rate-limit errors.
+    ///
+    /// # Cancel safety
+    /// As [`market_trades`](Self::market_trades).
+    pub async fn order_book(&self, product: &ProductId, limit: Option<u32>) -> Result<crate::OrderBook> {
+        if limit == Some(0) {
+            return Err(Error::InvalidInput("limit must be at least 1".into()));
+        }
+        let (class, path) = self.md_route(Endpoint::ProductBook, "/product_book");
+        let mut query = vec![("product_id", product.to_string())];
+        if let Some(l) = limit {
+            query.push(("limit", l.to_string()));
+        }
+        let body = self.get(Endpoint::ProductBook, class, &path, &query).await?;
+        let book = wire::decode_order_book(product, limit, &body)?;
+        validate::not_ahead(book.time, self.inner.clock.now_utc(), "pricebook.time")?;
+        Ok(book)
     }
 
     /// `GET /best_bid_ask` for `products`, chunked; tickers priced at the bid/ask mid.

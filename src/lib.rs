@@ -138,8 +138,8 @@ pub use limiter::{
     ClassLimit, ClassLimiterStats, EndpointClass, LimiterStats, Priority, RateLimiter, RateLimiterConfig,
 };
 pub use model::{
-    Account, Balance, Balances, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, MarketTrade, PriceKind,
-    ProductId, RecentTrades, Ticker, TradeSide, USDC_OWN_MARKETS,
+    Account, Balance, Balances, BookLevel, Candle, CandleRange, Granularity, MAX_PRODUCT_ID_LEN, MarketTrade,
+    OrderBook, PriceKind, ProductId, RecentTrades, Ticker, TradeSide, USDC_OWN_MARKETS,
 };
 pub use retry::RetryPolicy;
 pub use rust_decimal::Decimal;

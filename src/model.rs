@@ -233,6 +233,49 @@ pub struct RecentTrades {
     pub best_ask: Option<Decimal>,
 }
 
+/// A product's order book, as `GET .../product_book?product_id=…&limit=N` answers it
+/// ([`CoinbaseClient::order_book`](crate::CoinbaseClient::order_book)), every level checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderBook {
+    /// The product asked for.
+    pub product: ProductId,
+    /// Bids, best (highest) first: prices strictly falling, each price once.
+    pub bids: Vec<BookLevel>,
+    /// Asks, best (lowest) first: prices strictly rising, each price once.
+    pub asks: Vec<BookLevel>,
+    /// The book's time (the UNIX epoch when the exchange gave none).
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// The last trade's price, when the exchange sent it beside the book (`last`).
+    pub last: Option<Decimal>,
+    /// `mid_market`, when sent.
+    pub mid_market: Option<Decimal>,
+    /// `spread_bps`, when sent.
+    pub spread_bps: Option<Decimal>,
+    /// `spread_absolute`, when sent.
+    pub spread_absolute: Option<Decimal>,
+}
+
+impl OrderBook {
+    /// The book cut to at most `levels` levels a side (what the exchange answers to a smaller
+    /// `limit` at the same moment: each side is best first).
+    #[must_use]
+    pub fn truncated(mut self, levels: usize) -> OrderBook {
+        self.bids.truncate(levels);
+        self.asks.truncate(levels);
+        self
+    }
+}
+
+/// One price level of an [`OrderBook`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BookLevel {
+    /// Price, positive.
+    pub price: Decimal,
+    /// Size at that price, zero or more.
+    pub size: Decimal,
+}
+
 /// One trade of [`RecentTrades`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MarketTrade {

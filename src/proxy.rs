@@ -30,6 +30,7 @@
 //! | `GET [/market]/products/{id}/ticker?limit=N`, 1 < N ≤ 1,000 | the trades cache: one fetch per product and ticker TTL for the largest `limit` asked recently, coalesced, every trade checked ([`CoinbaseClient::recent_trades`]) | the first N trades of it, most recent first; `limit` over 1,000 is passed through |
 //! | `GET [/market]/products/{id}/candles?start=&end=&granularity=[&limit=]` | [`CoordinatedSource::candles_with`] | inclusive bounds, newest first, as Coinbase; a window over 350 buckets is 400 |
 //! | `GET /best_bid_ask[?product_ids=..]` | [`CoordinatedSource::tickers_with`] | one level per side, `size` `""`; no ids means every listed product |
+//! | `GET [/market]/product_book?product_id=[&limit=]` | the book cache: one fetch per product and ticker TTL for the largest `limit` asked recently (or none), coalesced, every level checked ([`CoinbaseClient::order_book`]) | the first `limit` levels a side; `last`, `mid_market`, `spread_*` as the exchange sent them; with `aggregation_price_increment` passed through |
 //! | `GET [/market]/products[?product_ids=..&product_type=&limit=&offset=]` | the product list, cached for `products_ttl` | |
 //! | `GET [/market]/products/{id}` | the same list | |
 //! | `GET /accounts[?limit=&cursor=]` | [`CoordinatedSource::accounts_with`], paginated locally | `limit` 49 by default, at most 250; the cursor is the proxy's own |
@@ -70,9 +71,9 @@
 
 mod auth;
 mod forward;
+mod prefix;
 mod routes;
 mod server;
-mod trades;
 
 use std::{
     collections::BTreeMap,
@@ -95,6 +96,7 @@ use crate::{
     coinbase::{CoinbaseClient, Credentials, DEFAULT_BASE_URL, TickerBatch},
     coordinated::{CoordinatedConfig, CoordinatedSource, CoordinatedStats},
     error::{Error, Result},
+    model::{OrderBook, RecentTrades},
 };
 
 /// How the proxy answers `GET [/market]/products/{id}/ticker?limit=1`
@@ -349,7 +351,7 @@ impl ProxyBuilder {
             gate = forward::Gate::Shared(tier);
         }
         let forwarder = Arc::new(forward::Forwarder::new(&self.upstream, self.credentials.clone(), gate)?);
-        let trades = trades::TradesCache::new(source.config().ticker_ttl, source.config().max_stale);
+        let (ttl, max_stale) = (source.config().ticker_ttl, source.config().max_stale);
         let listener = bind(self.listen, self.max_connections)?;
         let addr = listener.local_addr().map_err(|e| Error::Transport(e.to_string()))?;
         let shared = Arc::new(Shared {
@@ -366,7 +368,8 @@ impl ProxyBuilder {
                 header_read_timeout: self.header_read_timeout,
             },
             products: routes::ProductsCache::new(self.products_ttl),
-            trades,
+            trades: prefix::PrefixCache::new(ttl, max_stale),
+            books: prefix::PrefixCache::new(ttl, max_stale),
             ticker_answer: self.ticker_answer,
             time: routes::TimeOffset::default(),
             clock: self.clock,
@@ -401,7 +404,8 @@ struct Shared {
     auth: auth::Auth,
     limits: server::Limits,
     products: routes::ProductsCache,
-    trades: trades::TradesCache,
+    trades: prefix::PrefixCache<RecentTrades>,
+    books: prefix::PrefixCache<OrderBook>,
     ticker_answer: TickerAnswer,
     time: routes::TimeOffset,
     clock: Clock,
@@ -422,6 +426,7 @@ struct ProxyCounters {
     accounts_invalidations: AtomicU64,
     products_upstream: AtomicU64,
     trades_upstream: AtomicU64,
+    books_upstream: AtomicU64,
     time_upstream: AtomicU64,
 }
 
@@ -429,8 +434,9 @@ struct ProxyCounters {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ProxyStats {
-    /// Client requests by route: `ticker`, `candles`, `best_bid_ask`, `products`, `product`,
-    /// `accounts`, `time`, `passthrough`, `operator` (`/healthz`, `/metrics`, `/stats`).
+    /// Client requests by route: `ticker`, `candles`, `best_bid_ask`, `product_book`,
+    /// `products`, `product`, `accounts`, `time`, `passthrough`, `operator` (`/healthz`,
+    /// `/metrics`, `/stats`).
     pub requests_by_route: BTreeMap<String, u64>,
     /// Requests refused with 401.
     pub unauthorized: u64,
@@ -450,6 +456,8 @@ pub struct ProxyStats {
     pub products_upstream: u64,
     /// Recent-trades fetches from the upstream (the ticker route's trades cache).
     pub trades_upstream: u64,
+    /// Order-book fetches from the upstream (the `product_book` route's cache).
+    pub books_upstream: u64,
     /// Server-time fetches from the upstream.
     pub time_upstream: u64,
     /// The coordinated source's stats.
@@ -475,6 +483,7 @@ impl Shared {
             accounts_invalidations: get(&c.accounts_invalidations),
             products_upstream: get(&c.products_upstream),
             trades_upstream: get(&c.trades_upstream),
+            books_upstream: get(&c.books_upstream),
             time_upstream: get(&c.time_upstream),
             coordinated: self.source.stats(),
         }

@@ -199,6 +199,11 @@ pub const MAX_ACCOUNTS_LIMIT: u32 = 250;
 /// The most trades one ticker answer holds; a larger `limit` is clamped.
 pub const MAX_TRADES: u32 = crate::coinbase::MAX_TRADES_PER_REQUEST;
 
+/// The levels a side of the simulated order book (`product_book`) holds before aggregation,
+/// and what a request without `limit` (or with `limit=0`, which a proto3 API cannot tell from
+/// none) gets. Unverified: Coinbase documents no default, and a real book is deeper.
+pub const BOOK_DEPTH: u32 = 500;
+
 /// The body of an HTML 429 (see [`SimBuilder::html_429`]), like the page Coinbase's edge sends.
 pub const HTML_429_BODY: &str = "<html> <head> <title>Coinbase</title> </head> <body> <h1>429 Too Many Requests</h1> <p>You have been rate limited.</p> </body> </html>";
 
@@ -230,11 +235,15 @@ pub enum Endpoint {
     Accounts,
     /// `GET /time` (`"time"`).
     Time,
+    /// `GET /market/product_book` (`"market/product_book"`).
+    MarketProductBook,
+    /// `GET /product_book` (`"product_book"`).
+    ProductBook,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 11] = [
+    pub const ALL: [Endpoint; 13] = [
         Endpoint::MarketTicker,
         Endpoint::Ticker,
         Endpoint::MarketCandles,
@@ -246,6 +255,8 @@ impl Endpoint {
         Endpoint::Product,
         Endpoint::Accounts,
         Endpoint::Time,
+        Endpoint::MarketProductBook,
+        Endpoint::ProductBook,
     ];
 
     /// The counter name: the path shape with `market/` for the public twin (`"market/ticker"`
@@ -263,6 +274,8 @@ impl Endpoint {
             Endpoint::Product => "product",
             Endpoint::Accounts => "accounts",
             Endpoint::Time => "time",
+            Endpoint::MarketProductBook => "market/product_book",
+            Endpoint::ProductBook => "product_book",
         }
     }
 
@@ -273,12 +286,14 @@ impl Endpoint {
             | Endpoint::MarketCandles
             | Endpoint::MarketProducts
             | Endpoint::MarketProduct
+            | Endpoint::MarketProductBook
             | Endpoint::Time => EndpointClass::Public,
             Endpoint::Ticker
             | Endpoint::Candles
             | Endpoint::BestBidAsk
             | Endpoint::Products
             | Endpoint::Product
+            | Endpoint::ProductBook
             | Endpoint::Accounts => EndpointClass::Private,
         }
     }

@@ -48,6 +48,7 @@ impl Reply {
 }
 
 /// Decode `%XX` escapes and `+`; invalid escapes stay as they are, invalid UTF-8 is replaced.
+#[cfg(feature = "sim")]
 pub(crate) fn percent_decode(s: &str) -> String {
     percent_decoded(s).into_owned()
 }

@@ -58,7 +58,10 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use super::validate;
 use crate::{
     error::{Error, Result},
-    model::{Account, Candle, MarketTrade, PriceKind, ProductId, RecentTrades, Ticker, TradeSide, mid_price},
+    model::{
+        Account, BookLevel, Candle, MarketTrade, OrderBook, PriceKind, ProductId, RecentTrades, Ticker,
+        TradeSide, mid_price,
+    },
 };
 
 /// `GET /market/products/{id}/ticker` and `GET /products/{id}/ticker`.
@@ -172,6 +175,18 @@ pub struct PriceBook {
 pub struct ProductBook {
     /// The book.
     pub pricebook: PriceBook,
+    /// The last trade's price (docs and SDK; optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<String>,
+    /// The bid/ask mid (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mid_market: Option<String>,
+    /// The spread in basis points (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_bps: Option<String>,
+    /// The spread in the quote currency (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_absolute: Option<String>,
 }
 
 /// One price level.
@@ -628,6 +643,115 @@ fn book_ticker(entry: serde_json::Value) -> Result<Option<Ticker>> {
     Ok(Some(Ticker { product, price, best_bid, best_ask, time, price_kind: PriceKind::Mid }))
 }
 
+/// Decode a product-book body for `product`, asked with `limit` levels a side (`None`: the
+/// exchange's default).
+///
+/// # Errors
+/// [`Error::Decode`] for a malformed body, a book of another product (or of none), a side with
+/// more levels than asked, a price that is not positive or a negative size, a side out of
+/// order or with a price twice, a crossed book, a negative spread, or a time before 2009.
+pub fn decode_order_book(product: &ProductId, limit: Option<u32>, body: &[u8]) -> Result<OrderBook> {
+    let w: ProductBook = parse_json(body, "product_book")?;
+    let b = &w.pricebook;
+    if !validate::same_market(product, &b.product_id) {
+        return Err(Error::decode(format_args!(
+            "product_book for {product} is the book of {:?}",
+            crate::error::truncate(&b.product_id, 40)
+        )));
+    }
+    let side =
+        |levels: &[Level], name: &str, better: fn(Decimal, Decimal) -> bool| -> Result<Vec<BookLevel>> {
+            if let Some(l) = limit
+                && levels.len() > l as usize
+            {
+                return Err(Error::decode(format_args!(
+                    "product_book for {product} has {} {name}, more than the {l} asked for",
+                    levels.len()
+                )));
+            }
+            let mut out: Vec<BookLevel> = Vec::with_capacity(levels.len());
+            for l in levels {
+                let level = BookLevel {
+                    price: validate::price(parse_decimal(&l.price, "pricebook price")?, "pricebook price")?,
+                    size: validate::amount(parse_decimal(&l.size, "pricebook size")?, "pricebook size")?,
+                };
+                if let Some(prev) = out.last()
+                    && !better(prev.price, level.price)
+                {
+                    return Err(Error::decode(format_args!(
+                        "product_book for {product}: {name} out of order or repeated ({} then {})",
+                        prev.price, level.price
+                    )));
+                }
+                out.push(level);
+            }
+            Ok(out)
+        };
+    let bids = side(&b.bids, "bids", |prev, next| prev > next)?;
+    let asks = side(&b.asks, "asks", |prev, next| prev < next)?;
+    validate::book(bids.first().map(|l| l.price), asks.first().map(|l| l.price), "product_book")?;
+    let extra = |v: &Option<String>, field: &str| -> Result<Option<Decimal>> {
+        v.as_deref().map_or(Ok(None), |s| parse_opt_decimal(s, field))
+    };
+    let last = extra(&w.last, "last")?.map(|p| validate::price(p, "last")).transpose()?;
+    let mid_market =
+        extra(&w.mid_market, "mid_market")?.map(|p| validate::price(p, "mid_market")).transpose()?;
+    let spread_bps =
+        extra(&w.spread_bps, "spread_bps")?.map(|s| validate::amount(s, "spread_bps")).transpose()?;
+    let spread_absolute = extra(&w.spread_absolute, "spread_absolute")?
+        .map(|s| validate::amount(s, "spread_absolute"))
+        .transpose()?;
+    let time = if b.time.trim().is_empty() {
+        OffsetDateTime::UNIX_EPOCH
+    } else {
+        validate::not_before_earliest(parse_time(&b.time, "pricebook.time")?, "pricebook.time")?
+    };
+    Ok(OrderBook {
+        product: product.clone(),
+        bids,
+        asks,
+        time,
+        last,
+        mid_market,
+        spread_bps,
+        spread_absolute,
+    })
+}
+
+impl From<&OrderBook> for ProductBook {
+    /// The wire body of `b`, as Coinbase would send it (decimals keep the scale they were
+    /// read with, so a book read and written again is the same text).
+    fn from(b: &OrderBook) -> Self {
+        ProductBook::of(b, usize::MAX)
+    }
+}
+
+impl ProductBook {
+    /// The wire body of `b` cut to `levels` levels a side (what the exchange answers to a
+    /// smaller `limit` at the same moment).
+    pub fn of(b: &OrderBook, levels: usize) -> Self {
+        let levels = |side: &[BookLevel]| {
+            side.iter()
+                .take(levels)
+                .map(|l| Level { price: l.price.to_string(), size: l.size.to_string() })
+                .collect()
+        };
+        let dec = |d: Option<Decimal>| d.map(|d| d.to_string());
+        ProductBook {
+            pricebook: PriceBook {
+                product_id: b.product.to_string(),
+                bids: levels(&b.bids),
+                asks: levels(&b.asks),
+                time: if b.time == OffsetDateTime::UNIX_EPOCH { String::new() } else { format_time(b.time) },
+            },
+            last: dec(b.last),
+            mid_market: dec(b.mid_market),
+            spread_bps: dec(b.spread_bps),
+            spread_absolute: dec(b.spread_absolute),
+        }
+    }
+}
+
 /// Decode a product-book body into a top-of-book ticker (price = bid/ask mid).
 ///
 /// # Errors
@@ -915,6 +1039,74 @@ mod tests {
         assert!(matches!(decode_products(b"{}"), Err(Error::Decode(_))));
         let old = br#"{"iso":"2008-01-01T00:00:00Z","epochSeconds":"","epochMillis":""}"#;
         assert!(matches!(decode_server_time(old), Err(Error::Decode(_))));
+    }
+
+    #[test]
+    fn an_order_book_that_cannot_be_true_is_a_decode_error() {
+        let p: ProductId = "BTC-USD".parse().unwrap();
+        let book = |bids: &str, asks: &str, extra: &str| {
+            format!(
+                r#"{{"pricebook":{{"product_id":"BTC-USD","bids":[{bids}],"asks":[{asks}],"time":"2026-01-01T00:00:00.000000Z"}}{extra}}}"#
+            )
+        };
+        let lv = |p: &str, s: &str| format!(r#"{{"price":"{p}","size":"{s}"}}"#);
+        let two_bids = format!("{},{}", lv("100.02", "1"), lv("100.01", "2"));
+        let ok = book(
+            &two_bids,
+            &lv("100.03", "1"),
+            r#","last":"100.02","mid_market":"100.025","spread_bps":"0.1","spread_absolute":"0.01""#,
+        );
+        let b = decode_order_book(&p, Some(2), ok.as_bytes()).unwrap();
+        assert_eq!((b.bids.len(), b.asks.len()), (2, 1));
+        assert_eq!(b.spread_absolute, Some(Decimal::new(1, 2)));
+        // Written back, the same text for every number (the scale is kept).
+        let again = serde_json::to_value(ProductBook::from(&b)).unwrap();
+        assert_eq!(again, serde_json::from_str::<serde_json::Value>(&ok).unwrap());
+        assert_eq!(ProductBook::of(&b, 1).pricebook.bids.len(), 1);
+        let cases = [
+            ("more levels than asked", decode_order_book(&p, Some(1), ok.as_bytes())),
+            ("another product", decode_order_book(&"ETH-USD".parse().unwrap(), None, ok.as_bytes())),
+            ("no product", decode_order_book(&p, None, ok.replace("\"BTC-USD\"", "\"\"").as_bytes())),
+            (
+                "bids rising",
+                decode_order_book(
+                    &p,
+                    None,
+                    book(&format!("{},{}", lv("1", "1"), lv("2", "1")), "", "").as_bytes(),
+                ),
+            ),
+            (
+                "a bid twice",
+                decode_order_book(
+                    &p,
+                    None,
+                    book(&format!("{},{}", lv("2", "1"), lv("2", "1")), "", "").as_bytes(),
+                ),
+            ),
+            (
+                "asks falling",
+                decode_order_book(
+                    &p,
+                    None,
+                    book("", &format!("{},{}", lv("3", "1"), lv("2", "1")), "").as_bytes(),
+                ),
+            ),
+            ("crossed", decode_order_book(&p, None, book(&lv("5", "1"), &lv("4", "1"), "").as_bytes())),
+            ("zero price", decode_order_book(&p, None, book(&lv("0", "1"), "", "").as_bytes())),
+            ("negative size", decode_order_book(&p, None, book(&lv("1", "-1"), "", "").as_bytes())),
+            ("not a number", decode_order_book(&p, None, book(&lv("1", "lots"), "", "").as_bytes())),
+            (
+                "negative spread",
+                decode_order_book(&p, None, book("", "", r#","spread_bps":"-3""#).as_bytes()),
+            ),
+            ("no pricebook", decode_order_book(&p, None, br#"{"bids":[]}"#)),
+        ];
+        for (what, r) in cases {
+            assert!(matches!(r, Err(Error::Decode(_))), "{what}: {r:?}");
+        }
+        // Empty extras are "not sent", as elsewhere on the wire.
+        let empty = decode_order_book(&p, None, book("", "", r#","last":"""#).as_bytes()).unwrap();
+        assert_eq!((empty.last, empty.bids.len()), (None, 0));
     }
 
     #[test]

@@ -5,13 +5,13 @@ use std::{borrow::Cow, cell::RefCell, collections::HashMap, sync::Arc, time::Dur
 use time::OffsetDateTime;
 use tokio::{sync::Mutex, time::Instant};
 
-use super::{Shared, TickerAnswer};
+use super::{Shared, TickerAnswer, prefix::UNLIMITED};
 use crate::{
     coinbase::{
         API_PREFIX, MAX_CANDLES_PER_REQUEST, MAX_TRADES_PER_REQUEST,
         wire::{
-            Accounts, BestBidAsk, Candles, Level, MarketTrades, Money, PriceBook, Product, Products,
-            ServerTime, Trade, WireAccount, WireCandle, format_time,
+            Accounts, BestBidAsk, Candles, Level, MarketTrades, Money, PriceBook, Product, ProductBook,
+            Products, ServerTime, Trade, WireAccount, WireCandle, format_time,
         },
     },
     coordinated::ReadOptions,
@@ -27,6 +27,7 @@ pub(super) enum Route<'a> {
     Ticker(&'a str),
     Candles(&'a str),
     BestBidAsk,
+    ProductBook,
     Products { private: bool },
     Product(&'a str),
     Accounts,
@@ -36,10 +37,11 @@ pub(super) enum Route<'a> {
 }
 
 impl Route<'_> {
-    pub(super) const NAMES: [&'static str; 9] = [
+    pub(super) const NAMES: [&'static str; 10] = [
         "ticker",
         "candles",
         "best_bid_ask",
+        "product_book",
         "products",
         "product",
         "accounts",
@@ -53,12 +55,13 @@ impl Route<'_> {
             Route::Ticker(_) => 0,
             Route::Candles(_) => 1,
             Route::BestBidAsk => 2,
-            Route::Products { .. } => 3,
-            Route::Product(_) => 4,
-            Route::Accounts => 5,
-            Route::Time => 6,
-            Route::Passthrough => 7,
-            Route::Operator => 8,
+            Route::ProductBook => 3,
+            Route::Products { .. } => 4,
+            Route::Product(_) => 5,
+            Route::Accounts => 6,
+            Route::Time => 7,
+            Route::Passthrough => 8,
+            Route::Operator => 9,
         }
     }
 
@@ -91,6 +94,7 @@ impl Route<'_> {
             ["time"] if !public => Route::Time,
             ["best_bid_ask"] if !public => Route::BestBidAsk,
             ["accounts"] if !public => Route::Accounts,
+            ["product_book"] => Route::ProductBook,
             ["products"] => Route::Products { private: !public },
             ["products", p] => Route::Product(p),
             ["products", p, "ticker"] => Route::Ticker(p),
@@ -260,6 +264,11 @@ pub(super) async fn answer(route: Route<'_>, query: &Query<'_>, shared: &Shared)
         },
         Route::Candles(p) => Box::pin(candles(p, query, shared)).await,
         Route::BestBidAsk => Box::pin(best_bid_ask(query, shared)).await,
+        // Grouped by price increment: a book of another shape, the exchange answers it.
+        Route::ProductBook if query.get("aggregation_price_increment").is_some_and(|v| !v.is_empty()) => {
+            return None;
+        }
+        Route::ProductBook => Box::pin(product_book(query, shared)).await,
         Route::Products { private } => Box::pin(products(private, query, shared)).await,
         Route::Product(p) => Box::pin(one_product(p, shared)).await,
         Route::Accounts => Box::pin(accounts(query, shared)).await,
@@ -287,17 +296,39 @@ fn trades_of(t: &Ticker) -> MarketTrades {
 /// A ticker request answered with the exchange's own trades, from the trades cache.
 async fn recent_trades(p: &str, limit: u32, shared: &Shared) -> Result<Reply, Reply> {
     let id = product(p)?;
-    let served = shared
-        .trades
-        .get(&shared.client, &shared.forwarder, &id, limit)
-        .await
-        .map_err(|e| Reply::from_error(&e))?;
-    if served.fetched {
+    let (client, forwarder) = (shared.client.clone(), Arc::clone(&shared.forwarder));
+    let fetch = move |p: ProductId, want: u32| async move {
+        forwarder.gated(client.market_data_class(), client.recent_trades(&p, want)).await
+    };
+    let (served, fetched) = shared.trades.get(&id, limit, fetch).await;
+    if fetched {
         inc(&shared.counters.trades_upstream);
     }
-    let mut body = MarketTrades::from(&*served.trades);
+    let mut body = MarketTrades::from(&*served.map_err(|e| Reply::from_error(&e))?);
     body.trades.truncate(limit as usize);
     Ok(Reply::json(200, &body))
+}
+
+/// `product_book?product_id=..[&limit=N]`, from the book cache. A `limit` of 0 is no limit,
+/// as upstream (a proto3 field cannot tell 0 from none).
+async fn product_book(q: &Query<'_>, shared: &Shared) -> Result<Reply, Reply> {
+    let id = q.get("product_id").filter(|p| !p.trim().is_empty());
+    let id = product(id.ok_or_else(|| Reply::bad_request("product_id is required"))?)?;
+    let limit = match q.int::<u32>("limit")? {
+        None | Some(0) => UNLIMITED,
+        Some(l) => l,
+    };
+    let (client, forwarder) = (shared.client.clone(), Arc::clone(&shared.forwarder));
+    let fetch = move |p: ProductId, want: u32| async move {
+        let limit = (want != UNLIMITED).then_some(want);
+        forwarder.gated(client.market_data_class(), client.order_book(&p, limit)).await
+    };
+    let (served, fetched) = shared.books.get(&id, limit, fetch).await;
+    if fetched {
+        inc(&shared.counters.books_upstream);
+    }
+    let book = served.map_err(|e| Reply::from_error(&e))?;
+    Ok(Reply::json(200, &ProductBook::of(&book, limit as usize)))
 }
 
 /// A one-trade ticker request answered from the coordinated source's batched tickers.

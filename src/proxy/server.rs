@@ -284,7 +284,7 @@ fn proxy_samples(shared: &Shared) -> Vec<Sample> {
             help: "Client requests by route.",
         });
     }
-    let plain: [(&'static str, &'static str, u64); 10] = [
+    let plain: [(&'static str, &'static str, u64); 11] = [
         ("tickshare_proxy_unauthorized_total", "Requests refused with 401.", s.unauthorized),
         ("tickshare_proxy_limited_total", "Requests refused by the per-connection limit.", s.limited),
         ("tickshare_proxy_too_large_total", "Requests refused for their size.", s.too_large),
@@ -298,6 +298,7 @@ fn proxy_samples(shared: &Shared) -> Vec<Sample> {
         ),
         ("tickshare_proxy_products_upstream_total", "Product-list fetches.", s.products_upstream),
         ("tickshare_proxy_trades_upstream_total", "Recent-trades fetches.", s.trades_upstream),
+        ("tickshare_proxy_books_upstream_total", "Order-book fetches.", s.books_upstream),
         ("tickshare_proxy_time_upstream_total", "Server-time fetches.", s.time_upstream),
     ];
     for (name, help, v) in plain {

@@ -11,15 +11,15 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
 use super::{
-    API_BASE_PATH, CandleLimit, DEFAULT_ACCOUNTS_LIMIT, Endpoint, MAX_ACCOUNTS_LIMIT, MAX_CANDLES,
-    MAX_TRADES, SimAccount,
+    API_BASE_PATH, BOOK_DEPTH, CandleLimit, DEFAULT_ACCOUNTS_LIMIT, Endpoint, MAX_ACCOUNTS_LIMIT,
+    MAX_CANDLES, MAX_TRADES, SimAccount,
     market::{Market, ProductSpec, mix, unix_ms},
     stats::CandleRequest,
 };
 use crate::{
     coinbase::wire::{
-        Accounts, BestBidAsk, Candles, Level, MarketTrades, Money, PriceBook, Product, Products, ServerTime,
-        Trade, WireAccount, WireCandle, format_time,
+        Accounts, BestBidAsk, Candles, Level, MarketTrades, Money, PriceBook, Product, ProductBook, Products,
+        ServerTime, Trade, WireAccount, WireCandle, format_time,
     },
     model::{Candle, Granularity, ProductId},
 };
@@ -57,6 +57,8 @@ pub(crate) fn route(path: &str) -> Option<(Endpoint, Option<String>)> {
         ["time"] => (Endpoint::Time, None),
         ["best_bid_ask"] => (Endpoint::BestBidAsk, None),
         ["accounts"] => (Endpoint::Accounts, None),
+        ["product_book"] => (Endpoint::ProductBook, None),
+        ["market", "product_book"] => (Endpoint::MarketProductBook, None),
         ["market", "products"] => (Endpoint::MarketProducts, None),
         ["market", "products", p] => (Endpoint::MarketProduct, id(p)),
         ["market", "products", p, "ticker"] => (Endpoint::MarketTicker, id(p)),
@@ -163,6 +165,7 @@ pub(crate) fn handle(endpoint: Endpoint, product: Option<&str>, query: &Query, c
         (Endpoint::Time, _) => Ok(time(ctx)),
         (Endpoint::BestBidAsk, _) => Ok(best_bid_ask(query, ctx)),
         (Endpoint::Accounts, _) => accounts(query, ctx),
+        (Endpoint::MarketProductBook | Endpoint::ProductBook, _) => product_book(query, ctx),
         (Endpoint::MarketProducts | Endpoint::Products, _) => {
             products(endpoint == Endpoint::Products, query, ctx)
         }
@@ -279,6 +282,74 @@ fn candles(endpoint: Endpoint, p: &ProductSpec, q: &Query, ctx: &Ctx<'_>) -> Res
             limit,
         }),
     })
+}
+
+/// `product_book`: [`BOOK_DEPTH`] levels a side, at widening gaps from the best bid and ask
+/// of the moment (the same as `best_bid_ask`'s, sizes included), grouped by
+/// `aggregation_price_increment` when given (bids rounded down, asks up, sizes summed), then
+/// cut to `limit` levels a side.
+fn product_book(q: &Query, ctx: &Ctx<'_>) -> Result<Reply, Reply> {
+    let id = q.get("product_id").filter(|s| !s.trim().is_empty());
+    let id = id.ok_or_else(|| Reply::bad_request("product_id is required"))?;
+    let m = ctx.market;
+    let p = m.get(id).ok_or_else(|| Reply::not_found(PRODUCT_NOT_FOUND))?;
+    let limit = match q.int::<u32>("limit")? {
+        None | Some(0) => BOOK_DEPTH,
+        Some(l) => l.min(BOOK_DEPTH),
+    };
+    let tick = p.quote_increment();
+    let step = match q.get("aggregation_price_increment").map(str::trim) {
+        None | Some("") => tick,
+        Some(v) => match v.parse::<Decimal>() {
+            Ok(d) if d > Decimal::ZERO => d.max(tick),
+            _ => {
+                return Err(Reply::bad_request(&format!(
+                    "aggregation_price_increment is invalid: {}",
+                    shown(v)
+                )));
+            }
+        },
+    };
+    let now_ms = unix_ms(ctx.now);
+    let (bid, ask) = m.bid_ask(p, now_ms);
+    let side = |top: Decimal, sign: Decimal, tag: u64, round: fn(Decimal, Decimal) -> Decimal| {
+        let mut out: Vec<(Decimal, Decimal)> = Vec::new();
+        for k in 0..u64::from(BOOK_DEPTH) {
+            // Level k sits k(k+3)/4 increments (integer division) from the top: dense near
+            // it, sparser deeper, some 1 % of the price away at the bottom of the book.
+            let raw = top + sign * tick * Decimal::from(k * (k + 3) / 4);
+            let price = round(raw, step);
+            if price <= Decimal::ZERO {
+                break;
+            }
+            let size = m.size(p, tag, now_ms, k);
+            match out.last_mut() {
+                Some((last, sum)) if *last == price => *sum += size,
+                _ => out.push((price, size)),
+            }
+        }
+        out.truncate(limit as usize);
+        out.into_iter()
+            .map(|(price, size)| Level { price: price.to_string(), size: size.to_string() })
+            .collect()
+    };
+    let down = |x: Decimal, step: Decimal| ((x / step).floor() * step).normalize().max(Decimal::ZERO);
+    let up = |x: Decimal, step: Decimal| ((x / step).ceil() * step).normalize();
+    let mid = (bid + ask) / Decimal::TWO;
+    let spread = ask - bid;
+    let book = ProductBook {
+        pricebook: PriceBook {
+            product_id: p.id.to_string(),
+            bids: side(bid, Decimal::NEGATIVE_ONE, 0xB1, down),
+            asks: side(ask, Decimal::ONE, 0xA5, up),
+            time: format_time(ctx.now),
+        },
+        last: Some(m.price(p, now_ms).to_string()),
+        mid_market: Some(mid.normalize().to_string()),
+        spread_bps: Some((spread / mid * Decimal::from(10_000)).round_dp(4).normalize().to_string()),
+        spread_absolute: Some(spread.to_string()),
+    };
+    Ok(Reply::json(200, &book))
 }
 
 fn best_bid_ask(q: &Query, ctx: &Ctx<'_>) -> Reply {

@@ -16,6 +16,37 @@ fn pid(s: &str) -> ProductId {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_order_book_is_the_simulators_and_agrees_with_best_bid_ask() {
+    let sim = SimExchange::builder().clock(fixed_clock()).start().await.unwrap();
+    let client = sim.client_builder().clock(sim.clock()).build().unwrap();
+    let btc = pid("BTC-USD");
+    let top = client.best_bid_ask(std::slice::from_ref(&btc)).await.unwrap().remove(0);
+    let full = client.order_book(&btc, None).await.unwrap();
+    assert_eq!(full.product, btc);
+    let depth = tickshare::sim::BOOK_DEPTH as usize;
+    assert_eq!((full.bids.len(), full.asks.len()), (depth, depth), "no limit: the whole simulated book");
+    assert_eq!((Some(full.bids[0].price), Some(full.asks[0].price)), (top.best_bid, top.best_ask));
+    assert!(full.bids.windows(2).all(|w| w[0].price > w[1].price));
+    assert!(full.asks.windows(2).all(|w| w[0].price < w[1].price));
+    assert!(full.bids.iter().chain(&full.asks).all(|l| l.size > Decimal::ZERO));
+    let mid = (top.best_bid.unwrap() + top.best_ask.unwrap()) / Decimal::TWO;
+    assert_eq!(full.mid_market, Some(mid.normalize()));
+    assert_eq!(full.spread_absolute, Some(top.best_ask.unwrap() - top.best_bid.unwrap()));
+    // The same instant (the clock is paused): a smaller limit is a prefix of the full book.
+    let five = client.order_book(&btc, Some(5)).await.unwrap();
+    assert_eq!(five, full.clone().truncated(5));
+    // On the public path as well, counted as its own endpoint.
+    let public = sim.client_builder().clock(sim.clock()).market_data(MarketDataPath::Public).build().unwrap();
+    assert_eq!(public.order_book(&btc, Some(5)).await.unwrap(), five);
+    let calls = sim.stats().calls_by_endpoint;
+    assert_eq!((calls["product_book"], calls["market/product_book"]), (2, 1));
+    // Unknown products and a limit of 0 are typed errors.
+    assert!(matches!(client.order_book(&pid("NOPE-USD"), Some(5)).await, Err(Error::NotFound(_))));
+    assert!(matches!(client.order_book(&btc, Some(0)).await, Err(Error::InvalidInput(_))));
+    assert_eq!(client.stats().requests_by_endpoint["product_book"], 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn every_endpoint_decodes() {
     let sim = SimExchange::builder().clock(fixed_clock()).start().await.unwrap();
     let client = sim.client_builder().clock(sim.clock()).build().unwrap();

@@ -569,3 +569,78 @@ async fn shutdown_closes_open_connections_without_waiting_out_the_drain() {
         assert_eq!(s.read_to_end(&mut rest).await.unwrap(), 0, "the proxy closed the connection");
     }
 }
+
+/// `product_book` (ccxt's `fetch_order_book`): one upstream fetch serves every client and
+/// every smaller `limit`, each answer the exchange's book cut as the exchange would cut it.
+#[tokio::test(start_paused = true)]
+async fn order_books_are_fetched_once_for_every_client_and_cut_to_each_limit() {
+    let (creds, upstream, proxy) = started().await;
+    let (api, c) = (format!("{}/api/v3/brokerage", proxy.base_url()), http());
+    // What the exchange itself answers at this instant (the clock is paused).
+    let direct =
+        upstream.client_builder().credentials(creds.clone()).clock(upstream.clock()).build().unwrap();
+    let btc: ProductId = "BTC-USD".parse().unwrap();
+    let want = tickshare::coinbase::wire::ProductBook::from(&direct.order_book(&btc, None).await.unwrap());
+    let want = serde_json::to_value(want).unwrap();
+    let before = calls(&upstream).get("product_book").copied().unwrap_or(0);
+
+    let first = get(&c, &format!("{api}/market/product_book?product_id=BTC-USD"), Some(TOKEN)).await;
+    assert_eq!(first.status, 200, "{}", String::from_utf8_lossy(&first.body));
+    assert_eq!(first.json(), want, "the whole book, as the exchange answered it");
+    // 24 more clients at once, public and private paths, several limits (0 is no limit).
+    let limits = [1usize, 5, 10, 50, 0, 3];
+    let asks = (0..24).map(|i| {
+        let (c, l) = (c.clone(), limits[i % limits.len()]);
+        let path = if i % 2 == 0 { "market/product_book" } else { "product_book" };
+        let url = format!("{api}/{path}?product_id=BTC-USD&limit={l}");
+        async move { (l, get(&c, &url, Some(TOKEN)).await) }
+    });
+    for (l, got) in futures_util::future::join_all(asks).await {
+        assert_eq!(got.status, 200);
+        let body = got.json();
+        let cut = |side: &str| {
+            let all = want["pricebook"][side].as_array().unwrap();
+            serde_json::Value::from(all[..if l == 0 { all.len() } else { l }].to_vec())
+        };
+        assert_eq!(
+            (body["pricebook"]["bids"].clone(), body["pricebook"]["asks"].clone()),
+            (cut("bids"), cut("asks"))
+        );
+        assert_eq!(body["pricebook"]["time"], want["pricebook"]["time"]);
+        assert_eq!(body["spread_bps"], want["spread_bps"]);
+    }
+    let s = proxy.stats();
+    assert_eq!((s.books_upstream, s.requests_by_route["product_book"]), (1, 25));
+    let upstream_books = calls(&upstream).get("product_book").copied().unwrap_or(0)
+        + calls(&upstream).get("market/product_book").copied().unwrap_or(0);
+    assert_eq!(upstream_books - before, 1, "{:?}", calls(&upstream));
+
+    // Refused as upstream would, without a call: no product_id, a malformed one, a bad limit.
+    for (query, status) in
+        [("", 400), ("?product_id=", 400), ("?product_id=btc_usd", 404), ("?product_id=BTC-USD&limit=x", 400)]
+    {
+        let r = get(&c, &format!("{api}/product_book{query}"), Some(TOKEN)).await;
+        assert_eq!(r.status, status, "{query}: {}", String::from_utf8_lossy(&r.body));
+    }
+    // An unknown product: the exchange's 404, asked once and remembered.
+    for _ in 0..3 {
+        let r = get(&c, &format!("{api}/product_book?product_id=NOPE-USD&limit=5"), Some(TOKEN)).await;
+        assert_eq!(r.status, 404);
+    }
+    assert_eq!(proxy.stats().books_upstream, 2);
+    // A book grouped by price increment is another question: passed through.
+    let grouped =
+        format!("{api}/market/product_book?product_id=BTC-USD&limit=3&aggregation_price_increment=10");
+    let g = get(&c, &grouped, Some(TOKEN)).await;
+    assert_eq!(g.status, 200);
+    let bids = g.json()["pricebook"]["bids"].as_array().unwrap().clone();
+    assert_eq!(bids.len(), 3);
+    for b in &bids {
+        let price: tickshare::Decimal = b["price"].as_str().unwrap().parse().unwrap();
+        assert_eq!(price % tickshare::Decimal::from(10), tickshare::Decimal::ZERO, "{b}");
+    }
+    let s = proxy.stats();
+    assert_eq!((s.requests_by_route["passthrough"], s.books_upstream), (1, 2));
+    assert_eq!(upstream.stats().rate_limited_429, 0);
+    proxy.shutdown().await;
+}

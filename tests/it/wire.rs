@@ -55,6 +55,23 @@ fn book_samples() {
 }
 
 #[test]
+fn order_book_samples_decode_and_write_back_as_they_came() {
+    let body = fixture!("product_book_real.json");
+    let b = wire::decode_order_book(&pid("BTC-USDT"), None, body).unwrap();
+    assert_eq!(b.bids, [tickshare::BookLevel { price: dec("30757.85"), size: dec("0.115") }]);
+    assert_eq!(b.asks, [tickshare::BookLevel { price: dec("30759.07"), size: dec("0.04877659") }]);
+    assert_eq!(b.last, None);
+    // Written back, the same JSON (the proxy's answer is Coinbase's).
+    let again = serde_json::to_value(wire::ProductBook::from(&b)).unwrap();
+    assert_eq!(again, serde_json::from_slice::<serde_json::Value>(body).unwrap());
+    // The limit asked is checked: one level a side fits a limit of 1.
+    assert!(wire::decode_order_book(&pid("BTC-USDT"), Some(1), body).is_ok());
+    // Another product's book is not an answer.
+    let other = wire::decode_order_book(&pid("ETH-USDT"), None, body).unwrap_err();
+    assert!(matches!(other, tickshare::Error::Decode(_)), "{other}");
+}
+
+#[test]
 fn product_samples() {
     let list = wire::decode_products(fixture!("products_real.json")).unwrap();
     assert_eq!(list.len(), 1);
