@@ -175,13 +175,22 @@ async fn every_endpoint_answers_its_documented_shape() {
     assert_eq!(wire::decode_server_time(&r.body).unwrap(), now);
     assert_eq!(r.json()["iso"], "2024-04-24T09:56:38Z");
 
+    // Order books (§2.4 shape), public and private.
+    for path in ["market/product_book", "product_book"] {
+        let r = get(&c, &format!("{api}/{path}?product_id=BTC-USD&limit=2"), Some(&jwt)).await;
+        assert_eq!(r.status, 200, "{path}");
+        let book = wire::decode_order_book(&"BTC-USD".parse().unwrap(), Some(2), &r.body).unwrap();
+        assert_eq!((book.bids.len(), book.asks.len()), (2, 2), "{path}");
+        assert_eq!(r.json()["pricebook"]["product_id"], "BTC-USD");
+    }
+
     let stats = sim.stats();
     for e in Endpoint::ALL {
         let expected = if e == Endpoint::BestBidAsk { 2 } else { 1 };
         assert_eq!(stats.calls(e), expected, "{e}");
     }
-    assert_eq!(stats.total_calls, 12);
-    assert_eq!(stats.responses(200), 12);
+    assert_eq!(stats.total_calls, 14);
+    assert_eq!(stats.responses(200), 14);
     assert_eq!((stats.rate_limited_429, stats.auth_failures), (0, 0));
     sim.shutdown().await;
 }
