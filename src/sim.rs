@@ -38,6 +38,13 @@
 //! | `product` | `GET /products/{id}` | private |
 //! | `accounts` | `GET /accounts[?limit=&cursor=]` | private |
 //! | `time` | `GET /time` | public |
+//! | `market/product_book` | `GET /market/product_book?product_id=[&limit=&aggregation_price_increment=]` | public |
+//! | `product_book` | `GET /product_book?...` | private |
+//! | `orders` | `POST /orders` (create) | private |
+//! | `orders/batch_cancel` | `POST /orders/batch_cancel` | private |
+//! | `orders/historical/batch` | `GET /orders/historical/batch[?order_status=&product_ids=&order_ids=&order_side=&start_date=&end_date=&limit=&cursor=]` | private |
+//! | `orders/historical` | `GET /orders/historical/{order_id}` | private |
+//! | `orders/historical/fills` | `GET /orders/historical/fills[?order_ids=&trade_ids=&product_ids=&start_sequence_timestamp=&end_sequence_timestamp=&limit=&cursor=]` | private |
 //!
 //! Any other path (or method) answers 404 and counts as `unknown`, outside any rate limit.
 //! Errors use the observed v3 shape `{"error","error_details","message"}`: an unknown or
@@ -55,6 +62,40 @@
 //! **Ticker**: the last trade is at the current price (on the quote increment) and time; the
 //! best bid and ask are one increment below and above, so their mid is the last price exactly.
 //! Prices and candles are a pure function of (seed, product, time); see [`SimHandle::price_at`].
+//!
+//! # Orders
+//!
+//! The simulated user can trade, so balance reads after an order (and anything that forwards
+//! orders, such as [`crate::proxy`]) can be tested against real effects. Supported
+//! configurations: `market_market_ioc` (exactly one of `quote_size`, `base_size`),
+//! `limit_limit_gtc`, `limit_limit_gtd` (`end_time`, RFC 3339), `limit_limit_fok` and
+//! `sor_limit_ioc`; others fail with `UNSUPPORTED_ORDER_CONFIGURATION`.
+//!
+//! - A market order, and a limit order that is marketable on arrival (a buy at or above the
+//!   best ask, a sell at or below the best bid), fills **completely** at that best price, taking
+//!   liquidity ([`TAKER_FEE_RATE`]); the book's depth is not consumed. A `quote_size` buy spends
+//!   at most `quote_size`, fees included; base sizes are floored to `base_increment` (1e-8).
+//! - A limit order that is not marketable rests (`OPEN`) with its funds on hold (a buy holds
+//!   `base_size × limit_price × (1 + taker fee)` of the quote currency, a sell its base size);
+//!   it fills at its limit price, making liquidity ([`MAKER_FEE_RATE`]), at the first simulated
+//!   second the best ask falls to it (a buy) or the best bid rises to it (a sell). Resting orders
+//!   are matched against the price path whenever balances or orders are next read. IOC and FOK
+//!   that cannot fill at once are `CANCELLED`; GTD orders become `EXPIRED` at `end_time`.
+//!   `post_only` orders that would take liquidity fail (`INVALID_LIMIT_PRICE_POST_ONLY`).
+//! - Funds are checked at entry (`INSUFFICIENT_FUND`); the quote currency is the product id's
+//!   (a `BTC-USDC` order moves USDC: unverified, Coinbase may settle aliased pairs in USD).
+//!   A fill into a currency without an account opens one (appended, so earlier accounts keep
+//!   their ids).
+//! - A `client_order_id` seen before returns the order it created, as Coinbase does, so a
+//!   retried create never trades twice.
+//! - A failed create is `200` with `success: false` and an `error_response` whose `error` and
+//!   `new_order_failure_reason` name the reason (ccxt's sample shape); malformed bodies (not a
+//!   create request, no `client_order_id`, over 64 KiB) are 400 `INVALID_ARGUMENT`; an unknown
+//!   order id is 404 "order with this orderID was not found" (the observed v3 shape).
+//! - Lists are newest first, paged by `limit` ([`DEFAULT_LIST_LIMIT`], at most
+//!   [`MAX_LIST_LIMIT`]) and an opaque `cursor`; `product_id` and `order_id` (singular, as ccxt
+//!   sends them) filter like `product_ids` and `order_ids`. At most [`MAX_ORDERS`] orders are
+//!   kept; a `batch_cancel` names at most [`MAX_CANCEL_IDS`].
 //!
 //! # Rate limits
 //!
@@ -97,6 +138,7 @@ mod faults;
 mod jwt;
 mod limits;
 mod market;
+mod orders;
 mod routes;
 mod server;
 mod stats;
@@ -118,6 +160,9 @@ use tokio::{sync::watch, task::JoinHandle, time::Instant};
 pub use crate::limiter::EndpointClass;
 pub use builder::{SimAccount, SimBuilder, SimProducts};
 pub use faults::{Fault, FaultId, FaultTarget};
+pub use orders::{
+    DEFAULT_LIST_LIMIT, MAKER_FEE_RATE, MAX_CANCEL_IDS, MAX_LIST_LIMIT, MAX_ORDERS, TAKER_FEE_RATE,
+};
 pub use stats::{CANDLE_LOG_CAPACITY, CandleRequest, PerClass, SimStats};
 pub use ws::{WsConfig, WsConnFault, WsDialect, WsFault, WsStats};
 
@@ -239,11 +284,21 @@ pub enum Endpoint {
     MarketProductBook,
     /// `GET /product_book` (`"product_book"`).
     ProductBook,
+    /// `POST /orders` (`"orders"`): create an order.
+    CreateOrder,
+    /// `POST /orders/batch_cancel` (`"orders/batch_cancel"`).
+    CancelOrders,
+    /// `GET /orders/historical/batch` (`"orders/historical/batch"`): list orders.
+    ListOrders,
+    /// `GET /orders/historical/{order_id}` (`"orders/historical"`): one order.
+    GetOrder,
+    /// `GET /orders/historical/fills` (`"orders/historical/fills"`): list fills.
+    ListFills,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 13] = [
+    pub const ALL: [Endpoint; 18] = [
         Endpoint::MarketTicker,
         Endpoint::Ticker,
         Endpoint::MarketCandles,
@@ -257,6 +312,11 @@ impl Endpoint {
         Endpoint::Time,
         Endpoint::MarketProductBook,
         Endpoint::ProductBook,
+        Endpoint::CreateOrder,
+        Endpoint::CancelOrders,
+        Endpoint::ListOrders,
+        Endpoint::GetOrder,
+        Endpoint::ListFills,
     ];
 
     /// The counter name: the path shape with `market/` for the public twin (`"market/ticker"`
@@ -276,6 +336,11 @@ impl Endpoint {
             Endpoint::Time => "time",
             Endpoint::MarketProductBook => "market/product_book",
             Endpoint::ProductBook => "product_book",
+            Endpoint::CreateOrder => "orders",
+            Endpoint::CancelOrders => "orders/batch_cancel",
+            Endpoint::ListOrders => "orders/historical/batch",
+            Endpoint::GetOrder => "orders/historical",
+            Endpoint::ListFills => "orders/historical/fills",
         }
     }
 
@@ -294,8 +359,25 @@ impl Endpoint {
             | Endpoint::Products
             | Endpoint::Product
             | Endpoint::ProductBook
-            | Endpoint::Accounts => EndpointClass::Private,
+            | Endpoint::Accounts
+            | Endpoint::CreateOrder
+            | Endpoint::CancelOrders
+            | Endpoint::ListOrders
+            | Endpoint::GetOrder
+            | Endpoint::ListFills => EndpointClass::Private,
         }
+    }
+
+    /// Whether the endpoint reads or changes the simulated user's orders.
+    pub const fn is_order(self) -> bool {
+        matches!(
+            self,
+            Endpoint::CreateOrder
+                | Endpoint::CancelOrders
+                | Endpoint::ListOrders
+                | Endpoint::GetOrder
+                | Endpoint::ListFills
+        )
     }
 
     const fn index(self) -> usize {
@@ -553,6 +635,40 @@ impl SimHandle {
     }
 }
 
+impl Shared {
+    /// Fill or expire resting orders up to `now`: called before balances or orders are read.
+    fn settle_orders(&self, now: OffsetDateTime) {
+        let mut book = lock(&self.orders);
+        if !book.has_open() {
+            return;
+        }
+        let mut accounts = lock(&self.accounts);
+        let accounts = Arc::make_mut(&mut accounts);
+        book.settle(&mut orders::OrderCtx { market: &self.market, accounts, seed: self.seed, now });
+    }
+
+    /// Answer a request to an order endpoint (settling first).
+    fn answer_order(
+        &self,
+        endpoint: Endpoint,
+        id: Option<&str>,
+        query: &routes::Query,
+        body: &[u8],
+        now: OffsetDateTime,
+    ) -> routes::Reply {
+        let mut book = lock(&self.orders);
+        let mut accounts = lock(&self.accounts);
+        let accounts = Arc::make_mut(&mut accounts);
+        book.answer(
+            endpoint,
+            id,
+            query,
+            body,
+            &mut orders::OrderCtx { market: &self.market, accounts, seed: self.seed, now },
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Settings {
     latency: Duration,
@@ -573,6 +689,8 @@ struct Shared {
     clock_skew: time::Duration,
     jwt_leeway_secs: i64,
     accounts: Mutex<Arc<Vec<SimAccount>>>,
+    /// The simulated user's orders; locked before `accounts` when both are needed.
+    orders: Mutex<orders::OrderBook>,
     limiter: Mutex<Limiter>,
     counters: Mutex<Counters>,
     faults: Mutex<FaultBook>,

@@ -381,6 +381,7 @@ impl SimBuilder {
             clock_skew: self.clock_skew,
             jwt_leeway_secs: i64::try_from(self.jwt_leeway.as_secs()).unwrap_or(i64::MAX),
             accounts: Mutex::new(Arc::new(self.accounts)),
+            orders: Mutex::new(super::orders::OrderBook::default()),
             limiter: Mutex::new(Limiter::new(limits(self.public_limit), limits(self.private_limit))),
             counters: Mutex::new(Counters::default()),
             faults: Mutex::new(FaultBook::new(self.seed)),

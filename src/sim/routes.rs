@@ -67,8 +67,20 @@ pub(crate) fn route(path: &str) -> Option<(Endpoint, Option<String>)> {
         ["products", p] => (Endpoint::Product, id(p)),
         ["products", p, "ticker"] => (Endpoint::Ticker, id(p)),
         ["products", p, "candles"] => (Endpoint::Candles, id(p)),
+        ["orders", "historical", "batch"] => (Endpoint::ListOrders, None),
+        ["orders", "historical", "fills"] => (Endpoint::ListFills, None),
+        ["orders", "historical", o] => (Endpoint::GetOrder, id(o)),
         _ => return None,
     })
+}
+
+/// Match a `POST` to an order endpoint.
+pub(crate) fn route_post(path: &str) -> Option<Endpoint> {
+    match path.strip_prefix(API_BASE_PATH)? {
+        "/orders" => Some(Endpoint::CreateOrder),
+        "/orders/batch_cancel" => Some(Endpoint::CancelOrders),
+        _ => None,
+    }
 }
 
 /// A parsed query string: `key=value` pairs in order, keys may repeat.
@@ -128,7 +140,7 @@ impl Query {
 }
 
 /// A user value quoted and cut for an error message.
-fn shown(v: &str) -> String {
+pub(super) fn shown(v: &str) -> String {
     format!("{:?}", crate::error::truncate(v, 40))
 }
 
@@ -519,7 +531,7 @@ fn accounts(q: &Query, ctx: &Ctx<'_>) -> Result<Reply, Reply> {
 }
 
 /// A stable UUID-shaped id from a seed and a key.
-fn uuid(seed: u64, key: &str, i: usize) -> String {
+pub(super) fn uuid(seed: u64, key: &str, i: usize) -> String {
     let a = mix(seed, super::market::fnv1a(key.as_bytes()) ^ i as u64);
     let b = mix(a, 0x00DD_BA11);
     format!(

@@ -140,13 +140,18 @@ async fn respond(
     req: Request<Incoming>,
     reset: Arc<AtomicBool>,
 ) -> std::result::Result<Response<SimBody>, ResetConnection> {
-    let path = req.uri().path();
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let method = &parts.method;
     if let Some(rest) = path.strip_prefix("/__sim") {
-        return Ok(control(&shared, req.method(), rest));
+        return Ok(control(&shared, method, rest));
     }
-    let query = Query::parse(req.uri().query());
+    let query = Query::parse(parts.uri.query());
     // The few v2 (and other) paths ccxt calls to start: src/sim/v2.rs.
     if !*shared.down.borrow() {
+        if path == "/v2/accounts" {
+            shared.settle_orders(shared.clock.now_utc());
+        }
         let accounts = Arc::clone(&lock(&shared.accounts));
         let ctx = Ctx {
             market: &shared.market,
@@ -156,9 +161,9 @@ async fn respond(
             now: shared.clock.now_utc(),
             skew: shared.clock_skew,
         };
-        let auth = req.headers().get(hyper::header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        let auth = parts.headers.get(hyper::header::AUTHORIZATION).map(HeaderValue::as_bytes);
         if let Some(reply) =
-            super::v2::answer(req.method(), path, auth, shared.jwt_key.as_ref(), jwt_window(&shared), &ctx)
+            super::v2::answer(method, path, auth, shared.jwt_key.as_ref(), jwt_window(&shared), &ctx)
         {
             let mut c = lock(&shared.counters);
             c.call(None);
@@ -166,7 +171,11 @@ async fn respond(
             return Ok(http_response(reply, &[]));
         }
     }
-    let routed = (req.method() == Method::GET).then(|| routes::route(path)).flatten();
+    let routed = match *method {
+        Method::GET => routes::route(path),
+        Method::POST => routes::route_post(path).map(|e| (e, None)),
+        _ => None,
+    };
     let Some((endpoint, product)) = routed else {
         let mut c = lock(&shared.counters);
         c.call(None);
@@ -233,11 +242,11 @@ async fn respond(
     }
 
     if endpoint.class() == EndpointClass::Private {
-        let auth = req.headers().get(hyper::header::AUTHORIZATION);
+        let auth = parts.headers.get(hyper::header::AUTHORIZATION);
         let checked = jwt::check(
             auth.map(HeaderValue::as_bytes),
             shared.jwt_key.as_ref(),
-            req.method().as_str(),
+            method.as_str(),
             path,
             jwt::Window {
                 now: jwt::system_now().saturating_add(shared.clock_skew.whole_seconds()),
@@ -252,16 +261,28 @@ async fn respond(
         }
     }
 
-    let accounts = Arc::clone(&lock(&shared.accounts));
-    let ctx = Ctx {
-        market: &shared.market,
-        accounts: &accounts,
-        seed: shared.seed,
-        candle_limit: shared.candle_limit,
-        now: shared.clock.now_utc(),
-        skew: shared.clock_skew,
+    let now_utc = shared.clock.now_utc();
+    let handled = if endpoint.is_order() {
+        let reply = match read_body(body).await {
+            Some(bytes) => shared.answer_order(endpoint, product.as_deref(), &query, &bytes, now_utc),
+            None => Reply::bad_request("request body too large or unreadable"),
+        };
+        routes::Handled::from(reply)
+    } else {
+        if endpoint == super::Endpoint::Accounts {
+            shared.settle_orders(now_utc);
+        }
+        let accounts = Arc::clone(&lock(&shared.accounts));
+        let ctx = Ctx {
+            market: &shared.market,
+            accounts: &accounts,
+            seed: shared.seed,
+            candle_limit: shared.candle_limit,
+            now: now_utc,
+            skew: shared.clock_skew,
+        };
+        routes::handle(endpoint, product.as_deref(), &query, &ctx)
     };
-    let handled = routes::handle(endpoint, product.as_deref(), &query, &ctx);
     let mut reply = handled.reply;
     {
         let mut c = lock(&shared.counters);
@@ -295,6 +316,13 @@ async fn respond(
         }
     }
     Ok(response)
+}
+
+/// A request body of at most [`MAX_BODY_BYTES`](super::orders::MAX_BODY_BYTES), or `None`.
+async fn read_body(body: Incoming) -> Option<Bytes> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, super::orders::MAX_BODY_BYTES);
+    limited.collect().await.ok().map(http_body_util::Collected::to_bytes)
 }
 
 /// The `/__sim` control paths.

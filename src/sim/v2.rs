@@ -150,8 +150,8 @@ fn transaction_summary() -> Value {
             "pricing_tier": "Advanced 1",
             "usd_from": "0",
             "usd_to": "1000",
-            "taker_fee_rate": "0.008",
-            "maker_fee_rate": "0.006",
+            "taker_fee_rate": super::orders::TAKER_FEE_RATE.to_string(),
+            "maker_fee_rate": super::orders::MAKER_FEE_RATE.to_string(),
             "aop_from": "",
             "aop_to": ""
         },

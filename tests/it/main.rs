@@ -12,6 +12,7 @@ mod fuzz;
 mod hostile;
 mod jwt;
 mod load;
+mod orders;
 mod outage;
 mod props;
 mod proxy;

@@ -151,21 +151,23 @@ async fn an_order_passes_through_once_and_the_next_balance_read_is_fresh() {
     b.accounts().await.unwrap();
     assert_eq!(upstream.stats().calls_by_endpoint["accounts"], 1, "served from the cache");
 
-    // The balances change on the exchange, and an order is placed through the proxy.
-    upstream.set_accounts([tickshare::sim::SimAccount::new("USD", 123.into())]);
+    // A market buy placed through the proxy: signed by the proxy, filled by the exchange.
     let path = "/api/v3/brokerage/orders";
     let host = proxy.addr().to_string();
+    let order = r#"{"client_order_id":"1","product_id":"BTC-USD","side":"BUY","order_configuration":{"market_market_ioc":{"quote_size":"100"}}}"#;
     let resp = http()
         .post(format!("{}{path}", proxy.base_url()))
         .bearer_auth(creds.rest_jwt("POST", &host, path))
         .header("content-type", "application/json")
-        .body(r#"{"client_order_id":"1","product_id":"BTC-USD","side":"BUY"}"#)
+        .body(order)
         .send()
         .await
         .unwrap();
-    // The simulator has no order endpoint: its 404 comes back as it was, sent once, not retried.
-    assert_eq!(resp.status(), 404);
-    assert_eq!(upstream.stats().calls_by_endpoint["unknown"], 1);
+    assert_eq!(resp.status(), 200);
+    let created: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(created["success"], true, "{created}");
+    // Sent once, never retried, and the exchange saw the proxy's token, not the client's.
+    assert_eq!(upstream.stats().calls_by_endpoint["orders"], 1);
     assert_eq!(upstream.stats().auth_failures, 0);
     let s = proxy.stats();
     assert_eq!(
@@ -173,11 +175,25 @@ async fn an_order_passes_through_once_and_the_next_balance_read_is_fresh() {
         (1, 0, 1)
     );
 
+    // The next balance read is fresh: it shows the fill, as a direct read does.
     let after = b.accounts().await.unwrap();
     assert_eq!(upstream.stats().calls_by_endpoint["accounts"], 2, "fresh after the order");
     assert_ne!(after, before);
-    assert_eq!(after.len(), 1);
-    assert_eq!(after[0].available, 123.into());
+    let direct = upstream.client_builder().credentials(creds.clone()).build().unwrap();
+    assert_eq!(after, direct.accounts().await.unwrap());
+    let usd = |a: &[tickshare::Account]| a.iter().find(|a| a.currency == "USD").map(|a| a.available);
+    assert!(usd(&after) < usd(&before), "{:?} -> {:?}", usd(&before), usd(&after));
+
+    // Reading the order back passes through too (never cached: each read goes upstream).
+    let id = created["order_id"].as_str().unwrap();
+    let get_path = format!("/api/v3/brokerage/orders/historical/{id}");
+    for _ in 0..2 {
+        let jwt = creds.rest_jwt("GET", &host, &get_path);
+        let r = get(&http(), &format!("{}{get_path}", proxy.base_url()), Some(&jwt)).await;
+        assert_eq!(r.json()["order"]["status"], "FILLED");
+    }
+    assert_eq!(upstream.stats().calls_by_endpoint["orders/historical"], 2);
+    assert_eq!(proxy.stats().accounts_invalidations, 1, "reads do not invalidate");
 }
 
 #[tokio::test(start_paused = true)]

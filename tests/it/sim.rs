@@ -184,13 +184,31 @@ async fn every_endpoint_answers_its_documented_shape() {
         assert_eq!(r.json()["pricebook"]["product_id"], "BTC-USD");
     }
 
+    // Orders (tests/it/orders.rs has the semantics): create, get, list, fills, cancel.
+    let order = serde_json::json!({"client_order_id": "c1", "product_id": "BTC-USD", "side": "BUY",
+        "order_configuration": {"market_market_ioc": {"quote_size": "10"}}});
+    let r = c.post(format!("{api}/orders")).bearer_auth(&jwt).json(&order).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let created: serde_json::Value = r.json().await.unwrap();
+    let id = created["success_response"]["order_id"].as_str().unwrap().to_string();
+    let r = get(&c, &format!("{api}/orders/historical/{id}"), Some(&jwt)).await;
+    assert_eq!(r.json()["order"]["status"], "FILLED");
+    let r = get(&c, &format!("{api}/orders/historical/batch"), Some(&jwt)).await;
+    assert_eq!(r.json()["orders"][0]["order_id"], id.as_str());
+    let r = get(&c, &format!("{api}/orders/historical/fills"), Some(&jwt)).await;
+    assert_eq!(r.json()["fills"][0]["order_id"], id.as_str());
+    let cancel = serde_json::json!({"order_ids": [id]});
+    let r =
+        c.post(format!("{api}/orders/batch_cancel")).bearer_auth(&jwt).json(&cancel).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
     let stats = sim.stats();
     for e in Endpoint::ALL {
         let expected = if e == Endpoint::BestBidAsk { 2 } else { 1 };
         assert_eq!(stats.calls(e), expected, "{e}");
     }
-    assert_eq!(stats.total_calls, 14);
-    assert_eq!(stats.responses(200), 14);
+    assert_eq!(stats.total_calls, 19);
+    assert_eq!(stats.responses(200), 19);
     assert_eq!((stats.rate_limited_429, stats.auth_failures), (0, 0));
     sim.shutdown().await;
 }
