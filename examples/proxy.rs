@@ -24,6 +24,11 @@ use std::{error::Error, net::SocketAddr, time::Duration};
 
 use tickshare::{Credentials, proxy::Proxy};
 
+const USAGE: &str = "usage: proxy [--listen ADDR] [--upstream URL | --sim] [--allow-remote] [--serve-secs N]
+             [--per-connection-rate N[:BURST]]
+  credentials: COINBASE_API_KEY, COINBASE_API_SECRET (ES256 PEM or Ed25519 base64);
+  optional local client token: TICKSHARE_PROXY_TOKEN";
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let mut listen: SocketAddr = "127.0.0.1:8787".parse()?;
@@ -35,6 +40,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
             "--listen" => listen = it.next().ok_or("--listen needs an address")?.parse()?,
             "--upstream" => upstream = Some(it.next().ok_or("--upstream needs a URL")?),
             "--allow-remote" => allow_remote = true,
@@ -51,7 +60,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 };
                 per_connection = Some((rate, burst));
             }
-            other => return Err(format!("unknown argument {other}").into()),
+            other => return Err(format!("unknown argument {other}\n{USAGE}").into()),
         }
     }
 

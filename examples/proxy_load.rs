@@ -211,6 +211,10 @@ struct Args {
     listen: Option<std::net::SocketAddr>,
 }
 
+const USAGE: &str = "usage: proxy_load [--connections 1000] [--secs 10] [--rate N] [--proxy-threads 1]
+                  [--load-threads 1] [--shared-runtime] [--target ADDR] [--token T] [--baseline]
+                  [--pin] [--per-connection-rate N] [--serve-only [--listen ADDR]]";
+
 fn parse_args() -> Result<Args, Box<dyn Error>> {
     let mut a = Args {
         conns: 1000,
@@ -229,6 +233,10 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--connections" => a.conns = value()?.parse()?,
@@ -246,7 +254,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             "--per-connection-rate" => a.per_connection = Some(value()?.parse()?),
             "--serve-only" => a.serve_only = true,
             "--listen" => a.listen = Some(value()?.parse()?),
-            other => return Err(format!("unknown argument {other}").into()),
+            other => return Err(format!("unknown argument {other}\n{USAGE}").into()),
         }
     }
     Ok(a)

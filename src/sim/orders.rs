@@ -687,6 +687,7 @@ impl OrderBook {
         let o = &self.orders[f.order];
         let a = mix(seed, f.n as u64 ^ 0xF111);
         let (b, c, d) = (mix(a, 1), mix(a, 2), mix(a, 3));
+        let size_in_quote = matches!(o.kind, Kind::Market { quote_size: Some(_), .. });
         json!({
             "entry_id": format!("{a:016x}{b:016x}{c:016x}{d:016x}"),
             "trade_id": trade_id(seed, f.n),
@@ -694,12 +695,14 @@ impl OrderBook {
             "trade_time": time_of(f.ms),
             "trade_type": "FILL",
             "price": amount(f.price),
-            "size": amount(f.size),
+            // With `size_in_quote`, Coinbase's fill `size` is in the quote currency (ccxt divides
+            // it by the price); the base size is then `size / price`.
+            "size": amount(if size_in_quote { f.size.checked_mul(f.price).unwrap_or_default() } else { f.size }),
             "commission": amount(f.commission),
             "product_id": o.product,
             "sequence_timestamp": time_of(f.ms),
             "liquidity_indicator": if f.maker { "MAKER" } else { "TAKER" },
-            "size_in_quote": matches!(o.kind, Kind::Market { quote_size: Some(_), .. }),
+            "size_in_quote": size_in_quote,
             "user_id": uuid(seed, "user", 0),
             "side": o.side.name(),
             "retail_portfolio_id": uuid(seed, "portfolio", 0),

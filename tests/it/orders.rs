@@ -149,7 +149,9 @@ async fn a_market_buy_fills_at_the_ask_moves_both_balances_and_is_idempotent() {
         (f[0]["liquidity_indicator"].as_str(), f[0]["trade_type"].as_str()),
         (Some("TAKER"), Some("FILL"))
     );
-    assert_eq!((dec(&f[0]["price"]), dec(&f[0]["size"]), dec(&f[0]["commission"])), (ask, size, fees));
+    // A quote-sized order's fill is sized in the quote currency (`size_in_quote`), as ccxt reads it.
+    assert_eq!(f[0]["size_in_quote"], true);
+    assert_eq!((dec(&f[0]["price"]), dec(&f[0]["size"]), dec(&f[0]["commission"])), (ask, value, fees));
     assert_eq!(f[0]["entry_id"].as_str().unwrap().len(), 64);
 
     // The same client_order_id again is the same order: no second fill, balances unchanged.
