@@ -214,9 +214,13 @@ struct Inner {
     negative: moka::future::Cache<ProductId, Instant>,
     /// One slot; a std mutex is enough because it is never held across an await.
     accounts: Mutex<Option<Entry<Arc<Vec<Account>>>>>,
+    /// Bumped (under the `accounts` lock) by every [`CoordinatedSource::invalidate_accounts`]:
+    /// a fetch that began before an invalidation neither fills the slot nor serves callers who
+    /// came after it (the flight is keyed by the epoch).
+    accounts_epoch: std::sync::atomic::AtomicU64,
     ticker_flight: Arc<SingleFlight<ProductId, Entry<Ticker>>>,
     series_flight: Arc<SingleFlight<(ProductId, Granularity), SeriesEntry>>,
-    accounts_flight: Arc<SingleFlight<(), Entry<Arc<Vec<Account>>>>>,
+    accounts_flight: Arc<SingleFlight<u64, Entry<Arc<Vec<Account>>>>>,
     closes: refresh::CloseQueue,
     batcher: Batcher,
     counters: Counters,
@@ -338,9 +342,13 @@ impl CoordinatedSource {
         &self.inner.counters
     }
 
-    /// Forget the cached accounts, e.g. after placing an order.
+    /// Forget the cached accounts, e.g. after placing an order: every read that starts after
+    /// this call gets balances fetched after it. A fetch already in flight still answers the
+    /// callers that were waiting for it, but is not cached and is not joined by later readers.
     pub fn invalidate_accounts(&self) {
-        *lock(&self.inner.accounts) = None;
+        let mut slot = lock(&self.inner.accounts);
+        self.inner.accounts_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *slot = None;
     }
 
     /// The ticker of `product`, with its provenance.
@@ -609,7 +617,10 @@ impl CoordinatedSource {
     ) -> impl Future<Output = (Result<Entry<Arc<Vec<Account>>>>, Role)> + Send + '_ {
         let inner = Arc::clone(&self.inner);
         let flight = Arc::clone(&self.inner.accounts_flight);
-        async move { flight.run((), move || async move { Inner::fetch_accounts(inner, read_at).await }).await }
+        let epoch = inner.accounts_epoch.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            flight.run(epoch, move || async move { Inner::fetch_accounts(inner, read_at, epoch).await }).await
+        }
     }
 
     fn spawn_accounts_refresh(&self, read_at: Instant) {

@@ -42,9 +42,13 @@
 //! with a fresh JWT for that path, through the same rate limiter at
 //! [`Priority::High`](crate::Priority::High), never cached. Only GET and HEAD are retried (on a
 //! transport error, 5xx or 429, with a fresh JWT each time); anything else is sent once. A
-//! non-GET to a path containing `/orders` invalidates the cached accounts
-//! ([`CoordinatedSource::invalidate_accounts`]) when its answer arrives, so the next balance
-//! read is fresh.
+//! request that can move funds (any method but GET, HEAD and OPTIONS: orders, edits, cancels,
+//! conversions, portfolio moves, v2 sends) invalidates the cached accounts
+//! ([`CoordinatedSource::invalidate_accounts`], and the shared tier's with the `redis`
+//! feature) when its answer arrives, so every balance read that starts after an order's answer
+//! is fetched after it; an accounts fetch already in flight is neither cached nor joined.
+//! Other proxies and hosts on the same shared tier keep their own in-process accounts for
+//! their `accounts_ttl`: give them a short one, or route orders through one proxy.
 //!
 //! # Security
 //!
@@ -347,8 +351,8 @@ impl ProxyBuilder {
             None => forward::Gate::None,
         };
         #[cfg(feature = "redis")]
-        if let Some(tier) = tier {
-            gate = forward::Gate::Shared(tier);
+        if let Some(tier) = &tier {
+            gate = forward::Gate::Shared(tier.clone());
         }
         let forwarder = Arc::new(forward::Forwarder::new(&self.upstream, self.credentials.clone(), gate)?);
         let (ttl, max_stale) = (source.config().ticker_ttl, source.config().max_stale);
@@ -374,6 +378,8 @@ impl ProxyBuilder {
             time: routes::TimeOffset::default(),
             clock: self.clock,
             counters: ProxyCounters::default(),
+            #[cfg(feature = "redis")]
+            tier,
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server::serve(listener, Arc::clone(&shared), stop_rx));
@@ -410,6 +416,9 @@ struct Shared {
     time: routes::TimeOffset,
     clock: Clock,
     counters: ProxyCounters,
+    /// The shared tier, whose accounts an order invalidates too.
+    #[cfg(feature = "redis")]
+    tier: Option<SharedTier>,
 }
 
 /// The proxy's own counters.
@@ -450,7 +459,8 @@ pub struct ProxyStats {
     pub refused_connections: u64,
     /// Pass-through retries (GET and HEAD only).
     pub passthrough_retries: u64,
-    /// Times an order invalidated the cached accounts.
+    /// Times a pass-through that can move funds (any method but GET, HEAD, OPTIONS)
+    /// invalidated the cached accounts.
     pub accounts_invalidations: u64,
     /// Product-list fetches from the upstream.
     pub products_upstream: u64,

@@ -380,6 +380,7 @@ impl CoordinatedBuilder {
                 .time_to_live(memory_bound)
                 .build(),
             accounts: Mutex::new(None),
+            accounts_epoch: std::sync::atomic::AtomicU64::new(0),
             ticker_flight: SingleFlight::new(),
             series_flight: SingleFlight::new(),
             accounts_flight: SingleFlight::new(),

@@ -37,6 +37,8 @@ struct Fake {
     tickers_calls: AtomicUsize,
     candle_calls: Mutex<Vec<(ProductId, CandleRange)>>,
     account_calls: AtomicUsize,
+    /// Added to the USD balance; read when an accounts call starts (what the exchange had then).
+    usd_extra: AtomicUsize,
     fail: Mutex<Option<Error>>,
     unknown: Vec<ProductId>,
     batch_sizes: Mutex<Vec<usize>>,
@@ -83,13 +85,14 @@ impl MarketDataSource for Fake {
     }
     async fn accounts(&self) -> Result<Vec<Account>> {
         self.account_calls.fetch_add(1, Ordering::SeqCst);
+        let extra = self.usd_extra.load(Ordering::SeqCst) as i64;
         tokio::time::sleep(self.delay).await;
         self.check()?;
         Ok(vec![Account {
             uuid: "u".into(),
             name: "USD".into(),
             currency: "USD".into(),
-            available: Decimal::new(1000, 0),
+            available: Decimal::new(1000 + extra, 0),
             hold: Decimal::ZERO,
             active: true,
             account_type: "ACCOUNT_TYPE_FIAT".into(),
@@ -309,6 +312,33 @@ async fn balance_checks_use_cached_accounts() {
     tokio::time::advance(Duration::from_secs(11)).await;
     src.accounts().await.unwrap();
     assert_eq!(fake.account_calls.load(Ordering::SeqCst), 3);
+}
+
+/// An order lands while an accounts fetch is in flight: that fetch began before the order, so
+/// readers who come after the invalidation get a fetch of their own, and the older answer is
+/// never cached.
+#[tokio::test(start_paused = true)]
+async fn accounts_fetched_before_an_invalidation_are_neither_joined_nor_cached() {
+    let fake = Arc::new(Fake { delay: Duration::from_millis(100), ..Default::default() });
+    let src = source(fake.clone());
+    let usd = |a: &[Account]| a[0].available;
+    let early = tokio::spawn({
+        let s = src.clone();
+        async move { s.accounts().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.account_calls.load(Ordering::SeqCst), 1, "the early fetch is in flight");
+    // The order fills on the exchange and the host invalidates.
+    fake.usd_extra.store(1, Ordering::SeqCst);
+    src.invalidate_accounts();
+    let late = src.accounts().await.unwrap();
+    assert_eq!(usd(&late), Decimal::new(1001, 0), "a reader after the order sees the order");
+    assert_eq!(usd(&early.await.unwrap().unwrap()), Decimal::new(1000, 0), "its own, older read");
+    assert_eq!(fake.account_calls.load(Ordering::SeqCst), 2);
+    // The cache holds the answer fetched after the order, whichever finished last.
+    let cached = src.accounts().await.unwrap();
+    assert_eq!(usd(&cached), Decimal::new(1001, 0));
+    assert_eq!(fake.account_calls.load(Ordering::SeqCst), 2, "served from the cache");
 }
 
 #[tokio::test(start_paused = true)]

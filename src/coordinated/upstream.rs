@@ -204,6 +204,7 @@ impl Inner {
     pub(super) async fn fetch_accounts(
         this: Arc<Inner>,
         read_at: Instant,
+        epoch: u64,
     ) -> Result<Entry<Arc<Vec<Account>>>> {
         // As for tickers: a flight that ended after the caller's cache read (between that read
         // and this flight) fetched a value as recent as a new call would.
@@ -215,7 +216,11 @@ impl Inner {
         let r = this.call(Op::Accounts, EndpointClass::Private, || this.upstream.accounts()).await?;
         let now = Instant::now();
         let e = Entry::new(Arc::new(r), now, now + this.cfg.accounts_ttl);
-        *lock(&this.accounts) = Some(e.clone());
+        let mut slot = lock(&this.accounts);
+        // Invalidated while in flight (an order was placed): the answer may predate the order.
+        if this.accounts_epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch {
+            *slot = Some(e.clone());
+        }
         Ok(e)
     }
 }

@@ -243,8 +243,16 @@ async fn pass_through(shared: &Shared, parts: &Parts, body: Incoming) -> Respons
     };
     let on_retry = || inc(&shared.counters.passthrough_retries);
     let forwarded = shared.forwarder.send(method, path, query, &parts.headers, body, on_retry).await;
-    // An order changes balances: the next accounts read must not be served from before it.
-    if method != Method::GET && method != Method::HEAD && path.contains("/orders") {
+    // An order (or a conversion, a transfer...) changes balances: no accounts read that starts
+    // after its answer may be served from before it. The shared tier first, so that the local
+    // refetch cannot find the old balances there.
+    if !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        #[cfg(feature = "redis")]
+        if let Some(tier) = &shared.tier
+            && tier.invalidate_accounts().await.is_err()
+        {
+            tracing::warn!("could not invalidate the shared accounts; they expire by their TTL");
+        }
         shared.source.invalidate_accounts();
         inc(&c.accounts_invalidations);
     }

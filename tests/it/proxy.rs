@@ -194,6 +194,20 @@ async fn an_order_passes_through_once_and_the_next_balance_read_is_fresh() {
     }
     assert_eq!(upstream.stats().calls_by_endpoint["orders/historical"], 2);
     assert_eq!(proxy.stats().accounts_invalidations, 1, "reads do not invalidate");
+
+    // Anything else that can move funds invalidates too (a v2 send; the simulator has none).
+    let send = "/v2/accounts/some-account/transactions";
+    let r = http()
+        .post(format!("{}{send}", proxy.base_url()))
+        .bearer_auth(creds.rest_jwt("POST", &host, send))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(proxy.stats().accounts_invalidations, 2);
+    b.accounts().await.unwrap();
+    assert_eq!(upstream.stats().calls_by_endpoint["accounts"], 4, "fresh again");
 }
 
 #[tokio::test(start_paused = true)]

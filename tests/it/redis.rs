@@ -586,4 +586,53 @@ mod proxies {
             assert_eq!(p.stats().requests_by_route["ticker"], (CLIENTS / 2 * TICKS) as u64);
         }
     }
+
+    /// An order through a proxy on the shared tier: the tier's accounts are forgotten too, so
+    /// the next balance read through that proxy is fetched after the order (without it, the
+    /// local miss found the pre-order balances in Redis for the tier's `accounts_ttl`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_order_through_a_proxy_on_the_tier_invalidates_the_shared_accounts() {
+        let Some(redis) = RedisServer::start().await else { return };
+        let creds = Credentials::generate("organizations/t/apiKeys/order-tier");
+        let sim = sim(&creds).await;
+        let url = redis.url();
+        let tiered = |creds: &Credentials| {
+            Proxy::builder(creds.clone())
+                .upstream(sim.base_url())
+                .listen("127.0.0.1:0".parse().unwrap())
+                .clock(sim.clock())
+                .shared_tier(
+                    &url,
+                    SharedTierConfig { namespace: "order-tier".into(), ..SharedTierConfig::default() },
+                )
+                .start()
+        };
+        let (a, b) = (tiered(&creds).await.unwrap(), tiered(&creds).await.unwrap());
+        let client = |p: &Proxy| {
+            CoinbaseClient::builder().base_url(p.base_url()).credentials(creds.clone()).build().unwrap()
+        };
+        let (ca, cb) = (client(&a), client(&b));
+        let usd = |a: &[tickshare::Account]| a.iter().find(|a| a.currency == "USD").unwrap().available;
+        let before = usd(&ca.accounts().await.unwrap());
+        assert_eq!(usd(&cb.accounts().await.unwrap()), before, "b reads a's answer from the tier");
+        assert_eq!(sim.stats().calls_by_endpoint["accounts"], 1);
+
+        let path = "/api/v3/brokerage/orders";
+        let order = serde_json::json!({"client_order_id": "t1", "product_id": "BTC-USD", "side": "BUY",
+            "order_configuration": {"market_market_ioc": {"quote_size": "100"}}});
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", a.base_url()))
+            .bearer_auth(creds.rest_jwt("POST", &a.addr().to_string(), path))
+            .json(&order)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(a.stats().accounts_invalidations, 1);
+
+        let after = usd(&ca.accounts().await.unwrap());
+        assert!(after < before, "fresh after the order: {before} -> {after}");
+        assert_eq!(sim.stats().calls_by_endpoint["accounts"], 2);
+        assert_eq!(sim.stats().rate_limited_429, 0);
+    }
 }
