@@ -47,8 +47,10 @@ const REGRESSIONS: &[(&str, &[u8])] = &[
 ];
 
 /// The decoders under test, by the name of their cargo-fuzz target.
-const TARGETS: [&str; 8] = [
+const TARGETS: [&str; 10] = [
     "decode_ticker",
+    "decode_recent_trades",
+    "decode_order_book",
     "decode_candles",
     "decode_best_bid_ask",
     "decode_accounts",
@@ -68,6 +70,35 @@ fn exercise(target: &str, input: &[u8]) -> bool {
                 .inspect(|t| {
                     assert_eq!(t.product, product);
                     let _ = t.mid();
+                })
+                .is_ok()
+        }
+        "decode_recent_trades" => {
+            let product = ProductId::new("BTC-USD").unwrap();
+            wire::decode_recent_trades(&product, 3, input)
+                .inspect(|r| {
+                    assert_eq!(r.product, product);
+                    assert!(r.trades.len() <= 3);
+                    assert!(r.trades.windows(2).all(|w| w[0].time >= w[1].time));
+                    for (i, t) in r.trades.iter().enumerate() {
+                        assert!(t.price > tickshare::Decimal::ZERO, "{t:?}");
+                        assert!(r.trades[..i].iter().all(|u| u.trade_id != t.trade_id));
+                    }
+                })
+                .is_ok()
+        }
+        "decode_order_book" => {
+            let product = ProductId::new("BTC-USDT").unwrap();
+            wire::decode_order_book(&product, Some(5), input)
+                .inspect(|b| {
+                    assert_eq!(b.product, product);
+                    assert!(b.bids.len() <= 5 && b.asks.len() <= 5);
+                    assert!(b.bids.windows(2).all(|w| w[0].price > w[1].price), "{b:?}");
+                    assert!(b.asks.windows(2).all(|w| w[0].price < w[1].price), "{b:?}");
+                    if let (Some(bid), Some(ask)) = (b.bids.first(), b.asks.first()) {
+                        assert!(bid.price <= ask.price, "{b:?}");
+                    }
+                    let _ = b.clone().truncated(1);
                 })
                 .is_ok()
         }
@@ -173,6 +204,8 @@ const DICTIONARY: &[&str] = &[
     "9999-12-31T23:59:59.999999999Z",
     "0000-01-01T00:00:00Z",
     "BTC-USD",
+    "BTC-USDT",
+    "BTC-USDC",
     "btc-usd",
     "BTC--USD",
     "-",
