@@ -12,7 +12,10 @@ on loopback (socat here; caddy, nginx or stunnel do the same):
     socat OPENSSL-LISTEN:8443,reuseaddr,fork,cert=tls.crt,key=tls.key,verify=0 TCP:127.0.0.1:8787 &
     pip install coinbase-advanced-py
     REQUESTS_CA_BUNDLE=tls.crt COINBASE_API_KEY=... COINBASE_API_SECRET="$(cat key.pem)" \
-        python3 scripts/sdk_proxy.py localhost:8443
+        python3 scripts/sdk_proxy.py localhost:8443 [--trade]
+
+--trade also places orders wherever the proxy's upstream is (a limit buy far below the market,
+listed and cancelled, then a market buy of 10 USD and its fills): use it against the simulator.
 
 The SDK signs every call with the key (JWT `uri` = "GET localhost:8443/api/v3/brokerage/..."); the
 proxy verifies it with the same key's public half (the host in `uri` is not checked) and signs its
@@ -26,7 +29,9 @@ import time
 
 from coinbase.rest import RESTClient
 
-host = sys.argv[1] if len(sys.argv) > 1 else "localhost:8443"
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+trade = "--trade" in sys.argv[1:]
+host = args[0] if args else "localhost:8443"
 key, secret = os.environ.get("COINBASE_API_KEY"), os.environ.get("COINBASE_API_SECRET")
 if not (key and secret):
     sys.exit("set COINBASE_API_KEY and COINBASE_API_SECRET to the proxy's own CDP key")
@@ -43,4 +48,22 @@ last = candles.candles[0]
 print(f"get_candles BTC-USD ONE_HOUR: {len(candles.candles)} candles, newest start={last.start} close={last.close}")
 accounts = client.get_accounts()
 print("get_accounts:", {a.currency: a.available_balance["value"] for a in accounts.accounts})
+if trade:
+    bid = float(bba.pricebooks[0].bids[0].price)
+    limit = client.limit_order_gtc_buy(
+        client_order_id="", product_id="BTC-USD", base_size="0.001", limit_price=f"{bid * 0.5:.2f}"
+    )
+    print(f"limit_order_gtc_buy: success={limit.success} order_id={limit.order_id}")
+    opened = client.list_orders(order_status=["OPEN"], product_ids=["BTC-USD"])
+    print("list_orders OPEN:", [(o.order_id, o.status, o.outstanding_hold_amount) for o in opened.orders])
+    cancelled = client.cancel_orders(order_ids=[limit.order_id])
+    print("cancel_orders:", [(r.order_id, r.success) for r in cancelled.results])
+    bought = client.market_order_buy(client_order_id="", product_id="BTC-USD", quote_size="10")
+    order = client.get_order(bought.order_id).order
+    print(f"market_order_buy 10 USD: {order.status} filled_size={order.filled_size} "
+          f"average={order.average_filled_price} fees={order.total_fees}")
+    fills = client.get_fills(order_ids=[bought.order_id])
+    print("get_fills:", [(f.liquidity_indicator, f.price, f.size, f.size_in_quote) for f in fills.fills])
+    after = client.get_accounts()
+    print("get_accounts after:", {a.currency: a.available_balance["value"] for a in after.accounts if a.currency in ("USD", "BTC")})
 print(f"({time.time() - t0:.2f} s)")

@@ -12,7 +12,7 @@ use std::{
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{
     Method, Request, Response, StatusCode,
-    body::{Bytes, Incoming},
+    body::{Body as _, Bytes, Incoming},
     header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER},
     http::request::Parts,
     server::conn::http1,
@@ -209,7 +209,18 @@ async fn respond(conn: Arc<Connection>, req: Request<Incoming>) -> Result<Respon
         inc(&c.too_large);
         return Ok(reply(Reply::error(413, "INVALID_ARGUMENT", "proxy: request body too large")));
     }
-    if method == Method::GET && (path == "/metrics" || path == "/stats") {
+    let operator = method == Method::GET && (path == "/metrics" || path == "/stats");
+    let route = if method == Method::GET { Route::of(path) } else { Route::Passthrough };
+    // The official SDK sends `{}` with every GET. A body the answer does not use is read
+    // (bounded, above) and dropped: left unread, hyper closes the keep-alive connection after
+    // the answer and the client's next request on it fails. Boxed: most requests have none.
+    let body = if (operator || route != Route::Passthrough) && !body.is_end_stream() {
+        Box::pin(discard(body, shared.limits.max_body_bytes)).await;
+        None
+    } else {
+        Some(body)
+    };
+    if operator {
         inc(&c.by_route[Route::Operator.index()]);
         return Ok(reply(if path == "/metrics" {
             metrics_reply(shared)
@@ -217,7 +228,6 @@ async fn respond(conn: Arc<Connection>, req: Request<Incoming>) -> Result<Respon
             Reply::json(200, &shared.stats())
         }));
     }
-    let route = if method == Method::GET { Route::of(path) } else { Route::Passthrough };
     let query = parts.uri.query();
     if route != Route::Passthrough
         && let Some(r) = routes::answer(route, &Query::parse(query), shared).await
@@ -230,16 +240,25 @@ async fn respond(conn: Arc<Connection>, req: Request<Incoming>) -> Result<Respon
     Ok(Box::pin(pass_through(shared, &parts, body)).await)
 }
 
-/// Forward one request upstream with the proxy's credentials and answer what came back.
-async fn pass_through(shared: &Shared, parts: &Parts, body: Incoming) -> Response<Full<Bytes>> {
+/// Read and drop a request body, at most `max` bytes of it.
+async fn discard(body: Incoming, max: usize) {
+    let _ = Limited::new(body, max).collect().await;
+}
+
+/// Forward one request upstream with the proxy's credentials and answer what came back
+/// (`body` is `None` when it was already read and dropped: a GET's, sent on without it).
+async fn pass_through(shared: &Shared, parts: &Parts, body: Option<Incoming>) -> Response<Full<Bytes>> {
     let c = &shared.counters;
     let (method, path, query) = (&parts.method, parts.uri.path(), parts.uri.query());
-    let body = match Limited::new(body, shared.limits.max_body_bytes).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            inc(&c.too_large);
-            return reply(Reply::error(413, "INVALID_ARGUMENT", "proxy: request body too large"));
-        }
+    let body = match body {
+        None => Bytes::new(),
+        Some(body) => match Limited::new(body, shared.limits.max_body_bytes).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                inc(&c.too_large);
+                return reply(Reply::error(413, "INVALID_ARGUMENT", "proxy: request body too large"));
+            }
+        },
     };
     let on_retry = || inc(&shared.counters.passthrough_retries);
     let forwarded = shared.forwarder.send(method, path, query, &parts.headers, body, on_retry).await;

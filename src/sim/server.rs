@@ -147,6 +147,12 @@ async fn respond(
         return Ok(control(&shared, method, rest));
     }
     let query = Query::parse(parts.uri.query());
+    // The official SDK sends `{}` with every GET; Coinbase ignores it. Read (bounded) and drop
+    // it, or hyper would close the keep-alive connection after the answer.
+    let mut body = Some(body);
+    if *method == Method::GET && body.as_ref().is_some_and(|b| !b.is_end_stream()) {
+        let _ = read_body(body.take()).await;
+    }
     // The few v2 (and other) paths ccxt calls to start: src/sim/v2.rs.
     if !*shared.down.borrow() {
         if path == "/v2/accounts" {
@@ -263,7 +269,7 @@ async fn respond(
 
     let now_utc = shared.clock.now_utc();
     let handled = if endpoint.is_order() {
-        let reply = match read_body(body).await {
+        let reply = match read_body(body.take()).await {
             Some(bytes) => shared.answer_order(endpoint, product.as_deref(), &query, &bytes, now_utc),
             None => Reply::bad_request("request body too large or unreadable"),
         };
@@ -318,9 +324,11 @@ async fn respond(
     Ok(response)
 }
 
-/// A request body of at most [`MAX_BODY_BYTES`](super::orders::MAX_BODY_BYTES), or `None`.
-async fn read_body(body: Incoming) -> Option<Bytes> {
+/// A request body of at most [`MAX_BODY_BYTES`](super::orders::MAX_BODY_BYTES) (empty when
+/// there is none, or it was read already), or `None` when it is larger or broken.
+async fn read_body(body: Option<Incoming>) -> Option<Bytes> {
     use http_body_util::BodyExt;
+    let Some(body) = body else { return Some(Bytes::new()) };
     let limited = http_body_util::Limited::new(body, super::orders::MAX_BODY_BYTES);
     limited.collect().await.ok().map(http_body_util::Collected::to_bytes)
 }

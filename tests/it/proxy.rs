@@ -9,7 +9,7 @@ use tickshare::{
     sim::{SimExchange, SimHandle},
 };
 
-use crate::support::{fixed_clock, get, http};
+use crate::support::{fixed_clock, get, http, on_one_connection, sdk_style_get};
 
 const TOKEN: &str = "local-token-for-the-proxy-tests";
 const BOTS: usize = 25;
@@ -673,4 +673,29 @@ async fn order_books_are_fetched_once_for_every_client_and_cut_to_each_limit() {
     assert_eq!((s.requests_by_route["passthrough"], s.books_upstream), (1, 2));
     assert_eq!(upstream.stats().rate_limited_429, 0);
     proxy.shutdown().await;
+}
+
+/// The official SDK sends `{}` with every GET over one keep-alive connection: every request
+/// on it is answered (before the fix, the proxy left the body unread, hyper closed the
+/// connection after the first answer, and the SDK's second call failed).
+#[tokio::test(start_paused = true)]
+async fn sdk_style_gets_with_a_body_keep_the_connection() {
+    let (creds, upstream, proxy) = started().await;
+    let host = proxy.addr().to_string();
+    let paths = [
+        "/api/v3/brokerage/products/BTC-USD?get_tradability_status=False",
+        "/api/v3/brokerage/best_bid_ask?product_ids=BTC-USD&product_ids=ETH-USD",
+        "/api/v3/brokerage/accounts",
+        "/stats",
+        // A GET the proxy passes through (its `{}` was read and dropped; none goes upstream).
+        "/api/v3/brokerage/orders/historical/batch",
+    ];
+    let requests: Vec<String> = paths
+        .iter()
+        .map(|p| sdk_style_get(&host, p, &creds.rest_jwt("GET", &host, p.split('?').next().unwrap())))
+        .collect();
+    let statuses = on_one_connection(proxy.addr(), &requests).await;
+    assert_eq!(statuses, vec![Some(200); paths.len()]);
+    assert_eq!(proxy.stats().connections, 1);
+    assert_eq!(upstream.stats().calls_by_endpoint["orders/historical/batch"], 1);
 }

@@ -799,3 +799,23 @@ async fn dropping_the_exchange_stops_it() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(http().get(&url).send().await.is_err());
 }
+
+/// The official SDK sends `{}` with every GET over one keep-alive connection: the simulator,
+/// like Coinbase, answers them all on it.
+#[tokio::test(start_paused = true)]
+async fn sdk_style_gets_with_a_body_keep_the_connection() {
+    let sim = SimExchange::builder().products(3).clock(fixed_clock()).start().await.unwrap();
+    let host = sim.addr().to_string();
+    let jwt = any_jwt();
+    let paths = [
+        "/api/v3/brokerage/products/BTC-USD",
+        "/api/v3/brokerage/accounts",
+        "/api/v3/brokerage/orders/historical/batch",
+        "/v2/time",
+        "/api/v3/brokerage/best_bid_ask?product_ids=BTC-USD",
+    ];
+    let requests: Vec<String> = paths.iter().map(|p| crate::support::sdk_style_get(&host, p, &jwt)).collect();
+    let statuses = crate::support::on_one_connection(sim.addr(), &requests).await;
+    assert_eq!(statuses, vec![Some(200); paths.len()]);
+    sim.shutdown().await;
+}

@@ -92,3 +92,65 @@ pub(crate) fn closed(
 ) -> Vec<tickshare::Candle> {
     candles.iter().filter(|c| g.is_closed(c.start, now)).copied().collect()
 }
+
+/// Send `requests` (whole HTTP/1.1 requests) one after another on **one** TCP connection to
+/// `addr`, each after the previous answer, and return each answer's status, or `None` for a
+/// request the server did not answer on that connection (it closed it). What a client that
+/// does not retry on a fresh connection (Python's `requests`, the official SDK) sees.
+pub(crate) async fn on_one_connection(addr: std::net::SocketAddr, requests: &[String]) -> Vec<Option<u16>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for req in requests {
+        // The head, then (a moment later, as Python's http.client sends them) the body: the
+        // server has the head alone when it answers.
+        let split = req.find("\r\n\r\n").map_or(req.len(), |i| i + 4);
+        let (head, body) = req.split_at(split);
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            out.push(None);
+            continue;
+        }
+        if !body.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if stream.write_all(body.as_bytes()).await.is_err() {
+                out.push(None);
+                continue;
+            }
+        }
+        // Read one response: the head, then content-length bytes.
+        let status = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+                    buf.drain(..end + 4 + len);
+                    break status;
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        out.push(status);
+    }
+    out
+}
+
+/// A GET as the official Python SDK sends it: JSON content type and a `{}` body.
+pub(crate) fn sdk_style_get(host: &str, path_and_query: &str, jwt: &str) -> String {
+    format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: coinbase-advanced-py/1.8.4\r\n\
+         Accept: */*\r\nConnection: keep-alive\r\nContent-Type: application/json\r\n\
+         Authorization: Bearer {jwt}\r\nContent-Length: 2\r\n\r\n{{}}"
+    )
+}
