@@ -821,3 +821,162 @@ fn time_of(ms: i64) -> String {
 fn amount(d: Decimal) -> String {
     d.normalize().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::model::ProductId;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Market { buy: bool, in_quote: bool, amount: u32 },
+        Limit { buy: bool, size_milli: u32, offset_pct: i32, tif: u8, post_only: bool },
+        Cancel(usize),
+        Advance(u32),
+        Garbage(Vec<u8>),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (any::<bool>(), any::<bool>(), 1u32..20_000).prop_map(|(buy, in_quote, amount)| Op::Market {
+                buy,
+                in_quote,
+                amount
+            }),
+            (any::<bool>(), 1u32..3_000, -3i32..=3, 0u8..4, any::<bool>()).prop_map(
+                |(buy, size_milli, offset_pct, tif, post_only)| Op::Limit {
+                    buy,
+                    size_milli,
+                    offset_pct,
+                    tif,
+                    post_only
+                }
+            ),
+            (0usize..40).prop_map(Op::Cancel),
+            (1u32..7_200).prop_map(Op::Advance),
+            prop::collection::vec(any::<u8>(), 0..80).prop_map(Op::Garbage),
+        ]
+    }
+
+    fn body(op: &Op, n: usize, mid: Decimal, now: OffsetDateTime) -> Value {
+        let (side, config) = match op {
+            Op::Market { buy, in_quote, amount } => {
+                let key = if *in_quote { "quote_size" } else { "base_size" };
+                let size =
+                    if *in_quote { Decimal::from(*amount) } else { Decimal::new(i64::from(*amount), 4) };
+                (*buy, json!({"market_market_ioc": {key: size.to_string()}}))
+            }
+            Op::Limit { buy, size_milli, offset_pct, tif, post_only } => {
+                let price = (mid * Decimal::from(100 + offset_pct) / Decimal::from(100)).round_dp(2);
+                let mut f = json!({"base_size": Decimal::new(i64::from(*size_milli), 3).to_string(),
+                                   "limit_price": price.to_string(), "post_only": post_only});
+                let key = match tif {
+                    0 => "limit_limit_gtc",
+                    1 => {
+                        let end = now + time::Duration::minutes(20);
+                        f["end_time"] = Value::from(end.format(&Rfc3339).unwrap_or_default());
+                        "limit_limit_gtd"
+                    }
+                    2 => "limit_limit_fok",
+                    _ => "sor_limit_ioc",
+                };
+                (*buy, json!({ key: f }))
+            }
+            _ => (true, json!({})),
+        };
+        json!({"client_order_id": format!("c{n}"), "product_id": "BTC-USD",
+               "side": if side { "BUY" } else { "SELL" }, "order_configuration": config})
+    }
+
+    fn balance(accounts: &[SimAccount], c: &str) -> (Decimal, Decimal) {
+        accounts
+            .iter()
+            .find(|a| a.currency == c)
+            .map_or((Decimal::ZERO, Decimal::ZERO), |a| (a.available, a.hold))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        /// Whatever is asked, nothing panics, no balance goes negative, holds are exactly what
+        /// open orders hold, and every unit of USD and BTC is accounted for by the fills.
+        #[test]
+        fn the_books_always_balance(ops in prop::collection::vec(op(), 1..40)) {
+            let btc: ProductId = "BTC-USD".parse().unwrap();
+            let market = Market::new(7, std::slice::from_ref(&btc));
+            let spec = market.get("BTC-USD").unwrap().clone();
+            let mut accounts = SimAccount::defaults();
+            let start = accounts.clone();
+            let mut book = OrderBook::default();
+            let mut now = datetime!(2024-04-24 09:56:38 UTC);
+            for (n, op) in ops.iter().enumerate() {
+                let mut ctx = OrderCtx { market: &market, accounts: &mut accounts, seed: 7, now };
+                let (bid, ask) = market.bid_ask(&spec, unix_ms(now));
+                let mid = (bid + ask) / Decimal::TWO;
+                match op {
+                    Op::Advance(secs) => {
+                        now += time::Duration::seconds(i64::from(*secs));
+                        let mut ctx = OrderCtx { market: &market, accounts: &mut accounts, seed: 7, now };
+                        book.settle(&mut ctx);
+                    }
+                    Op::Cancel(i) => {
+                        let id = book.orders.get(*i).map(|o| o.id.clone()).unwrap_or_else(|| "x".into());
+                        let b = serde_json::to_vec(&json!({"order_ids": [id]})).unwrap();
+                        let r = book.answer(Endpoint::CancelOrders, None, &Query::default(), &b, &mut ctx);
+                        prop_assert_eq!(r.status, 200);
+                    }
+                    Op::Garbage(bytes) => {
+                        for e in [Endpoint::CreateOrder, Endpoint::CancelOrders] {
+                            let r = book.answer(e, None, &Query::default(), bytes, &mut ctx);
+                            prop_assert!(r.status == 200 || r.status == 400);
+                        }
+                    }
+                    _ => {
+                        let b = serde_json::to_vec(&body(op, n, mid, now)).unwrap();
+                        let r = book.answer(Endpoint::CreateOrder, None, &Query::default(), &b, &mut ctx);
+                        prop_assert_eq!(r.status, 200);
+                    }
+                }
+                // Invariants after every step.
+                for a in &accounts {
+                    prop_assert!(a.available >= Decimal::ZERO && a.hold >= Decimal::ZERO, "{a:?}");
+                }
+                let open = book.orders.iter().filter(|o| o.status == Status::Open).count();
+                prop_assert_eq!(open, book.open);
+                for c in ["USD", "BTC"] {
+                    let held: Decimal = book
+                        .orders
+                        .iter()
+                        .filter(|o| o.status == Status::Open && (if o.side == Side::Buy { &o.quote } else { &o.base }) == c)
+                        .map(|o| o.hold)
+                        .sum();
+                    prop_assert_eq!(balance(&accounts, c).1, held, "{}", c);
+                }
+                // Conservation: each currency moved exactly by the fills.
+                let (mut usd, mut coin) = (Decimal::ZERO, Decimal::ZERO);
+                for o in book.orders.iter().filter(|o| o.status == Status::Filled) {
+                    prop_assert!(o.filled_size > Decimal::ZERO && o.fees >= Decimal::ZERO);
+                    match o.side {
+                        Side::Buy => {
+                            usd -= o.filled_value + o.fees;
+                            coin += o.filled_size;
+                        }
+                        Side::Sell => {
+                            usd += (o.filled_value - o.fees).max(Decimal::ZERO);
+                            coin -= o.filled_size;
+                        }
+                    }
+                }
+                let total = |a: &[SimAccount], c| {
+                    let (av, h) = balance(a, c);
+                    av + h
+                };
+                prop_assert_eq!(total(&accounts, "USD"), total(&start, "USD") + usd);
+                prop_assert_eq!(total(&accounts, "BTC"), total(&start, "BTC") + coin);
+            }
+        }
+    }
+}
