@@ -636,6 +636,18 @@ impl SimHandle {
 }
 
 impl Shared {
+    /// What a handler reads: the market, `accounts` (a snapshot) and the time `now`.
+    fn ctx<'a>(&'a self, accounts: &'a [SimAccount], now: OffsetDateTime) -> routes::Ctx<'a> {
+        routes::Ctx {
+            market: &self.market,
+            accounts,
+            seed: self.seed,
+            candle_limit: self.candle_limit,
+            now,
+            skew: self.clock_skew,
+        }
+    }
+
     /// Fill or expire resting orders up to `now`: called before balances or orders are read.
     fn settle_orders(&self, now: OffsetDateTime) {
         let mut book = lock(&self.orders);

@@ -34,7 +34,7 @@ use super::{
     faults::ResponseFault,
     jwt,
     limits::Admission,
-    routes::{self, Ctx, Query, Reply},
+    routes::{self, Query, Reply},
 };
 use crate::{limiter::EndpointClass, util::lock};
 
@@ -159,14 +159,7 @@ async fn respond(
             shared.settle_orders(shared.clock.now_utc());
         }
         let accounts = Arc::clone(&lock(&shared.accounts));
-        let ctx = Ctx {
-            market: &shared.market,
-            accounts: &accounts,
-            seed: shared.seed,
-            candle_limit: shared.candle_limit,
-            now: shared.clock.now_utc(),
-            skew: shared.clock_skew,
-        };
+        let ctx = shared.ctx(&accounts, shared.clock.now_utc());
         let auth = parts.headers.get(hyper::header::AUTHORIZATION).map(HeaderValue::as_bytes);
         if let Some(reply) =
             super::v2::answer(method, path, auth, shared.jwt_key.as_ref(), jwt_window(&shared), &ctx)
@@ -279,15 +272,7 @@ async fn respond(
             shared.settle_orders(now_utc);
         }
         let accounts = Arc::clone(&lock(&shared.accounts));
-        let ctx = Ctx {
-            market: &shared.market,
-            accounts: &accounts,
-            seed: shared.seed,
-            candle_limit: shared.candle_limit,
-            now: now_utc,
-            skew: shared.clock_skew,
-        };
-        routes::handle(endpoint, product.as_deref(), &query, &ctx)
+        routes::handle(endpoint, product.as_deref(), &query, &shared.ctx(&accounts, now_utc))
     };
     let mut reply = handled.reply;
     {
