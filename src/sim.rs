@@ -42,6 +42,7 @@
 //! | `product_book` | `GET /product_book?...` | private |
 //! | `orders` | `POST /orders` (create) | private |
 //! | `orders/batch_cancel` | `POST /orders/batch_cancel` | private |
+//! | `orders/edit` | `POST /orders/edit` (`order_id`, `price`, `size`) | private |
 //! | `orders/historical/batch` | `GET /orders/historical/batch[?order_status=&product_ids=&order_ids=&order_side=&start_date=&end_date=&limit=&cursor=]` | private |
 //! | `orders/historical` | `GET /orders/historical/{order_id}` | private |
 //! | `orders/historical/fills` | `GET /orders/historical/fills[?order_ids=&trade_ids=&product_ids=&start_sequence_timestamp=&end_sequence_timestamp=&limit=&cursor=]` | private |
@@ -86,6 +87,12 @@
 //!   (a `BTC-USDC` order moves USDC: unverified, Coinbase may settle aliased pairs in USD).
 //!   A fill into a currency without an account opens one (appended, so earlier accounts keep
 //!   their ids).
+//! - An edit (`POST /orders/edit`) changes an open GTC limit order's price and/or size: its
+//!   hold is taken again at the new terms (refused if the funds do not cover it), an edit that
+//!   makes it marketable fills it at once, and `edit_history` records it. It answers
+//!   `{"success": true, "errors": []}`, or `success: false` with an `errors` list naming the
+//!   `edit_failure_reason` (a list, as the SDK reads it; ccxt's sample shows one object:
+//!   unverified).
 //! - A `client_order_id` seen before returns the order it created, as Coinbase does, so a
 //!   retried create never trades twice.
 //! - A failed create is `200` with `success: false` and an `error_response` whose `error` and
@@ -288,6 +295,8 @@ pub enum Endpoint {
     CreateOrder,
     /// `POST /orders/batch_cancel` (`"orders/batch_cancel"`).
     CancelOrders,
+    /// `POST /orders/edit` (`"orders/edit"`): a new price or size for an open GTC limit order.
+    EditOrder,
     /// `GET /orders/historical/batch` (`"orders/historical/batch"`): list orders.
     ListOrders,
     /// `GET /orders/historical/{order_id}` (`"orders/historical"`): one order.
@@ -298,7 +307,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 18] = [
+    pub const ALL: [Endpoint; 19] = [
         Endpoint::MarketTicker,
         Endpoint::Ticker,
         Endpoint::MarketCandles,
@@ -314,6 +323,7 @@ impl Endpoint {
         Endpoint::ProductBook,
         Endpoint::CreateOrder,
         Endpoint::CancelOrders,
+        Endpoint::EditOrder,
         Endpoint::ListOrders,
         Endpoint::GetOrder,
         Endpoint::ListFills,
@@ -338,6 +348,7 @@ impl Endpoint {
             Endpoint::ProductBook => "product_book",
             Endpoint::CreateOrder => "orders",
             Endpoint::CancelOrders => "orders/batch_cancel",
+            Endpoint::EditOrder => "orders/edit",
             Endpoint::ListOrders => "orders/historical/batch",
             Endpoint::GetOrder => "orders/historical",
             Endpoint::ListFills => "orders/historical/fills",
@@ -362,6 +373,7 @@ impl Endpoint {
             | Endpoint::Accounts
             | Endpoint::CreateOrder
             | Endpoint::CancelOrders
+            | Endpoint::EditOrder
             | Endpoint::ListOrders
             | Endpoint::GetOrder
             | Endpoint::ListFills => EndpointClass::Private,
@@ -374,6 +386,7 @@ impl Endpoint {
             self,
             Endpoint::CreateOrder
                 | Endpoint::CancelOrders
+                | Endpoint::EditOrder
                 | Endpoint::ListOrders
                 | Endpoint::GetOrder
                 | Endpoint::ListFills

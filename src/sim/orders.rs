@@ -138,6 +138,8 @@ struct SimOrder {
     /// Funds on hold for a resting order: quote currency for a buy, base for a sell.
     hold: Decimal,
     cancel_message: &'static str,
+    /// `(price, size, accepted at ms)` of every accepted edit, oldest first.
+    edits: Vec<(Decimal, Decimal, i64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +230,7 @@ impl OrderBook {
         let result = match endpoint {
             Endpoint::CreateOrder => Ok(self.create(body, ctx)),
             Endpoint::CancelOrders => self.cancel(body, ctx),
+            Endpoint::EditOrder => self.edit(body, ctx),
             Endpoint::GetOrder => match id.and_then(|id| self.by_id.get(id)) {
                 Some(&i) => Ok(Reply::json(200, &json!({"order": self.order_json(i, ctx.seed)}))),
                 None => Err(Reply::error(404, "NOT_FOUND", ORDER_NOT_FOUND)),
@@ -461,6 +464,7 @@ impl OrderBook {
             last_fill_ms: None,
             hold: Decimal::ZERO,
             cancel_message: "",
+            edits: Vec::new(),
         };
         self.by_id.insert(order.id.clone(), n);
         self.by_client.insert(order.client_order_id.clone(), n);
@@ -547,6 +551,107 @@ impl OrderBook {
         if !held.is_zero() {
             ctx.credit(&currency, held, -held);
         }
+    }
+
+    /// `POST /orders/edit`: a new price and/or size for an open GTC limit order. Its hold is
+    /// released and taken again at the new terms; an edit that makes it marketable fills it
+    /// at once, taking liquidity, as a new order would.
+    fn edit(&mut self, body: &[u8], ctx: &mut OrderCtx<'_>) -> Result<Reply, Reply> {
+        #[derive(Deserialize)]
+        struct Request {
+            order_id: Option<String>,
+            price: Option<String>,
+            size: Option<String>,
+        }
+        let req: Request = serde_json::from_slice(body)
+            .map_err(|_| Reply::bad_request("request body is not an edit order request"))?;
+        let id = req
+            .order_id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| Reply::bad_request("order_id is required"))?;
+        let failed = |reason: &str| {
+            Ok(Reply::json(
+                200,
+                &json!({"success": false, "errors": [{
+                    "edit_failure_reason": reason,
+                    "preview_failure_reason": "UNKNOWN_PREVIEW_FAILURE_REASON",
+                }]}),
+            ))
+        };
+        let Some(&i) = self.by_id.get(&id) else { return failed("ORDER_NOT_FOUND") };
+        let o = &self.orders[i];
+        let Kind::Limit { base_size, limit_price, post_only, tif: Tif::Gtc } = o.kind else {
+            return failed("ONLY_LIMIT_ORDER_EDITS_SUPPORTED");
+        };
+        if o.status != Status::Open {
+            return failed("ONLY_OPEN_ORDERS_CAN_BE_EDITED");
+        }
+        let Some(spec) = ctx.market.get(&o.product) else { return failed("ORDER_NOT_FOUND") };
+        let parse = |v: Option<&str>, old: Decimal, scale: u32| -> Option<Decimal> {
+            match v.filter(|s| !s.is_empty()) {
+                None => Some(old),
+                Some(s) => {
+                    s.parse::<Decimal>().ok().filter(|d| *d > Decimal::ZERO && d.normalize().scale() <= scale)
+                }
+            }
+        };
+        let Some(price) = parse(req.price.as_deref(), limit_price, spec.scale) else {
+            return failed("INVALID_EDITED_PRICE");
+        };
+        let Some(size) = parse(req.size.as_deref(), base_size, BASE_SCALE) else {
+            return failed("INVALID_EDITED_SIZE");
+        };
+        if (price, size) == (limit_price, base_size) {
+            return failed("EDIT_REQUEST_EQUAL_TO_ORIGINAL_REQUEST");
+        }
+        let now_ms = unix_ms(ctx.now);
+        let (bid, ask) = ctx.market.bid_ask(spec, now_ms);
+        let side = o.side;
+        let marketable = match side {
+            Side::Buy => ask <= price,
+            Side::Sell => bid >= price,
+        };
+        if marketable && post_only {
+            return failed("INVALID_EDITED_PRICE");
+        }
+        // What the edited order needs: the fill's cost now, or its new hold.
+        let (fill_price, hold) = match side {
+            Side::Buy => {
+                (ask, size.checked_mul(price).and_then(|v| v.checked_mul(Decimal::ONE + TAKER_FEE_RATE)))
+            }
+            Side::Sell => (bid, Some(size)),
+        };
+        let need = if marketable && side == Side::Buy {
+            size.checked_mul(fill_price).and_then(|v| v.checked_mul(Decimal::ONE + TAKER_FEE_RATE))
+        } else {
+            hold
+        };
+        let currency = if side == Side::Buy { o.quote.clone() } else { o.base.clone() };
+        let old_hold = o.hold;
+        match need.and_then(|n| ctx.available(&currency).checked_add(old_hold).map(|have| n <= have)) {
+            Some(true) => {}
+            _ => return failed("COMMANDER_REJECTED_EDIT_ORDER"),
+        }
+        // Release the old hold, take the new terms.
+        ctx.credit(&currency, old_hold, -old_hold);
+        let o = &mut self.orders[i];
+        o.hold = Decimal::ZERO;
+        o.kind = Kind::Limit { base_size: size, limit_price: price, post_only, tif: Tif::Gtc };
+        if let Some(Value::Object(f)) = o.config.get_mut("limit_limit_gtc") {
+            f.insert("base_size".into(), Value::from(size.to_string()));
+            f.insert("limit_price".into(), Value::from(price.to_string()));
+        }
+        o.edits.push((price, size, now_ms));
+        o.checked_ms = now_ms;
+        if marketable {
+            if !self.fill(i, size, fill_price, now_ms, false, ctx) {
+                self.close(i, Status::Cancelled, "order size out of range", ctx);
+            }
+        } else if let Some(hold) = hold {
+            self.orders[i].hold = hold;
+            ctx.credit(&currency, -hold, hold);
+        }
+        Ok(Reply::json(200, &json!({"success": true, "errors": []})))
     }
 
     fn cancel(&mut self, body: &[u8], ctx: &mut OrderCtx<'_>) -> Result<Reply, Reply> {
@@ -674,7 +779,9 @@ impl OrderBook {
             "outstanding_hold_amount": amount(o.hold),
             "is_liquidation": false,
             "last_fill_time": o.last_fill_ms.map(time_of),
-            "edit_history": [],
+            "edit_history": o.edits.iter().map(|(price, size, ms)| json!({
+                "price": amount(*price), "size": amount(*size), "replace_accept_timestamp": time_of(*ms),
+            })).collect::<Vec<_>>(),
             "leverage": "",
             "margin_type": "UNKNOWN_MARGIN_TYPE",
             "retail_portfolio_id": uuid(seed, "portfolio", 0),
@@ -835,6 +942,7 @@ mod tests {
         Market { buy: bool, in_quote: bool, amount: u32 },
         Limit { buy: bool, size_milli: u32, offset_pct: i32, tif: u8, post_only: bool },
         Cancel(usize),
+        Edit { i: usize, size_milli: u32, offset_pct: i32 },
         Advance(u32),
         Garbage(Vec<u8>),
     }
@@ -856,6 +964,11 @@ mod tests {
                 }
             ),
             (0usize..40).prop_map(Op::Cancel),
+            (0usize..40, 1u32..3_000, -3i32..=3).prop_map(|(i, size_milli, offset_pct)| Op::Edit {
+                i,
+                size_milli,
+                offset_pct
+            }),
             (1u32..7_200).prop_map(Op::Advance),
             prop::collection::vec(any::<u8>(), 0..80).prop_map(Op::Garbage),
         ]
@@ -928,8 +1041,16 @@ mod tests {
                         let r = book.answer(Endpoint::CancelOrders, None, &Query::default(), &b, &mut ctx);
                         prop_assert_eq!(r.status, 200);
                     }
+                    Op::Edit { i, size_milli, offset_pct } => {
+                        let id = book.orders.get(*i).map(|o| o.id.clone()).unwrap_or_else(|| "x".into());
+                        let price = (mid * Decimal::from(100 + offset_pct) / Decimal::from(100)).round_dp(2);
+                        let size = Decimal::new(i64::from(*size_milli), 3);
+                        let b = serde_json::to_vec(&json!({"order_id": id, "price": price.to_string(), "size": size.to_string()})).unwrap();
+                        let r = book.answer(Endpoint::EditOrder, None, &Query::default(), &b, &mut ctx);
+                        prop_assert_eq!(r.status, 200);
+                    }
                     Op::Garbage(bytes) => {
-                        for e in [Endpoint::CreateOrder, Endpoint::CancelOrders] {
+                        for e in [Endpoint::CreateOrder, Endpoint::CancelOrders, Endpoint::EditOrder] {
                             let r = book.answer(e, None, &Query::default(), bytes, &mut ctx);
                             prop_assert!(r.status == 200 || r.status == 400);
                         }

@@ -79,6 +79,7 @@ pub(crate) fn route_post(path: &str) -> Option<Endpoint> {
     match path.strip_prefix(API_BASE_PATH)? {
         "/orders" => Some(Endpoint::CreateOrder),
         "/orders/batch_cancel" => Some(Endpoint::CancelOrders),
+        "/orders/edit" => Some(Endpoint::EditOrder),
         _ => None,
     }
 }

@@ -395,3 +395,65 @@ async fn lists_page_and_filter_and_bad_requests_are_coinbase_errors() {
     assert_eq!(all["orders"].as_array().unwrap().len(), 6);
     assert_eq!(ex.sim.stats().auth_failures, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_open_gtc_order_can_be_edited_and_an_edit_that_crosses_fills() {
+    let ex = started().await;
+    let btc: ProductId = "BTC-USD".parse().unwrap();
+    let (bid, _) = ex.best(&btc).await;
+    let low = (bid * Decimal::new(8, 1)).round_dp(2);
+    let r = ex.post("/orders", &limit("e-1", "BUY", "0.1", low, json!({}))).await.json();
+    let id = r["order_id"].as_str().unwrap().to_string();
+
+    // A new size and price: the hold follows, the history records it.
+    let lower = (bid * Decimal::new(7, 1)).round_dp(2);
+    let e =
+        ex.post("/orders/edit", &json!({"order_id": id, "price": lower.to_string(), "size": "0.2"})).await;
+    assert_eq!(e.json(), json!({"success": true, "errors": []}));
+    let o = ex.order(&id).await;
+    assert_eq!(o["order_configuration"]["limit_limit_gtc"]["limit_price"], lower.to_string());
+    assert_eq!(o["order_configuration"]["limit_limit_gtc"]["base_size"], "0.2");
+    assert_eq!(o["edit_history"].as_array().unwrap().len(), 1);
+    let hold = Decimal::new(2, 1) * lower * (Decimal::ONE + TAKER_FEE_RATE);
+    assert_eq!(ex.balance("USD").await, (Decimal::new(10_000, 0) - hold, hold));
+
+    // Failures name their reason; nothing changes.
+    for (body, reason) in [
+        (
+            json!({"order_id": id, "price": lower.to_string(), "size": "0.2"}),
+            "EDIT_REQUEST_EQUAL_TO_ORIGINAL_REQUEST",
+        ),
+        (json!({"order_id": id, "price": "-1"}), "INVALID_EDITED_PRICE"),
+        (json!({"order_id": id, "size": "0.000000001"}), "INVALID_EDITED_SIZE"),
+        (json!({"order_id": id, "size": "1000"}), "COMMANDER_REJECTED_EDIT_ORDER"),
+        (json!({"order_id": "nope", "size": "1"}), "ORDER_NOT_FOUND"),
+    ] {
+        let v = ex.post("/orders/edit", &body).await.json();
+        assert_eq!(v["success"], false, "{body}");
+        assert_eq!(v["errors"][0]["edit_failure_reason"], reason, "{body}");
+    }
+    assert_eq!(ex.balance("USD").await, (Decimal::new(10_000, 0) - hold, hold));
+    assert_eq!(ex.post("/orders/edit", &json!({"price": "1"})).await.status, 400);
+
+    // An edit above the ask fills it at once, at the ask, taking liquidity (the funds are
+    // checked at the fill's cost: 0.2 BTC would be more than the account holds).
+    let (_, ask) = ex.best(&btc).await;
+    let above = (ask * Decimal::new(101, 2)).round_dp(2);
+    let e = ex
+        .post("/orders/edit", &json!({"order_id": id, "price": above.to_string(), "size": "0.1"}))
+        .await
+        .json();
+    assert_eq!(e["success"], true, "{e}");
+    let o = ex.order(&id).await;
+    assert_eq!(o["status"], "FILLED");
+    assert_eq!(dec(&o["average_filled_price"]), ask);
+    let cost = Decimal::new(1, 1) * ask * (Decimal::ONE + TAKER_FEE_RATE);
+    assert_eq!(ex.balance("USD").await, (Decimal::new(10_000, 0) - cost, Decimal::ZERO));
+    let v = ex.post("/orders/edit", &json!({"order_id": id, "size": "0.3"})).await.json();
+    assert_eq!(v["errors"][0]["edit_failure_reason"], "ONLY_OPEN_ORDERS_CAN_BE_EDITED");
+    // Only GTC limit orders can be edited.
+    let m = ex.post("/orders", &market_buy("e-2", "10")).await.json();
+    let v = ex.post("/orders/edit", &json!({"order_id": m["order_id"], "size": "1"})).await.json();
+    assert_eq!(v["errors"][0]["edit_failure_reason"], "ONLY_LIMIT_ORDER_EDITS_SUPPORTED");
+    assert_eq!(ex.sim.stats().calls(Endpoint::EditOrder), 10);
+}

@@ -197,6 +197,9 @@ async fn every_endpoint_answers_its_documented_shape() {
     assert_eq!(r.json()["orders"][0]["order_id"], id.as_str());
     let r = get(&c, &format!("{api}/orders/historical/fills"), Some(&jwt)).await;
     assert_eq!(r.json()["fills"][0]["order_id"], id.as_str());
+    let edit = serde_json::json!({"order_id": id, "size": "1"});
+    let r = c.post(format!("{api}/orders/edit")).bearer_auth(&jwt).json(&edit).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     let cancel = serde_json::json!({"order_ids": [id]});
     let r =
         c.post(format!("{api}/orders/batch_cancel")).bearer_auth(&jwt).json(&cancel).send().await.unwrap();
@@ -207,8 +210,8 @@ async fn every_endpoint_answers_its_documented_shape() {
         let expected = if e == Endpoint::BestBidAsk { 2 } else { 1 };
         assert_eq!(stats.calls(e), expected, "{e}");
     }
-    assert_eq!(stats.total_calls, 19);
-    assert_eq!(stats.responses(200), 19);
+    assert_eq!(stats.total_calls, 20);
+    assert_eq!(stats.responses(200), 20);
     assert_eq!((stats.rate_limited_429, stats.auth_failures), (0, 0));
     sim.shutdown().await;
 }
