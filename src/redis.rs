@@ -408,7 +408,9 @@ impl SharedTier {
 
     /// Forget the shared accounts, e.g. after placing an order (call
     /// [`CoordinatedSource::invalidate_accounts`](crate::CoordinatedSource::invalidate_accounts)
-    /// on the source above too).
+    /// on the source above too). The accounts' lease goes too: a fetch in flight in any process
+    /// (begun before the order) answers its own callers but is not stored, and the next read
+    /// fetches anew.
     ///
     /// # Errors
     /// [`Error::Transport`] when Redis cannot be reached (the entry then expires by its TTL).
@@ -419,8 +421,9 @@ impl SharedTier {
         let inner = &self.inner;
         let mut conn = inner.conn();
         let key = inner.keys.accounts();
+        let lease = Keys::lease(&key);
         inner
-            .op(::redis::cmd("DEL").arg(&key).query_async::<i64>(&mut conn))
+            .op(::redis::cmd("DEL").arg(&key).arg(&lease).query_async::<i64>(&mut conn))
             .await
             .map(|_| ())
             .map_err(|_| Error::Transport("redis unavailable; shared accounts expire by their TTL".into()))

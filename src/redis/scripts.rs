@@ -34,19 +34,25 @@ end
 return out
 ";
 
-/// Write values and drop the caller's leases on them.
+/// Write the values whose lease the caller still holds, and drop those leases.
 ///
 /// `KEYS`: n value keys, then their n lease keys. `ARGV`: owner token, then for each key its
-/// payload and its time to live in ms.
+/// payload and its time to live in ms. Returns how many values were written.
+///
+/// Only the lease holder writes: a fetch whose lease was taken away (an invalidation deletes
+/// the value and its lease, e.g. after an order) or expired and was taken over does not
+/// overwrite what came after it; its own callers still get what it fetched.
 const STORE: &str = r"
 local n = #KEYS / 2
+local c = 0
 for i = 1, n do
-  redis.call('SET', KEYS[i], ARGV[2 * i], 'PX', ARGV[2 * i + 1])
   if redis.call('GET', KEYS[n + i]) == ARGV[1] then
+    redis.call('SET', KEYS[i], ARGV[2 * i], 'PX', ARGV[2 * i + 1])
     redis.call('DEL', KEYS[n + i])
+    c = c + 1
   end
 end
-return n
+return c
 ";
 
 /// Extend the caller's leases to a new time to live, or drop them. `KEYS`: lease keys.

@@ -412,6 +412,83 @@ async fn unknown_products_and_errors_are_shared_briefly() {
     assert_eq!(sim.stats().calls(Endpoint::Accounts), 2);
 }
 
+/// An upstream whose accounts are a USD balance read when a call starts (what the exchange
+/// had then); the first call then takes `first_delay`.
+struct SlowAccounts {
+    usd: std::sync::atomic::AtomicI64,
+    calls: std::sync::atomic::AtomicUsize,
+    first_delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl MarketDataSource for SlowAccounts {
+    async fn ticker(&self, p: &ProductId) -> tickshare::Result<tickshare::Ticker> {
+        Err(Error::NotFound(p.to_string()))
+    }
+    async fn tickers(&self, _: &[ProductId]) -> tickshare::Result<Vec<tickshare::Ticker>> {
+        Ok(Vec::new())
+    }
+    async fn candles(
+        &self,
+        _: &ProductId,
+        _: Granularity,
+        _: tickshare::CandleRange,
+    ) -> tickshare::Result<Vec<tickshare::Candle>> {
+        Ok(Vec::new())
+    }
+    async fn accounts(&self) -> tickshare::Result<Vec<tickshare::Account>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let usd = self.usd.load(SeqCst);
+        if self.calls.fetch_add(1, SeqCst) == 0 {
+            tokio::time::sleep(self.first_delay).await;
+        }
+        Ok(vec![tickshare::Account {
+            uuid: "u".into(),
+            name: "USD Wallet".into(),
+            currency: "USD".into(),
+            available: usd.into(),
+            hold: 0.into(),
+            active: true,
+            account_type: "ACCOUNT_TYPE_FIAT".into(),
+        }])
+    }
+}
+
+/// An order lands while one process's accounts fetch is in flight: after another process
+/// invalidates the tier, that fetch (begun before the order) answers its own caller but is
+/// not stored, so every later read, in any process, sees the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_fetch_in_flight_during_an_invalidation_is_not_stored() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let Some(redis) = RedisServer::start().await else { return };
+    let upstream =
+        Arc::new(SlowAccounts { usd: 1000.into(), calls: 0.into(), first_delay: Duration::from_millis(400) });
+    let url = redis.url();
+    let tier = || {
+        SharedTier::builder_arc(&url, KEY_ID, upstream.clone() as Arc<dyn MarketDataSource>)
+            .namespace("inflight")
+            .lease_poll(Duration::from_millis(5))
+            .build()
+    };
+    let (a, b) = (tier().await.unwrap(), tier().await.unwrap());
+    let early = tokio::spawn({
+        let a = a.clone();
+        async move { a.accounts().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(upstream.calls.load(SeqCst), 1, "a's fetch is in flight");
+    // The order fills on the exchange; the process that placed it invalidates the tier.
+    upstream.usd.store(900, SeqCst);
+    b.invalidate_accounts().await.unwrap();
+    let usd = |a: &[tickshare::Account]| a[0].available;
+    assert_eq!(usd(&b.accounts().await.unwrap()), 900.into(), "b fetched after the order");
+    assert_eq!(usd(&early.await.unwrap().unwrap()), 1000.into(), "a's own, older read");
+    // What Redis holds now is b's answer, not a's late one: a third process reads 900.
+    let c = tier().await.unwrap();
+    assert_eq!(usd(&c.accounts().await.unwrap()), 900.into());
+    assert_eq!(upstream.calls.load(SeqCst), 2);
+}
+
 mod proxies {
     //! Issue 17 point 5: several proxies on one key share the Redis tier.
 
