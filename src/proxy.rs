@@ -47,8 +47,9 @@
 //! ([`CoordinatedSource::invalidate_accounts`], and the shared tier's with the `redis`
 //! feature) when its answer arrives, so every balance read that starts after an order's answer
 //! is fetched after it; an accounts fetch already in flight is neither cached nor joined.
-//! Other proxies and hosts on the same shared tier keep their own in-process accounts for
-//! their `accounts_ttl`: give them a short one, or route orders through one proxy.
+//! With the shared tier, the invalidation is published over Redis pub/sub and every proxy on
+//! the key and namespace forgets its in-process accounts when it arrives (within a Redis
+//! round trip of the order's answer; [`SharedTier::accounts_invalidations`]).
 //!
 //! # Security
 //!
@@ -382,6 +383,26 @@ impl ProxyBuilder {
             tier,
         });
         let (stop, stop_rx) = watch::channel(false);
+        // With the shared tier, an order placed through any proxy (or host) on this key makes
+        // this one forget its in-process accounts too.
+        #[cfg(feature = "redis")]
+        if let Some(tier) = &shared.tier {
+            let mut invalidated = tier.accounts_invalidations();
+            let (source, mut stopped) = (shared.source.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        changed = invalidated.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            source.invalidate_accounts();
+                        }
+                        _ = stopped.wait_for(|s| *s) => return,
+                    }
+                }
+            });
+        }
         let task = tokio::spawn(server::serve(listener, Arc::clone(&shared), stop_rx));
         tracing::info!(%addr, "tickshare proxy listening");
         Ok(Proxy { shared, addr, stop, task: Some(task) })

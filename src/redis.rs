@@ -204,6 +204,10 @@ struct Inner {
     /// process's queue polls Redis for a slot (held across awaits: a tokio mutex, which is fair).
     queues: [tokio::sync::Mutex<()>; 2],
     counters: Counters,
+    /// The accounts invalidations followed over pub/sub, once asked for.
+    invalidations: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
+    /// Dropped with the tier: ends its background subscription.
+    alive: tokio::sync::watch::Sender<()>,
 }
 
 /// The shared tier: an L2 cache, cross-process leases and one distributed rate limit on Redis,
@@ -422,11 +426,91 @@ impl SharedTier {
         let mut conn = inner.conn();
         let key = inner.keys.accounts();
         let lease = Keys::lease(&key);
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("DEL").arg(&key).arg(&lease).ignore();
+        pipe.cmd("PUBLISH").arg(inner.keys.accounts_invalidated()).arg("1").ignore();
         inner
-            .op(::redis::cmd("DEL").arg(&key).arg(&lease).query_async::<i64>(&mut conn))
+            .op(pipe.query_async::<()>(&mut conn))
             .await
-            .map(|_| ())
             .map_err(|_| Error::Transport("redis unavailable; shared accounts expire by their TTL".into()))
+    }
+
+    /// Invalidations of the shared accounts by any process on this key and namespace (this
+    /// one included, through [`invalidate_accounts`](Self::invalidate_accounts)), as a
+    /// counter that changes with each. A process that keeps accounts in memory above the tier
+    /// (a [`CoordinatedSource`](crate::CoordinatedSource)) forgets them on every change, so an
+    /// order placed anywhere is seen everywhere within a Redis round trip:
+    ///
+    /// ```no_run
+    /// # async fn f(tier: tickshare::SharedTier, source: tickshare::CoordinatedSource) {
+    /// let mut invalidated = tier.accounts_invalidations();
+    /// tokio::spawn(async move {
+    ///     while invalidated.changed().await.is_ok() {
+    ///         source.invalidate_accounts();
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    ///
+    /// The subscription runs in a background task, started by the first call and ended when
+    /// the tier (its last clone) is dropped. It reconnects after a Redis outage (every
+    /// [`reconnect_interval`](SharedTierConfig::reconnect_interval)) and counts each
+    /// (re)subscription as an invalidation too, since messages sent while it was away are
+    /// lost. Without Redis, accounts above the tier expire by their own TTL.
+    pub fn accounts_invalidations(&self) -> tokio::sync::watch::Receiver<u64> {
+        let inner = &self.inner;
+        let tx = inner.invalidations.get_or_init(|| {
+            let (tx, _) = tokio::sync::watch::channel(0u64);
+            tokio::spawn(follow_invalidations(
+                inner.client.clone(),
+                inner.keys.accounts_invalidated(),
+                inner.cfg.reconnect_interval,
+                tx.clone(),
+                inner.alive.subscribe(),
+            ));
+            tx
+        });
+        tx.subscribe()
+    }
+}
+
+/// Subscribe to `channel` and bump `tx` on every message and every (re)subscription, until
+/// the tier is dropped (`alive`'s sender with it).
+async fn follow_invalidations(
+    client: ::redis::Client,
+    channel: String,
+    reconnect: Duration,
+    tx: tokio::sync::watch::Sender<u64>,
+    mut alive: tokio::sync::watch::Receiver<()>,
+) {
+    use futures_util::StreamExt as _;
+    let bump = |tx: &tokio::sync::watch::Sender<u64>| tx.send_modify(|n| *n = n.wrapping_add(1));
+    loop {
+        let subscribed = match client.get_async_pubsub().await {
+            Ok(mut pubsub) => pubsub.subscribe(&channel).await.is_ok().then_some(pubsub),
+            Err(_) => None,
+        };
+        match subscribed {
+            Some(mut pubsub) => {
+                bump(&tx);
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        m = messages.next() => match m {
+                            Some(_) => bump(&tx),
+                            None => break,
+                        },
+                        _ = alive.changed() => return,
+                    }
+                }
+                tracing::debug!("accounts invalidation subscription lost; resubscribing");
+            }
+            None => tracing::debug!("could not subscribe to accounts invalidations; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(reconnect) => {}
+            _ = alive.changed() => return,
+        }
     }
 }
 

@@ -171,6 +171,11 @@ impl Keys {
         format!("{}a", self.prefix)
     }
 
+    /// The channel on which invalidations of the accounts are published: `{prefix}a:invalidated`.
+    pub(crate) fn accounts_invalidated(&self) -> String {
+        format!("{}a:invalidated", self.prefix)
+    }
+
     /// The lease of a value key: `{key}:lease`.
     pub(crate) fn lease(key: &str) -> String {
         format!("{key}:lease")

@@ -351,6 +351,8 @@ impl SharedTierBuilder {
                 fallback_closed: closed,
                 queues: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
                 counters: Counters::default(),
+                invalidations: std::sync::OnceLock::new(),
+                alive: tokio::sync::watch::channel(()).0,
                 cfg: self.cfg,
             }),
         })

@@ -710,6 +710,15 @@ mod proxies {
         let after = usd(&ca.accounts().await.unwrap());
         assert!(after < before, "fresh after the order: {before} -> {after}");
         assert_eq!(sim.stats().calls_by_endpoint["accounts"], 2);
+
+        // The other proxy heard of the order over pub/sub and forgot its in-process accounts
+        // (10 s fresh otherwise): within a moment it serves the new balance, from the tier.
+        let waited = std::time::Instant::now();
+        while usd(&cb.accounts().await.unwrap()) != after {
+            assert!(waited.elapsed() < Duration::from_secs(2), "b still serves the pre-order balance");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(sim.stats().calls_by_endpoint["accounts"], 2, "b read a's fresh answer from Redis");
         assert_eq!(sim.stats().rate_limited_429, 0);
     }
 }
