@@ -489,6 +489,47 @@ async fn an_accounts_fetch_in_flight_during_an_invalidation_is_not_stored() {
     assert_eq!(upstream.calls.load(SeqCst), 2);
 }
 
+/// Invalidations reach every tier that follows them, also after Redis was restarted (the
+/// follower resubscribes and counts that as an invalidation: what was published meanwhile is
+/// lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_invalidations_reach_other_processes_and_survive_a_redis_restart() {
+    let Some(mut redis) = RedisServer::start().await else { return };
+    let sim = SimExchange::builder().clock(fixed_clock()).start().await.unwrap();
+    let build = || {
+        tier(&sim, &redis.url(), "follow")
+            .redis_timeout(Duration::from_millis(200))
+            .reconnect_interval(Duration::from_millis(100))
+            .build()
+    };
+    let (a, b) = (build().await.unwrap(), build().await.unwrap());
+    let mut heard = a.accounts_invalidations();
+    // Subscribed: the first bump is the subscription itself.
+    tokio::time::timeout(Duration::from_secs(2), heard.changed()).await.unwrap().unwrap();
+    let seen = *heard.borrow_and_update();
+    b.invalidate_accounts().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), heard.changed()).await.expect("a heard b").unwrap();
+    assert!(*heard.borrow_and_update() > seen);
+
+    redis.kill();
+    assert!(b.invalidate_accounts().await.is_err(), "nothing to publish to");
+    redis.restart().await;
+    // The resubscription counts as one; then b's next invalidation arrives as before.
+    tokio::time::timeout(Duration::from_secs(5), heard.changed()).await.expect("resubscribed").unwrap();
+    let after_restart = *heard.borrow_and_update();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // b's connection manager may need a moment to reconnect too.
+        if b.invalidate_accounts().await.is_ok()
+            && tokio::time::timeout(Duration::from_millis(500), heard.changed()).await.is_ok()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no invalidation heard after the restart");
+    }
+    assert!(*heard.borrow() > after_restart);
+}
+
 mod proxies {
     //! Issue 17 point 5: several proxies on one key share the Redis tier.
 
