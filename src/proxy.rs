@@ -395,6 +395,9 @@ impl ProxyBuilder {
         #[cfg(feature = "redis")]
         if let Some(tier) = &shared.tier {
             let mut invalidated = tier.accounts_invalidations();
+            // Hear them from the start: wait (bounded, for a Redis that is down) until the
+            // subscription is in place, which counts as the first invalidation.
+            let _ = tokio::time::timeout(Duration::from_secs(1), invalidated.wait_for(|n| *n > 0)).await;
             let (source, mut stopped) = (shared.source.clone(), stop_rx.clone());
             tokio::spawn(async move {
                 loop {

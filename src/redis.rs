@@ -453,7 +453,8 @@ impl SharedTier {
     /// ```
     ///
     /// The subscription runs in a background task, started by the first call and ended when
-    /// the tier (its last clone) is dropped. It reconnects after a Redis outage (every
+    /// the tier (its last clone) is dropped. It is in place once the counter is above zero
+    /// (`receiver.wait_for(|n| *n > 0)`); what is published before that is not heard. It reconnects after a Redis outage (every
     /// [`reconnect_interval`](SharedTierConfig::reconnect_interval)) and counts each
     /// (re)subscription as an invalidation too, since messages sent while it was away are
     /// lost. Without Redis, accounts above the tier expire by their own TTL.
