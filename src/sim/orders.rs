@@ -124,7 +124,8 @@ struct SimOrder {
     quote: String,
     side: Side,
     kind: Kind,
-    /// The `order_configuration` as the client sent it (one key), echoed back.
+    /// The `order_configuration` as the simulator understood it (one key, the known fields
+    /// only: a client's extra fields are neither echoed nor kept), echoed back.
     config: Map<String, Value>,
     status: Status,
     created_ms: i64,
@@ -452,8 +453,8 @@ impl OrderBook {
             base,
             quote,
             side,
+            config: config_of(&kind),
             kind,
-            config: config.clone(),
             status: Status::Open,
             created_ms: now_ms,
             checked_ms: now_ms,
@@ -818,6 +819,35 @@ impl OrderBook {
 }
 
 /// The one supported `order_configuration` (market or limit), checked against the product.
+/// The `order_configuration` of `kind`, as Coinbase shows it back.
+fn config_of(kind: &Kind) -> Map<String, Value> {
+    let s = |d: &Decimal| Value::from(d.to_string());
+    let (key, fields) = match kind {
+        Kind::Market { quote_size: Some(q), .. } => ("market_market_ioc", json!({"quote_size": s(q)})),
+        Kind::Market { base_size, .. } => {
+            ("market_market_ioc", json!({"base_size": s(&base_size.unwrap_or_default())}))
+        }
+        Kind::Limit { base_size, limit_price, post_only, tif } => match tif {
+            Tif::Gtc => (
+                "limit_limit_gtc",
+                json!({"base_size": s(base_size), "limit_price": s(limit_price), "post_only": post_only}),
+            ),
+            Tif::Gtd(end) => (
+                "limit_limit_gtd",
+                json!({"base_size": s(base_size), "limit_price": s(limit_price),
+                       "end_time": time_of(*end), "post_only": post_only}),
+            ),
+            Tif::Fok => {
+                ("limit_limit_fok", json!({"base_size": s(base_size), "limit_price": s(limit_price)}))
+            }
+            Tif::Ioc => ("sor_limit_ioc", json!({"base_size": s(base_size), "limit_price": s(limit_price)})),
+        },
+    };
+    let mut m = Map::new();
+    m.insert(key.to_string(), fields);
+    m
+}
+
 fn parse_config(
     config: &Map<String, Value>,
     spec: &ProductSpec,

@@ -341,7 +341,14 @@ async fn lists_page_and_filter_and_bad_requests_are_coinbase_errors() {
         let r = ex.post("/orders", &limit(&format!("l-{i}"), "BUY", "0.01", low, json!({}))).await.json();
         ids.push(r["order_id"].as_str().unwrap().to_string());
     }
-    ex.post("/orders", &market_buy("m-1", "10")).await;
+    // What the simulator keeps of a configuration is what it understood: extra fields are
+    // neither echoed nor stored.
+    let junk = json!({"client_order_id": "m-1", "product_id": "BTC-USD", "side": "BUY",
+        "order_configuration": {"market_market_ioc": {"quote_size": "10", "junk": "x".repeat(10_000)}}});
+    let m = ex.post("/orders", &junk).await.json();
+    let o = ex.order(m["order_id"].as_str().unwrap()).await;
+    assert_eq!(o["order_configuration"], json!({"market_market_ioc": {"quote_size": "10"}}));
+    assert_eq!(m["order_configuration"], o["order_configuration"]);
     // Newest first, two per page, cursor to the end.
     let mut seen = Vec::new();
     let mut cursor = String::new();
