@@ -699,3 +699,46 @@ async fn sdk_style_gets_with_a_body_keep_the_connection() {
     assert_eq!(proxy.stats().connections, 1);
     assert_eq!(upstream.stats().calls_by_endpoint["orders/historical/batch"], 1);
 }
+
+/// 25 bots read balances all the time while, one round after another, one of them places an
+/// order through the proxy: whatever the others' reads have in flight, the bot that ordered
+/// reads the balance after its own order, and so does everyone after it.
+#[tokio::test(start_paused = true)]
+async fn under_concurrent_reads_every_order_is_seen_by_the_next_balance_read() {
+    let (creds, upstream, proxy) = started().await;
+    let host = proxy.addr().to_string();
+    let bots: Vec<CoinbaseClient> = (0..BOTS).map(|_| bot(&proxy.base_url(), &creds, &upstream)).collect();
+    let direct = upstream.client_builder().credentials(creds.clone()).build().unwrap();
+    let usd = |a: &[tickshare::Account]| a.iter().find(|a| a.currency == "USD").map(|a| a.available);
+    let path = "/api/v3/brokerage/orders";
+    for round in 0..6 {
+        let order = serde_json::json!({"client_order_id": format!("r{round}"), "product_id": "BTC-USD",
+            "side": "BUY", "order_configuration": {"market_market_ioc": {"quote_size": "25"}}});
+        let place = async {
+            // Let the others' reads get in flight first.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let r = http()
+                .post(format!("{}{path}", proxy.base_url()))
+                .bearer_auth(creds.rest_jwt("POST", &host, path))
+                .json(&order)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            // Right after the order's answer, through the proxy.
+            usd(&bots[round].accounts().await.unwrap())
+        };
+        let reads =
+            futures_util::future::join_all(bots.iter().map(|b| async { b.accounts().await.unwrap() }));
+        let (mine, _) = tokio::join!(place, reads);
+        let truth = usd(&direct.accounts().await.unwrap());
+        assert_eq!(mine, truth, "round {round}: the bot that ordered read a balance from before its order");
+        for b in &bots {
+            assert_eq!(usd(&b.accounts().await.unwrap()), truth, "round {round}");
+        }
+    }
+    let spent = usd(&direct.accounts().await.unwrap()).unwrap();
+    assert!(spent < tickshare::Decimal::from(10_000 - 6 * 24), "six orders filled: {spent}");
+    assert_eq!(upstream.stats().rate_limited_429, 0);
+    assert_eq!(proxy.stats().accounts_invalidations, 6);
+}
