@@ -281,7 +281,10 @@ impl ProxyBuilder {
     /// pass-through takes its slots from too. The proxy's own client is then built without a
     /// limiter of its own ([`unlimited`](crate::CoinbaseClientBuilder::unlimited)); while Redis
     /// is unreachable the proxy runs on its share of the limit
-    /// ([`SharedTierConfig::expected_workers`]). See the [`redis`](crate::redis) module docs.
+    /// ([`SharedTierConfig::expected_workers`]). An order through any proxy on the tier makes
+    /// every one of them forget its in-process accounts
+    /// ([`SharedTier::accounts_invalidations`]); `start` waits for that subscription, at
+    /// most a second (the whole second only when Redis is unreachable). See the [`redis`](crate::redis) module docs.
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub fn shared_tier(mut self, redis_url: impl Into<String>, cfg: SharedTierConfig) -> Self {
