@@ -370,81 +370,8 @@ impl OrderBook {
                 format!("the simulator keeps at most {MAX_ORDERS} orders"),
             ));
         }
-        let side = match side {
-            Some("BUY") => Side::Buy,
-            Some("SELL") => Side::Sell,
-            _ => return Err(fail("INVALID_SIDE", "side must be BUY or SELL")),
-        };
-        let kind = parse_config(config, spec, ctx.now)?;
+        let Terms { side, kind, fill, hold, base, quote } = terms(spec, side, config, ctx)?;
         let now_ms = unix_ms(ctx.now);
-        let (bid, ask) = ctx.market.bid_ask(spec, now_ms);
-        let (base, quote) = (spec.id.base().to_string(), spec.id.quote().to_string());
-        let too_large = || fail("INVALID_REQUEST", "order size out of range");
-        // What fills now (size, price), or None to rest (limit) / cancel (IOC, FOK).
-        let (fill, hold) = match &kind {
-            Kind::Market { quote_size, base_size } => {
-                let price = if side == Side::Buy { ask } else { bid };
-                let size = match (quote_size, base_size) {
-                    (Some(q), _) => {
-                        let per_unit = match side {
-                            Side::Buy => price.checked_mul(Decimal::ONE + TAKER_FEE_RATE),
-                            Side::Sell => Some(price),
-                        };
-                        per_unit
-                            .and_then(|u| q.checked_div(u))
-                            .map(|s| s.round_dp_with_strategy(BASE_SCALE, RoundingStrategy::ToZero))
-                            .ok_or_else(too_large)?
-                    }
-                    (None, Some(b)) => *b,
-                    (None, None) => {
-                        return Err(fail("UNSUPPORTED_ORDER_CONFIGURATION", "a size is required"));
-                    }
-                };
-                if size.is_zero() {
-                    return Err(fail("INVALID_SIZE_PRECISION", "the order is smaller than base_increment"));
-                }
-                (Some((size, price)), Decimal::ZERO)
-            }
-            Kind::Limit { base_size, limit_price, post_only, tif } => {
-                let marketable = match side {
-                    Side::Buy => ask <= *limit_price,
-                    Side::Sell => bid >= *limit_price,
-                };
-                if marketable && *post_only {
-                    return Err(fail(
-                        "INVALID_LIMIT_PRICE_POST_ONLY",
-                        "a post-only order would take liquidity",
-                    ));
-                }
-                // Funds are held at the limit price with the taker fee, as on Coinbase.
-                let hold = match side {
-                    Side::Buy => base_size
-                        .checked_mul(*limit_price)
-                        .and_then(|v| v.checked_mul(Decimal::ONE + TAKER_FEE_RATE))
-                        .ok_or_else(too_large)?,
-                    Side::Sell => *base_size,
-                };
-                let at = if side == Side::Buy { ask } else { bid };
-                match (marketable, tif) {
-                    (true, _) => (Some((*base_size, at)), Decimal::ZERO),
-                    (false, Tif::Ioc | Tif::Fok) => (None, Decimal::ZERO),
-                    (false, _) => (None, hold),
-                }
-            }
-        };
-        // Funds: what the fill costs, or what the resting order holds.
-        let (need_currency, need) = match (side, fill) {
-            (Side::Buy, Some((size, price))) => {
-                let value = size.checked_mul(price).ok_or_else(too_large)?;
-                (&quote, value.checked_mul(Decimal::ONE + TAKER_FEE_RATE).ok_or_else(too_large)?)
-            }
-            (Side::Sell, Some((size, _))) => (&base, size),
-            (Side::Buy, None) => (&quote, hold),
-            (Side::Sell, None) => (&base, hold),
-        };
-        if need > ctx.available(need_currency) {
-            return Err(fail("INSUFFICIENT_FUND", "Insufficient balance in source account"));
-        }
         let n = self.orders.len();
         let order = SimOrder {
             id: uuid(ctx.seed, "order", n),
@@ -819,6 +746,97 @@ impl OrderBook {
 }
 
 /// The one supported `order_configuration` (market or limit), checked against the product.
+/// What an order would do now: its side and kind, what fills at once (size, price) or what a
+/// resting order holds, checked against the product and the funds.
+struct Terms {
+    side: Side,
+    kind: Kind,
+    fill: Option<(Decimal, Decimal)>,
+    hold: Decimal,
+    base: String,
+    quote: String,
+}
+
+fn terms(
+    spec: &ProductSpec,
+    side: Option<&str>,
+    config: &Map<String, Value>,
+    ctx: &OrderCtx<'_>,
+) -> Result<Terms, Failure> {
+    let side = match side {
+        Some("BUY") => Side::Buy,
+        Some("SELL") => Side::Sell,
+        _ => return Err(fail("INVALID_SIDE", "side must be BUY or SELL")),
+    };
+    let kind = parse_config(config, spec, ctx.now)?;
+    let (bid, ask) = ctx.market.bid_ask(spec, unix_ms(ctx.now));
+    let (base, quote) = (spec.id.base().to_string(), spec.id.quote().to_string());
+    let too_large = || fail("INVALID_REQUEST", "order size out of range");
+    // What fills now (size, price), or None to rest (limit) / cancel (IOC, FOK).
+    let (fill, hold) = match &kind {
+        Kind::Market { quote_size, base_size } => {
+            let price = if side == Side::Buy { ask } else { bid };
+            let size = match (quote_size, base_size) {
+                (Some(q), _) => {
+                    let per_unit = match side {
+                        Side::Buy => price.checked_mul(Decimal::ONE + TAKER_FEE_RATE),
+                        Side::Sell => Some(price),
+                    };
+                    per_unit
+                        .and_then(|u| q.checked_div(u))
+                        .map(|s| s.round_dp_with_strategy(BASE_SCALE, RoundingStrategy::ToZero))
+                        .ok_or_else(too_large)?
+                }
+                (None, Some(b)) => *b,
+                (None, None) => {
+                    return Err(fail("UNSUPPORTED_ORDER_CONFIGURATION", "a size is required"));
+                }
+            };
+            if size.is_zero() {
+                return Err(fail("INVALID_SIZE_PRECISION", "the order is smaller than base_increment"));
+            }
+            (Some((size, price)), Decimal::ZERO)
+        }
+        Kind::Limit { base_size, limit_price, post_only, tif } => {
+            let marketable = match side {
+                Side::Buy => ask <= *limit_price,
+                Side::Sell => bid >= *limit_price,
+            };
+            if marketable && *post_only {
+                return Err(fail("INVALID_LIMIT_PRICE_POST_ONLY", "a post-only order would take liquidity"));
+            }
+            // Funds are held at the limit price with the taker fee, as on Coinbase.
+            let hold = match side {
+                Side::Buy => base_size
+                    .checked_mul(*limit_price)
+                    .and_then(|v| v.checked_mul(Decimal::ONE + TAKER_FEE_RATE))
+                    .ok_or_else(too_large)?,
+                Side::Sell => *base_size,
+            };
+            let at = if side == Side::Buy { ask } else { bid };
+            match (marketable, tif) {
+                (true, _) => (Some((*base_size, at)), Decimal::ZERO),
+                (false, Tif::Ioc | Tif::Fok) => (None, Decimal::ZERO),
+                (false, _) => (None, hold),
+            }
+        }
+    };
+    // Funds: what the fill costs, or what the resting order holds.
+    let (need_currency, need) = match (side, fill) {
+        (Side::Buy, Some((size, price))) => {
+            let value = size.checked_mul(price).ok_or_else(too_large)?;
+            (&quote, value.checked_mul(Decimal::ONE + TAKER_FEE_RATE).ok_or_else(too_large)?)
+        }
+        (Side::Sell, Some((size, _))) => (&base, size),
+        (Side::Buy, None) => (&quote, hold),
+        (Side::Sell, None) => (&base, hold),
+    };
+    if need > ctx.available(need_currency) {
+        return Err(fail("INSUFFICIENT_FUND", "Insufficient balance in source account"));
+    }
+    Ok(Terms { side, kind, fill, hold, base, quote })
+}
+
 /// The `order_configuration` of `kind`, as Coinbase shows it back.
 fn config_of(kind: &Kind) -> Map<String, Value> {
     let s = |d: &Decimal| Value::from(d.to_string());
