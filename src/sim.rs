@@ -43,6 +43,7 @@
 //! | `orders` | `POST /orders` (create) | private |
 //! | `orders/batch_cancel` | `POST /orders/batch_cancel` | private |
 //! | `orders/edit` | `POST /orders/edit` (`order_id`, `price`, `size`) | private |
+//! | `orders/preview` | `POST /orders/preview` (a create without `client_order_id`) | private |
 //! | `orders/historical/batch` | `GET /orders/historical/batch[?order_status=&product_ids=&order_ids=&order_side=&start_date=&end_date=&limit=&cursor=]` | private |
 //! | `orders/historical` | `GET /orders/historical/{order_id}` | private |
 //! | `orders/historical/fills` | `GET /orders/historical/fills[?order_ids=&trade_ids=&product_ids=&start_sequence_timestamp=&end_sequence_timestamp=&limit=&cursor=]` | private |
@@ -93,6 +94,9 @@
 //!   `{"success": true, "errors": []}`, or `success: false` with an `errors` list naming the
 //!   `edit_failure_reason` (a list, as the SDK reads it; ccxt's sample shows one object:
 //!   unverified).
+//! - A preview (`POST /orders/preview`) answers what a create would do now (`order_total`,
+//!   `commission_total`, `quote_size`, `base_size`, the book's top) and changes nothing; a
+//!   create's failure reason comes back in `errs` as `PREVIEW_` + the reason (unverified).
 //! - A `client_order_id` seen before returns the order it created, as Coinbase does, so a
 //!   retried create never trades twice.
 //! - A failed create is `200` with `success: false` and an `error_response` whose `error` and
@@ -297,6 +301,8 @@ pub enum Endpoint {
     CancelOrders,
     /// `POST /orders/edit` (`"orders/edit"`): a new price or size for an open GTC limit order.
     EditOrder,
+    /// `POST /orders/preview` (`"orders/preview"`): what a create would do, without doing it.
+    PreviewOrder,
     /// `GET /orders/historical/batch` (`"orders/historical/batch"`): list orders.
     ListOrders,
     /// `GET /orders/historical/{order_id}` (`"orders/historical"`): one order.
@@ -307,7 +313,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 19] = [
+    pub const ALL: [Endpoint; 20] = [
         Endpoint::MarketTicker,
         Endpoint::Ticker,
         Endpoint::MarketCandles,
@@ -324,6 +330,7 @@ impl Endpoint {
         Endpoint::CreateOrder,
         Endpoint::CancelOrders,
         Endpoint::EditOrder,
+        Endpoint::PreviewOrder,
         Endpoint::ListOrders,
         Endpoint::GetOrder,
         Endpoint::ListFills,
@@ -349,6 +356,7 @@ impl Endpoint {
             Endpoint::CreateOrder => "orders",
             Endpoint::CancelOrders => "orders/batch_cancel",
             Endpoint::EditOrder => "orders/edit",
+            Endpoint::PreviewOrder => "orders/preview",
             Endpoint::ListOrders => "orders/historical/batch",
             Endpoint::GetOrder => "orders/historical",
             Endpoint::ListFills => "orders/historical/fills",
@@ -374,6 +382,7 @@ impl Endpoint {
             | Endpoint::CreateOrder
             | Endpoint::CancelOrders
             | Endpoint::EditOrder
+            | Endpoint::PreviewOrder
             | Endpoint::ListOrders
             | Endpoint::GetOrder
             | Endpoint::ListFills => EndpointClass::Private,
@@ -387,6 +396,7 @@ impl Endpoint {
             Endpoint::CreateOrder
                 | Endpoint::CancelOrders
                 | Endpoint::EditOrder
+                | Endpoint::PreviewOrder
                 | Endpoint::ListOrders
                 | Endpoint::GetOrder
                 | Endpoint::ListFills

@@ -232,6 +232,7 @@ impl OrderBook {
             Endpoint::CreateOrder => Ok(self.create(body, ctx)),
             Endpoint::CancelOrders => self.cancel(body, ctx),
             Endpoint::EditOrder => self.edit(body, ctx),
+            Endpoint::PreviewOrder => preview(body, ctx),
             Endpoint::GetOrder => match id.and_then(|id| self.by_id.get(id)) {
                 Some(&i) => Ok(Reply::json(200, &json!({"order": self.order_json(i, ctx.seed)}))),
                 None => Err(Reply::error(404, "NOT_FOUND", ORDER_NOT_FOUND)),
@@ -746,6 +747,61 @@ impl OrderBook {
 }
 
 /// The one supported `order_configuration` (market or limit), checked against the product.
+/// `POST /orders/preview`: what a create would do now, without doing it (no order, no
+/// balance change). Failures are listed in `errs` as `PREVIEW_` + the create's reason
+/// (unverified: Coinbase documents the preview reasons as a separate enum).
+fn preview(body: &[u8], ctx: &mut OrderCtx<'_>) -> Result<Reply, Reply> {
+    #[derive(Deserialize)]
+    struct Request {
+        product_id: Option<String>,
+        side: Option<String>,
+        order_configuration: Option<Map<String, Value>>,
+    }
+    let req: Request = serde_json::from_slice(body)
+        .map_err(|_| Reply::bad_request("request body is not a preview order request"))?;
+    let config = req.order_configuration.unwrap_or_default();
+    let spec = ctx.market.get(req.product_id.as_deref().unwrap_or_default());
+    let (bid, ask) = spec.map_or((Decimal::ZERO, Decimal::ZERO), |p| ctx.market.bid_ask(p, unix_ms(ctx.now)));
+    let outcome = match spec {
+        None => Err(fail("INVALID_PRODUCT_ID", "ProductID is invalid")),
+        Some(spec) => terms(spec, req.side.as_deref(), &config, ctx),
+    };
+    let zero = Value::from("0");
+    let mut out = json!({
+        "order_total": zero, "commission_total": zero, "errs": [], "warning": [],
+        "quote_size": zero, "base_size": zero,
+        "best_bid": amount(bid), "best_ask": amount(ask), "is_max": false, "slippage": "0",
+        "preview_id": "",
+    });
+    match outcome {
+        Err(f) => out["errs"] = json!([format!("PREVIEW_{}", f.reason)]),
+        Ok(t) => {
+            // What fills now, or what a resting limit order would fill at (as a maker).
+            let (size, price, rate) = match (t.fill, &t.kind) {
+                (Some((size, price)), _) => (size, price, TAKER_FEE_RATE),
+                (None, Kind::Limit { base_size, limit_price, .. }) => {
+                    (*base_size, *limit_price, MAKER_FEE_RATE)
+                }
+                (None, Kind::Market { .. }) => (Decimal::ZERO, Decimal::ZERO, TAKER_FEE_RATE),
+            };
+            let value = size.checked_mul(price).unwrap_or_default();
+            let commission = value.checked_mul(rate).unwrap_or_default();
+            let total = match t.side {
+                Side::Buy => value.checked_add(commission),
+                Side::Sell => value.checked_sub(commission),
+            }
+            .unwrap_or_default();
+            out["order_total"] = Value::from(amount(total));
+            out["commission_total"] = Value::from(amount(commission));
+            out["quote_size"] = Value::from(amount(value));
+            out["base_size"] = Value::from(amount(size));
+            let n = unix_ms(ctx.now) as usize;
+            out["preview_id"] = Value::from(uuid(ctx.seed, "preview", n));
+        }
+    }
+    Ok(Reply::json(200, &out))
+}
+
 /// What an order would do now: its side and kind, what fills at once (size, price) or what a
 /// resting order holds, checked against the product and the funds.
 struct Terms {

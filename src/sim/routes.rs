@@ -80,6 +80,7 @@ pub(crate) fn route_post(path: &str) -> Option<Endpoint> {
         "/orders" => Some(Endpoint::CreateOrder),
         "/orders/batch_cancel" => Some(Endpoint::CancelOrders),
         "/orders/edit" => Some(Endpoint::EditOrder),
+        "/orders/preview" => Some(Endpoint::PreviewOrder),
         _ => None,
     }
 }

@@ -464,3 +464,39 @@ async fn an_open_gtc_order_can_be_edited_and_an_edit_that_crosses_fills() {
     assert_eq!(v["errors"][0]["edit_failure_reason"], "ONLY_LIMIT_ORDER_EDITS_SUPPORTED");
     assert_eq!(ex.sim.stats().calls(Endpoint::EditOrder), 10);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_preview_says_what_a_create_would_do_and_changes_nothing() {
+    let ex = started().await;
+    let btc: ProductId = "BTC-USD".parse().unwrap();
+    let (bid, ask) = ex.best(&btc).await;
+    let mut buy = market_buy("ignored", "1000");
+    buy.as_object_mut().unwrap().remove("client_order_id");
+    let p = ex.post("/orders/preview", &buy).await.json();
+    assert_eq!(p["errs"], json!([]), "{p}");
+    let (size, value, fee) = (dec(&p["base_size"]), dec(&p["quote_size"]), dec(&p["commission_total"]));
+    assert_eq!((dec(&p["best_bid"]), dec(&p["best_ask"])), (bid, ask));
+    assert_eq!(value, size * ask);
+    assert_eq!(fee, value * TAKER_FEE_RATE);
+    assert_eq!(dec(&p["order_total"]), value + fee);
+    assert!(value + fee <= Decimal::new(1000, 0));
+    assert_eq!(p["preview_id"].as_str().unwrap().len(), 36);
+    // The create that follows fills on exactly those terms (same simulated instant).
+    let o = ex.post("/orders", &market_buy("after-preview", "1000")).await.json();
+    let o = ex.order(o["order_id"].as_str().unwrap()).await;
+    assert_eq!((dec(&o["filled_size"]), dec(&o["total_fees"])), (size, fee));
+
+    // A resting limit previews at its limit, as a maker; failures are listed in errs.
+    let low = (bid * Decimal::new(9, 1)).round_dp(2);
+    let p = ex.post("/orders/preview", &limit("x", "BUY", "0.01", low, json!({}))).await.json();
+    assert_eq!(dec(&p["commission_total"]), Decimal::new(1, 2) * low * MAKER_FEE_RATE);
+    let p = ex.post("/orders/preview", &market_buy("x", "1000000")).await.json();
+    assert_eq!(p["errs"], json!(["PREVIEW_INSUFFICIENT_FUND"]));
+    let p = ex.post("/orders/preview", &json!({"product_id": "NOPE-USD", "side": "BUY"})).await.json();
+    assert_eq!(p["errs"], json!(["PREVIEW_INVALID_PRODUCT_ID"]));
+    assert_eq!(ex.post("/orders/preview", &json!("nope")).await.status, 400);
+
+    // Nothing but the one create happened.
+    assert_eq!(ex.get("/orders/historical/batch").await.json()["orders"].as_array().unwrap().len(), 1);
+    assert_eq!(ex.sim.stats().calls(Endpoint::PreviewOrder), 5);
+}

@@ -197,6 +197,8 @@ async fn every_endpoint_answers_its_documented_shape() {
     assert_eq!(r.json()["orders"][0]["order_id"], id.as_str());
     let r = get(&c, &format!("{api}/orders/historical/fills"), Some(&jwt)).await;
     assert_eq!(r.json()["fills"][0]["order_id"], id.as_str());
+    let r = c.post(format!("{api}/orders/preview")).bearer_auth(&jwt).json(&order).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     let edit = serde_json::json!({"order_id": id, "size": "1"});
     let r = c.post(format!("{api}/orders/edit")).bearer_auth(&jwt).json(&edit).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -210,8 +212,8 @@ async fn every_endpoint_answers_its_documented_shape() {
         let expected = if e == Endpoint::BestBidAsk { 2 } else { 1 };
         assert_eq!(stats.calls(e), expected, "{e}");
     }
-    assert_eq!(stats.total_calls, 20);
-    assert_eq!(stats.responses(200), 20);
+    assert_eq!(stats.total_calls, 21);
+    assert_eq!(stats.responses(200), 21);
     assert_eq!((stats.rate_limited_429, stats.auth_failures), (0, 0));
     sim.shutdown().await;
 }
