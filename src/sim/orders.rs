@@ -162,6 +162,8 @@ pub(crate) struct OrderBook {
     by_client: HashMap<String, usize>,
     fills: Vec<SimFill>,
     open: usize,
+    /// Previews answered so far (their ids).
+    previews: usize,
 }
 
 /// A failed create: 200 with `success: false` and this reason, as Coinbase answers.
@@ -232,7 +234,10 @@ impl OrderBook {
             Endpoint::CreateOrder => Ok(self.create(body, ctx)),
             Endpoint::CancelOrders => self.cancel(body, ctx),
             Endpoint::EditOrder => self.edit(body, ctx),
-            Endpoint::PreviewOrder => preview(body, ctx),
+            Endpoint::PreviewOrder => {
+                self.previews += 1;
+                preview(body, self.previews, ctx)
+            }
             Endpoint::GetOrder => match id.and_then(|id| self.by_id.get(id)) {
                 Some(&i) => Ok(Reply::json(200, &json!({"order": self.order_json(i, ctx.seed)}))),
                 None => Err(Reply::error(404, "NOT_FOUND", ORDER_NOT_FOUND)),
@@ -748,9 +753,9 @@ impl OrderBook {
 
 /// The one supported `order_configuration` (market or limit), checked against the product.
 /// `POST /orders/preview`: what a create would do now, without doing it (no order, no
-/// balance change). Failures are listed in `errs` as `PREVIEW_` + the create's reason
+/// balance change); `n` numbers the preview, for its id. Failures are listed in `errs` as `PREVIEW_` + the create's reason
 /// (unverified: Coinbase documents the preview reasons as a separate enum).
-fn preview(body: &[u8], ctx: &mut OrderCtx<'_>) -> Result<Reply, Reply> {
+fn preview(body: &[u8], n: usize, ctx: &OrderCtx<'_>) -> Result<Reply, Reply> {
     #[derive(Deserialize)]
     struct Request {
         product_id: Option<String>,
@@ -795,7 +800,6 @@ fn preview(body: &[u8], ctx: &mut OrderCtx<'_>) -> Result<Reply, Reply> {
             out["commission_total"] = Value::from(amount(commission));
             out["quote_size"] = Value::from(amount(value));
             out["base_size"] = Value::from(amount(size));
-            let n = unix_ms(ctx.now) as usize;
             out["preview_id"] = Value::from(uuid(ctx.seed, "preview", n));
         }
     }
